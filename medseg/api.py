@@ -1,0 +1,103 @@
+"""The public Python API; the CLI is a thin layer over these functions.
+
+    from medseg import api
+    plan = api.plan("Dataset004_Hippocampus", workspace="ws")
+    api.preprocess("Dataset004_Hippocampus", workspace="ws")
+    api.train("Dataset004_Hippocampus", workspace="ws", fold=0, config=TrainingConfig(epochs=50))
+    api.predict("hippocampus", "scan.nii.gz", "out/")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from medseg.io.dataset import cases_from_input, load_dataset_json
+from medseg.io.jsonio import write_json
+from medseg.planning.plan import Plan
+from medseg.training.config import TrainingConfig
+from medseg.workspace import Workspace
+
+
+def _ws(workspace) -> Workspace:
+    return workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
+
+
+def verify(dataset: str | Path):
+    from medseg.io.verify import verify_dataset
+
+    return verify_dataset(dataset)
+
+
+def plan(dataset: str | Path, workspace=None, *, budget: str = "cpu", progress: bool = True) -> Plan:
+    """Fingerprint the dataset and write ``plan.json`` (+ fingerprint.json) into the workspace."""
+    from medseg.planning.fingerprint import compute_fingerprint
+    from medseg.planning.planner import make_plan
+
+    ws = _ws(workspace)
+    info = load_dataset_json(dataset)
+    fp = compute_fingerprint(dataset, progress=progress)
+    p = make_plan(info, fp, budget)
+    fp.save(ws.fingerprint_path(info.name))
+    p.save(ws.plan_path(info.name))
+    write_json(ws.preprocessed(info.name) / "dataset_info.json", {"raw_folder": str(Path(dataset).resolve())})
+    return p
+
+
+def load_plan(dataset: str | Path, workspace=None) -> Plan:
+    info = load_dataset_json(dataset)
+    return Plan.load(_ws(workspace).plan_path(info.name))
+
+
+def preprocess(dataset: str | Path, workspace=None, *, configurations=("3d_fullres",), workers=None,
+               progress: bool = True) -> list[Path]:
+    from medseg.preprocessing.pipeline import preprocess_dataset
+
+    ws = _ws(workspace)
+    p = load_plan(dataset, ws)
+    info = load_dataset_json(dataset)
+    return [preprocess_dataset(dataset, p, c, ws.preprocessed(info.name), workers=workers, progress=progress)
+            for c in configurations if c in p.configurations]
+
+
+def train(dataset: str | Path, workspace=None, *, configuration: str = "3d_fullres", fold="0",
+          config: TrainingConfig | None = None, resume: bool = False, output: str | Path | None = None,
+          log=print) -> dict:
+    from medseg.preprocessing.pipeline import cache_folder
+    from medseg.training.trainer import Trainer
+
+    ws = _ws(workspace)
+    config = config or TrainingConfig()
+    info = load_dataset_json(dataset)
+    p = load_plan(dataset, ws)
+    conf = p.configuration(configuration)
+    model_name = config.model or conf.model
+    out = Path(output) if output else ws.results(info.name, configuration, model_name)
+    pre = ws.preprocessed(info.name)
+    trainer = Trainer(p, configuration, cache_folder(pre, conf), pre, out, fold, config,
+                      raw_folder=Path(dataset), log=log)
+    return trainer.fit(resume=resume)
+
+
+def predict(model: str | Path, input: str | Path, output: str | Path, *, folds=None, tta: bool = True,
+            step: float = 0.5, device: str = "auto", save_probabilities: bool = False,
+            largest_component: bool = False, overwrite: bool = False, progress: bool = True) -> list[dict]:
+    from medseg.inference.predictor import Predictor
+    from medseg.io.image import ensure_writable_dir
+
+    ensure_writable_dir(output)
+    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step)
+    cases = cases_from_input(input, predictor.spec.in_channels)
+    return predictor.predict_cases(cases, output, overwrite=overwrite, save_probabilities=save_probabilities,
+                                   largest_component=largest_component, progress=progress)
+
+
+def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, labels: dict[str, int] | None = None,
+             dataset_json: str | Path | None = None, output: str | Path | None = None,
+             nsd_tolerance_mm: float = 1.0) -> dict:
+    from medseg.evaluation.metrics import evaluate_folder
+
+    if labels is None:
+        if dataset_json is None:
+            raise ValueError("pass labels or dataset_json")
+        labels = load_dataset_json(Path(dataset_json).parent if Path(dataset_json).is_file() else dataset_json).labels
+    return evaluate_folder(pred_dir, ref_dir, labels, output=output, nsd_tolerance_mm=nsd_tolerance_mm)

@@ -1,0 +1,51 @@
+"""``medseg predict`` as a user sees it: predictions + volume table + overlays + summary."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_predict(model, input, output, *, folds=None, tta=True, step=0.5, device="auto", probabilities=False,
+                largest_component=False, overlay=False, overwrite=False, echo=print) -> list[dict]:
+    from medseg.evaluation.report import overlay_png, structure_volumes, write_volumes_table
+    from medseg.inference.predictor import Predictor
+    from medseg.io.dataset import cases_from_input
+    from medseg.io.image import ensure_writable_dir, read_image
+    from medseg.io.jsonio import write_json
+
+    t0 = time.perf_counter()
+    output = ensure_writable_dir(output)
+    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step)
+    cases = cases_from_input(input, predictor.spec.in_channels)
+    results = predictor.predict_cases(cases, output, overwrite=overwrite, save_probabilities=probabilities,
+                                      largest_component=largest_component)
+    labels = predictor.spec.labels
+    rows = []
+    for case, res in zip(cases, results):
+        seg, meta = read_image(res["output"])
+        vols = structure_volumes(seg, meta.spacing, labels)
+        rows.append((case.name, vols))
+        res["volumes_ml"] = {k: round(v["volume_ml"], 4) for k, v in vols.items()}
+        if overlay:
+            image, _ = read_image(case.images[0])
+            res["overlay"] = str(overlay_png(image, seg, meta.spacing, output / f"{case.name}_overlay.png"))
+    write_volumes_table(output / "volumes.csv", rows)
+    elapsed = time.perf_counter() - t0
+    from medseg import __version__
+
+    write_json(output / "manifest.json", {"medseg_version": __version__, "model": str(model),
+                                          "folds": predictor.folds, "tta": tta, "step": step,
+                                          "device": str(predictor.device), "seconds": round(elapsed, 2),
+                                          "cases": results})
+    done = [r for r in results if not r["skipped"]]
+    echo(f"{len(results)} case(s) -> {output}  ({len(done)} predicted, {len(results) - len(done)} already done; "
+         f"{elapsed:.1f} s, TTA {'on' if tta else 'off'}, folds {','.join(predictor.folds)}, {predictor.device})")
+    names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1]) if labels[n] != 0]
+    echo(f"{'case':24s}" + "".join(f"{n + ' (mL)':>18s}" for n in names))
+    for case, vols in rows:
+        echo(f"{case:24s}" + "".join(f"{vols[n]['volume_ml']:18.3f}" for n in names))
+    echo(f"volume table: {output / 'volumes.csv'}" + (f"; overlays: {output}/*_overlay.png" if overlay else ""))
+    return results

@@ -1,0 +1,206 @@
+"""nnU-Net's augmentation set as batched torch ops (2D and 3D).
+
+Each transform samples its random parameters per sample, then applies them to the whole
+batch at once; the spatial transform is a single ``grid_sample`` per batch that also crops
+the enlarged sampling region down to the patch. Probabilities and ranges follow nnU-Net v2's
+defaults (rotation +-30 deg 3D / +-180 deg 2D, scale 0.7-1.4, noise, blur, brightness,
+contrast, low resolution, gamma, mirroring).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    p_rotation: float = 0.2
+    rotation_deg_3d: float = 30.0
+    rotation_deg_2d: float = 180.0
+    p_scale: float = 0.2
+    scale_range: tuple[float, float] = (0.7, 1.4)
+    p_noise: float = 0.1
+    noise_variance: tuple[float, float] = (0.0, 0.1)
+    p_blur: float = 0.2
+    blur_sigma: tuple[float, float] = (0.5, 1.0)
+    p_brightness: float = 0.15
+    brightness_range: tuple[float, float] = (0.75, 1.25)
+    p_contrast: float = 0.15
+    contrast_range: tuple[float, float] = (0.75, 1.25)
+    p_lowres: float = 0.25
+    lowres_zoom: tuple[float, float] = (0.5, 1.0)
+    p_gamma_inverted: float = 0.1
+    p_gamma: float = 0.3
+    gamma_range: tuple[float, float] = (0.7, 1.5)
+    mirror_axes: tuple[int, ...] | None = None   # spatial axes; None = all
+    p_mirror: float = 0.5
+    rotate_inplane_only: bool = False           # anisotropic data: rotate around the first axis only
+    region_margin: float = 1.4                   # sampling region / patch, gives rotations real context
+
+
+NO_AUGMENTATION = AugmentConfig(p_rotation=0, p_scale=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0,
+                                p_lowres=0, p_gamma_inverted=0, p_gamma=0, p_mirror=0, region_margin=1.0)
+
+
+def _rand(n, lo, hi, g, device):
+    return torch.rand(n, generator=g, device="cpu").to(device) * (hi - lo) + lo
+
+
+def _rotation(angles: torch.Tensor, dim: int, inplane_only: bool) -> torch.Tensor:
+    """Rotation matrices (B, dim, dim) in (z, y, x) voxel axes."""
+    b = angles.shape[0]
+    if dim == 2:
+        c, s = torch.cos(angles[:, 0]), torch.sin(angles[:, 0])
+        return torch.stack([torch.stack([c, -s], -1), torch.stack([s, c], -1)], 1)
+    mats = torch.eye(3).repeat(b, 1, 1)
+    planes = [(1, 2)] if inplane_only else [(1, 2), (0, 2), (0, 1)]
+    for k, (i, j) in enumerate(planes):
+        r = torch.eye(3).repeat(b, 1, 1)
+        c, s = torch.cos(angles[:, k]), torch.sin(angles[:, k])
+        r[:, i, i], r[:, i, j], r[:, j, i], r[:, j, j] = c, -s, s, c
+        mats = mats @ r
+    return mats
+
+
+def spatial_transform(image, seg, patch_size, cfg: AugmentConfig, g: torch.Generator):
+    """Rotate/scale and crop the (B, C, *region) batch to (B, C, *patch) with one grid_sample."""
+    b, dim = image.shape[0], image.ndim - 2
+    region = torch.tensor(image.shape[2:], dtype=torch.float32)
+    patch = torch.tensor(patch_size, dtype=torch.float32)
+    n_ang = 1 if dim == 2 else 3
+    max_deg = cfg.rotation_deg_2d if dim == 2 else cfg.rotation_deg_3d
+    do_rot = torch.rand(b, generator=g) < cfg.p_rotation
+    angles = (torch.rand(b, n_ang, generator=g) * 2 - 1) * math.radians(max_deg) * do_rot[:, None]
+    do_scale = torch.rand(b, generator=g) < cfg.p_scale
+    scale = torch.where(do_scale, torch.rand(b, generator=g) * (cfg.scale_range[1] - cfg.scale_range[0])
+                        + cfg.scale_range[0], torch.ones(b))
+    # output voxel offsets (from centre) -> input voxel offsets, in (z, y, x)
+    a = _rotation(angles, dim, cfg.rotate_inplane_only) * scale[:, None, None]
+    # normalised coords: x_in_norm = diag(1/(region/2)) A diag(patch/2) x_out_norm
+    m = torch.diag(2.0 / region) @ a @ torch.diag(patch / 2.0)
+    # affine_grid expects (x, y, z) ordering: reverse both axes of the matrix
+    m = m.flip(1).flip(2)
+    theta = torch.cat([m, torch.zeros(b, dim, 1)], dim=2).to(image.device)
+    identity = ~(do_rot | do_scale)
+    size = (b, image.shape[1], *patch_size)
+    grid = F.affine_grid(theta, size, align_corners=False)
+    if bool(identity.all()):  # pure centre crop: exact slicing, no interpolation
+        return _center_crop(image, patch_size), _center_crop(seg, patch_size)
+    image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    seg = F.grid_sample(seg.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
+    return image, seg.to(torch.int64)
+
+
+def _center_crop(x, patch_size):
+    sl = [slice((r - p) // 2, (r - p) // 2 + p) for r, p in zip(x.shape[2:], patch_size)]
+    return x[(slice(None), slice(None), *sl)]
+
+
+def _per_sample(mask: torch.Tensor, dim: int) -> torch.Tensor:
+    return mask.view(-1, *([1] * (dim + 1)))
+
+
+def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+    """Separable Gaussian blur of (B, C, *spatial) with one sigma (voxels) per sample."""
+    dim = x.ndim - 2
+    out = []
+    for i in range(x.shape[0]):
+        s = float(sigma[i])
+        radius = max(1, int(math.ceil(3 * s)))
+        t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
+        k = torch.exp(-0.5 * (t / s) ** 2)
+        k = k / k.sum()
+        xi = x[i:i + 1].transpose(0, 1)  # channels as batch: (C, 1, *spatial)
+        for axis in range(dim):
+            shape = [1, 1] + [1] * dim
+            shape[2 + axis] = len(k)
+            pad = [0, 0] * dim
+            pad[2 * (dim - 1 - axis)] = pad[2 * (dim - 1 - axis) + 1] = radius
+            conv = F.conv3d if dim == 3 else F.conv2d
+            xi = conv(F.pad(xi, pad, mode="replicate"), k.view(shape))
+        out.append(xi.transpose(0, 1))
+    return torch.cat(out)
+
+
+def _gamma(x: torch.Tensor, gamma: torch.Tensor, invert: bool) -> torch.Tensor:
+    """nnU-Net's gamma: rescale to [0, 1], power, rescale back, keep mean/std."""
+    dims = tuple(range(1, x.ndim))
+    if invert:
+        x = -x
+    mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
+    lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+    rng = (hi - lo).clamp_min(1e-7)
+    y = ((x - lo) / rng).pow(gamma.view(-1, *([1] * (x.ndim - 1)))) * rng + lo
+    y = (y - y.mean(dims, keepdim=True)) / y.std(dims, keepdim=True).clamp_min(1e-7) * std + mean
+    return -y if invert else y
+
+
+def intensity_transforms(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator) -> torch.Tensor:
+    b, dim = x.shape[0], x.ndim - 2
+    dev = x.device
+
+    def coin(p):
+        return (torch.rand(b, generator=g) < p).to(dev)
+
+    if cfg.p_noise > 0:
+        var = _rand(b, *cfg.noise_variance, g, dev)
+        noise = torch.randn(x.shape, generator=g).to(dev) * var.sqrt().view(-1, *([1] * (dim + 1)))
+        x = x + noise * _per_sample(coin(cfg.p_noise), dim)
+    if cfg.p_blur > 0:
+        do = coin(cfg.p_blur)
+        if bool(do.any()):
+            sig = _rand(b, *cfg.blur_sigma, g, "cpu")
+            blurred = gaussian_blur(x[do], sig[do.cpu()])
+            x = x.clone()
+            x[do] = blurred
+    if cfg.p_brightness > 0:
+        f = torch.where(coin(cfg.p_brightness), _rand(b, *cfg.brightness_range, g, dev), torch.ones(b, device=dev))
+        x = x * _per_sample(f, dim)
+    if cfg.p_contrast > 0:
+        f = torch.where(coin(cfg.p_contrast), _rand(b, *cfg.contrast_range, g, dev), torch.ones(b, device=dev))
+        dims = tuple(range(1, x.ndim))
+        mean = x.mean(dims, keepdim=True)
+        lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
+        x = ((x - mean) * _per_sample(f, dim) + mean).clamp(lo, hi)
+    if cfg.p_lowres > 0:
+        do = coin(cfg.p_lowres)
+        if bool(do.any()):
+            x = x.clone()
+            zoom = _rand(b, *cfg.lowres_zoom, g, "cpu")
+            for i in torch.nonzero(do).flatten().tolist():
+                size = [max(1, int(round(s * float(zoom[i])))) for s in x.shape[2:]]
+                small = F.interpolate(x[i:i + 1], size=size, mode="nearest")
+                mode = "trilinear" if dim == 3 else "bilinear"
+                x[i:i + 1] = F.interpolate(small, size=x.shape[2:], mode=mode, align_corners=False)
+    for invert, p in ((True, cfg.p_gamma_inverted), (False, cfg.p_gamma)):
+        if p > 0:
+            do = coin(p)
+            if bool(do.any()):
+                gam = _rand(b, *cfg.gamma_range, g, dev)
+                x = x.clone()
+                x[do] = _gamma(x[do], gam[do], invert)
+    return x
+
+
+def mirror(image, seg, cfg: AugmentConfig, g: torch.Generator):
+    b, dim = image.shape[0], image.ndim - 2
+    axes = cfg.mirror_axes if cfg.mirror_axes is not None else tuple(range(dim))
+    for axis in axes:
+        do = (torch.rand(b, generator=g) < cfg.p_mirror).to(image.device)
+        if bool(do.any()):
+            image = torch.where(_per_sample(do, dim), image.flip(2 + axis), image)
+            seg = torch.where(_per_sample(do, dim), seg.flip(2 + axis), seg)
+    return image, seg
+
+
+def augment_batch(image: torch.Tensor, seg: torch.Tensor, patch_size, cfg: AugmentConfig,
+                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C, *region) image and (B, 1, *region) seg -> augmented (B, C, *patch) pair."""
+    image, seg = spatial_transform(image, seg, patch_size, cfg, g)
+    image = intensity_transforms(image, cfg, g)
+    image, seg = mirror(image, seg, cfg, g)
+    return image.contiguous(), seg.contiguous()

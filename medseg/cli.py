@@ -1,0 +1,180 @@
+"""``medseg`` command line: a thin typer layer over medseg.api (imports are lazy).
+
+Every user-facing failure prints ``medseg: error: <file>: <reason>`` on one line and exits 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="medseg: self-configuring 3D medical image segmentation.")
+
+WS_HELP = "Workspace folder for preprocessed data and models (default: $MEDSEG_WORKSPACE or ./medseg_workspace)."
+
+
+def _fail(msg: str, code: int = 2):
+    print(f"medseg: error: {msg}", file=sys.stderr)
+    raise typer.Exit(code)
+
+
+def _err(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+@app.command()
+def verify(dataset: Path = typer.Argument(..., help="Dataset folder (nnU-Net v2 raw layout).")):
+    """Check every case: files, channels, geometry, label values, finite intensities."""
+    from medseg import api
+
+    n, problems = api.verify(dataset)
+    for p in problems:
+        _err(f"medseg: problem: {p}")
+    if problems:
+        _err(f"{len(problems)} problem(s) in {n} case(s)")
+        raise typer.Exit(1)
+    print(f"{dataset}: {n} cases OK")
+
+
+@app.command()
+def plan(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace", help=WS_HELP),
+         budget: str = typer.Option("cpu", help="Memory/compute budget to fit the network to: cpu | gpu.")):
+    """Fingerprint the dataset and write a plan (typed, editable JSON)."""
+    from medseg import api
+    from medseg.workspace import Workspace
+
+    p = api.plan(dataset, workspace, budget=budget)
+    ws = Workspace.resolve(workspace)
+    for name, c in p.configurations.items():
+        print(f"{name:11s} spacing {[round(s, 3) for s in c.spacing]}  patch {list(c.patch_size)}  batch {c.batch_size}"
+              f"  features {c.model_kwargs['features']}  ~{c.estimated_memory_gb} GB")
+    print(f"normalisation: {[n.scheme + ('(masked)' if n.use_mask else '') for n in p.normalization]}")
+    print(f"plan written to {ws.plan_path(p.dataset_name)}")
+
+
+@app.command()
+def preprocess(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace", help=WS_HELP),
+               configuration: list[str] = typer.Option(["3d_fullres"], "-c", "--configuration"),
+               workers: Optional[int] = typer.Option(None, help="Processes (default: all cores).")):
+    """Crop, normalise and resample every training case into the workspace cache."""
+    from medseg import api
+
+    for out in api.preprocess(dataset, workspace, configurations=configuration, workers=workers):
+        print(f"preprocessed data in {out}")
+
+
+@app.command()
+def train(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace", help=WS_HELP),
+          configuration: str = typer.Option("3d_fullres", "-c", "--configuration"),
+          fold: str = typer.Option("0", "-f", "--fold", help="0-4 or 'all'."),
+          model: Optional[str] = typer.Option(None, "--model", help="Registry name (default: the plan's)."),
+          epochs: int = typer.Option(1000), iterations: int = typer.Option(250, "--iterations", help="Per epoch."),
+          val_iterations: int = typer.Option(20), batch_size: Optional[int] = typer.Option(None),
+          lr: float = typer.Option(1e-2, "--lr"), warmup_epochs: int = typer.Option(0),
+          checkpoint_every: int = typer.Option(10, help="Epochs between resumable checkpoints."),
+          augmentation: str = typer.Option("default", help="default | none"),
+          device: str = typer.Option("auto"), seed: int = typer.Option(0),
+          threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
+          pretrained: Optional[Path] = typer.Option(None, help="Initialise from a model folder."),
+          no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full-volume validation."),
+          resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (also to extend)."),
+          output: Optional[Path] = typer.Option(None, "-o", "--output", help="Model folder (default: in workspace).")):
+    """Train a model from the plan (deep supervision, Dice+CE, SGD+poly LR). torchrun-ready."""
+    from medseg import api
+    from medseg.training.config import TrainingConfig
+
+    cfg = TrainingConfig(epochs=epochs, iterations_per_epoch=iterations, val_iterations=val_iterations,
+                         batch_size=batch_size, initial_lr=lr, warmup_epochs=warmup_epochs,
+                         checkpoint_every=checkpoint_every, augmentation=augmentation, device=device, seed=seed,
+                         num_threads=threads, final_validation=not no_validation, model=model,
+                         pretrained=str(pretrained) if pretrained else None)
+    summary = api.train(dataset, workspace, configuration=configuration, fold=fold, config=cfg, resume=resume,
+                        output=output, log=_err)
+    if summary:
+        print(json.dumps({"foreground_mean": summary["foreground_mean"], "mean": summary["mean"]}, indent=1))
+
+
+@app.command()
+def predict(model: str = typer.Option(..., "-m", "--model", help="Model folder or shipped model name."),
+            input: Path = typer.Option(..., "-i", "--input", help="Image file, folder, or DICOM series folder."),
+            output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+            folds: Optional[list[str]] = typer.Option(None, "-f", "--folds", help="Folds to ensemble (default: all)."),
+            no_tta: bool = typer.Option(False, "--no-tta", help="Disable mirror test-time augmentation."),
+            step: float = typer.Option(0.5, help="Sliding-window step as a fraction of the patch."),
+            device: str = typer.Option("auto"),
+            probabilities: bool = typer.Option(False, "--probabilities", help="Also save class probabilities (.npz)."),
+            largest_component: bool = typer.Option(False, "--largest-component",
+                                                   help="Keep only the largest component per label."),
+            overlay: bool = typer.Option(False, "--overlay", help="Write a PNG overlay per case."),
+            overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases already in OUTPUT.")):
+    """Segment images with a trained model; writes label maps, volumes.csv and optional overlays."""
+    from medseg.apps.segment import run_predict
+
+    run_predict(model, input, output, folds=folds, tta=not no_tta, step=step, device=device,
+                probabilities=probabilities, largest_component=largest_component, overlay=overlay,
+                overwrite=overwrite, echo=print)
+
+
+@app.command()
+def evaluate(pred: Path = typer.Option(..., "--pred", help="Folder of predicted label maps."),
+             ref: Path = typer.Option(..., "--ref", help="Folder of reference label maps."),
+             dataset_json: Path = typer.Option(..., "--labels", "-l", help="dataset.json naming the labels."),
+             output: Optional[Path] = typer.Option(None, "-o", "--output", help="JSON path (CSV written beside)."),
+             nsd_tolerance: float = typer.Option(1.0, help="Surface-Dice tolerance in mm.")):
+    """Dice, IoU, HD95 and normalised surface Dice per class and case."""
+    from medseg import api
+
+    output = output or pred / "summary.json"
+    s = api.evaluate(pred, ref, dataset_json=dataset_json, output=output, nsd_tolerance_mm=nsd_tolerance)
+    for name, m in s["mean"].items():
+        hd = "n/a" if m["hd95"] is None else f"{m['hd95']:.2f} mm"
+        print(f"{name:20s} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  HD95 {hd}  NSD@{nsd_tolerance}mm {m['nsd']:.4f}")
+    print(f"{s['num_cases']} cases; written {output} and {Path(output).with_suffix('.csv')}")
+
+
+@app.command("convert-msd")
+def convert_msd(msd_folder: Path, output: Path):
+    """Convert a Medical Segmentation Decathlon task to the nnU-Net v2 raw layout."""
+    from medseg.io.dataset import convert_msd as _convert
+
+    print(f"converted to {_convert(msd_folder, output)}")
+
+
+@app.command()
+def models(json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")):
+    """List registered model architectures."""
+    from medseg.models import count_parameters, create_model, get_entry, list_models
+
+    rows = []
+    for name in list_models():
+        e = get_entry(name)
+        n = count_parameters(create_model(name, 1, 2, **e.test_config))
+        rows.append({"name": name, "description": e.description, "test_config_params": n,
+                     "requires": e.available()})
+    if json_out:
+        print(json.dumps(rows, indent=1))
+    else:
+        for r in rows:
+            print(f"{r['name']:16s} {r['description']}")
+
+
+def main() -> None:
+    from medseg.errors import MedsegError
+
+    try:
+        app()
+    except MedsegError as exc:
+        print(f"medseg: error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print("medseg: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

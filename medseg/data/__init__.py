@@ -1,0 +1,1 @@
+"""Training data: the preprocessed cache, splits and the patch sampler."""

@@ -1,0 +1,70 @@
+"""Read the preprocessed cache and make cross-validation splits."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import DatasetError
+from medseg.io.jsonio import write_json
+
+SPLIT_SEED = 12345
+
+
+@dataclass
+class CachedCase:
+    name: str
+    data: np.ndarray          # (C, *spatial) float32
+    seg: np.ndarray           # (*spatial) integer
+    fg: dict[int, np.ndarray]  # class -> (N, ndim) voxel coordinates
+
+
+def load_cached_case(cache: Path, name: str, *, mmap: bool = False) -> CachedCase:
+    mode = "r" if mmap else None
+    try:
+        data = np.load(cache / f"{name}.npy", mmap_mode=mode)
+        seg = np.load(cache / f"{name}_seg.npy", mmap_mode=mode)
+        with np.load(cache / f"{name}_fg.npz") as z:
+            fg = {int(k): z[k] for k in z.files}
+    except FileNotFoundError as exc:
+        raise DatasetError(exc.filename, "preprocessed file missing (run `medseg preprocess`)") from None
+    return CachedCase(name, data, seg, fg)
+
+
+def cached_case_names(cache: Path) -> list[str]:
+    path = cache / "cases.json"
+    if not path.is_file():
+        raise DatasetError(cache, "no preprocessed data (run `medseg preprocess`)")
+    return json.loads(path.read_text())
+
+
+def make_splits(names: list[str], n_folds: int = 5, seed: int = SPLIT_SEED) -> list[dict]:
+    """Seeded k-fold split over sorted case names: [{"train": [...], "val": [...]}, ...]."""
+    names = sorted(names)
+    order = np.random.default_rng(seed).permutation(len(names))
+    folds = np.array_split(order, n_folds)
+    return [{"train": sorted(names[i] for j, f in enumerate(folds) if j != k for i in f),
+             "val": sorted(names[i] for i in folds[k])} for k in range(n_folds)]
+
+
+def get_split(preprocessed_dir: Path, names: list[str], fold: int | str) -> tuple[list[str], list[str]]:
+    """Train/val case names for ``fold``; ``splits_final.json`` is created once and honoured if edited."""
+    if fold == "all":
+        return sorted(names), []
+    path = preprocessed_dir / "splits_final.json"
+    if path.is_file():
+        splits = json.loads(path.read_text())
+    else:
+        splits = make_splits(names)
+        write_json(path, splits)
+    fold = int(fold)
+    if fold >= len(splits):
+        raise DatasetError(path, f"fold {fold} requested but the splits define {len(splits)} folds")
+    split = splits[fold]
+    unknown = sorted((set(split["train"]) | set(split["val"])) - set(names))
+    if unknown:
+        raise DatasetError(path, f"split names cases that are not preprocessed: {', '.join(unknown[:5])}")
+    return list(split["train"]), list(split["val"])

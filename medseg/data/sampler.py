@@ -1,0 +1,91 @@
+"""Patch sampling with foreground oversampling (nnU-Net: a third of each batch is forced to
+contain foreground), extracting a larger region so rotations and zooms have real context."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from medseg.data.cache import CachedCase
+
+
+def region_size(patch_size, margin: float) -> tuple[int, ...]:
+    """Patch enlarged by ``margin`` with the same parity as the patch (exact centre crops)."""
+    out = []
+    for p in patch_size:
+        r = int(np.ceil(p * margin))
+        r += (r - p) % 2
+        out.append(r)
+    return tuple(out)
+
+
+def extract(arr: np.ndarray, center, size, fill=0) -> np.ndarray:
+    """Crop ``size`` around ``center`` over the last len(size) axes, zero-padding outside."""
+    nd = len(size)
+    spatial = arr.shape[-nd:]
+    lead = arr.shape[:-nd]
+    starts = [int(c) - s // 2 for c, s in zip(center, size)]
+    out = np.full(lead + tuple(size), fill, dtype=arr.dtype)
+    src, dst = [], []
+    for st, s, dim in zip(starts, size, spatial):
+        a, b = max(st, 0), min(st + s, dim)
+        if b <= a:
+            return out
+        src.append(slice(a, b))
+        dst.append(slice(a - st, b - st))
+    out[(Ellipsis,) + tuple(dst)] = arr[(Ellipsis,) + tuple(src)]
+    return out
+
+
+class PatchSampler:
+    """Draws (image, seg) regions of ``region`` voxels from cached cases.
+
+    For a 2D configuration (``patch_size`` of length 2 on 3D data) a random slice along the
+    first axis is taken and the returned arrays are 2D.
+    """
+
+    def __init__(self, cases: list[CachedCase], patch_size, batch_size: int, *, margin: float = 1.0,
+                 oversample_foreground: float = 0.33, seed: int = 0):
+        self.cases = cases
+        self.patch_size = tuple(patch_size)
+        self.batch_size = batch_size
+        self.region = region_size(self.patch_size, margin)
+        self.oversample = oversample_foreground
+        self.rng = np.random.default_rng(seed)
+
+    def _center(self, case: CachedCase, force_fg: bool) -> np.ndarray:
+        shape = np.array(case.seg.shape)
+        classes = [c for c, locs in case.fg.items() if len(locs)]
+        if force_fg and classes:
+            c = classes[self.rng.integers(len(classes))]
+            locs = case.fg[c]
+            return locs[self.rng.integers(len(locs))]
+        # uniform: any centre such that the patch overlaps the image
+        nd = len(self.patch_size)
+        lo = np.zeros(len(shape), int)
+        hi = shape.copy()
+        if nd == len(shape):
+            half = np.array(self.patch_size) // 2
+            lo = np.minimum(half, shape // 2)
+            hi = np.maximum(shape - half, lo + 1)
+        return np.array([self.rng.integers(a, b) for a, b in zip(lo, hi)])
+
+    def sample(self) -> tuple[np.ndarray, np.ndarray]:
+        images, segs = [], []
+        n_fg = int(round(self.batch_size * self.oversample))
+        for i in range(self.batch_size):
+            case = self.cases[self.rng.integers(len(self.cases))]
+            # the last n_fg samples are forced to contain foreground, as in nnU-Net
+            center = self._center(case, force_fg=i >= self.batch_size - n_fg)
+            data, seg = case.data, case.seg
+            if len(self.patch_size) == 2 and seg.ndim == 3:
+                z = int(center[0])
+                data, seg, center = data[:, z], seg[z], center[1:]
+            images.append(extract(data, center, self.region))
+            segs.append(extract(seg, center, self.region))
+        return np.stack(images).astype(np.float32, copy=False), np.stack(segs)[:, None]
+
+    def state(self) -> dict:
+        return self.rng.bit_generator.state
+
+    def set_state(self, state: dict) -> None:
+        self.rng.bit_generator.state = state

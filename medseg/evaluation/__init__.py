@@ -1,0 +1,1 @@
+"""Segmentation metrics (Dice, IoU, HD95, normalised surface Dice) and reports."""

@@ -1,0 +1,1 @@
+"""Sliding-window prediction, TTA, fold ensembling, export in native geometry."""

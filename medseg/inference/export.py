@@ -1,0 +1,41 @@
+"""Undo preprocessing: resample probabilities back to the cropped shape, un-crop, argmax."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from medseg.preprocessing.resampling import resample_probabilities
+
+
+def probabilities_to_native(probs: torch.Tensor, props: dict) -> np.ndarray:
+    """(K, *preprocessed) probabilities -> (K, *original shape) numpy, background 1 outside the crop.
+
+    Resampling runs in torch (trilinear, on the prediction device) unless the data were
+    anisotropic, where the separate-z rule needs the scipy path.
+    """
+    crop_shape = tuple(props["shape_after_crop"])
+    if tuple(probs.shape[1:]) != crop_shape:
+        if props.get("separate_z_axis") is None:
+            mode = "trilinear" if probs.ndim == 4 else "bilinear"
+            probs = F.interpolate(probs[None], size=crop_shape, mode=mode, align_corners=False)[0]
+        else:
+            probs = torch.from_numpy(resample_probabilities(probs.cpu().numpy(), crop_shape,
+                                                            separate_z_axis=props["separate_z_axis"]))
+    probs = probs.cpu().numpy()
+    full = tuple(props["original_shape"])
+    out = np.zeros((probs.shape[0], *full), dtype=np.float32)
+    out[0] = 1.0
+    sl = tuple(slice(a, b) for a, b in props["bbox"])
+    out[(slice(None), *sl)] = probs
+    return out
+
+
+def segmentation_from_logits(logits: torch.Tensor, props: dict, *, return_probabilities: bool = False):
+    """Native-space label map (uint8/int16) and optionally probabilities (float32)."""
+    probs = torch.softmax(logits.float(), 0)
+    native = probabilities_to_native(probs, props)
+    seg = native.argmax(0)
+    dtype = np.uint8 if native.shape[0] < 256 else np.int16
+    return seg.astype(dtype), (native if return_probabilities else None)

@@ -1,0 +1,100 @@
+"""Sliding-window tiling with Gaussian weighting: pure functions shared by every model family.
+
+A 2D model on a 3D volume is the same thing with a (1, h, w) tile: ``predict_tiles`` receives
+(B, C, *tile) and the caller's network function decides how to feed it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def tile_starts(image_size, tile_size, step: float = 0.5) -> list[list[int]]:
+    """Start offsets per axis: tiles overlap by (1 - step) and the last tile ends at the border."""
+    starts = []
+    for im, t in zip(image_size, tile_size):
+        if im <= t:
+            starts.append([0])
+            continue
+        n = int(np.ceil((im - t) / (t * step))) + 1
+        stride = (im - t) / (n - 1)
+        starts.append([int(round(stride * i)) for i in range(n)])
+    return starts
+
+
+@lru_cache(maxsize=8)
+def _gaussian_np(tile_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    grids = np.meshgrid(*[np.arange(t, dtype=np.float64) for t in tile_size], indexing="ij")
+    g = np.ones(tile_size, dtype=np.float64)
+    for grid, t in zip(grids, tile_size):
+        if t > 1:
+            sigma = t * sigma_scale
+            g *= np.exp(-0.5 * ((grid - (t - 1) / 2) / sigma) ** 2)
+    g /= g.max()
+    g = np.maximum(g, g[g > 0].min() if (g > 0).any() else 1.0)
+    return g.astype(np.float32)
+
+
+def gaussian_weights(tile_size, sigma_scale: float = 1 / 8, device="cpu") -> torch.Tensor:
+    """Importance map, 1 at the tile centre, never 0 (so every voxel gets a weight)."""
+    return torch.from_numpy(_gaussian_np(tuple(tile_size), sigma_scale)).to(device)
+
+
+def mirror_combinations(axes) -> list[tuple[int, ...]]:
+    axes = tuple(axes)
+    return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
+
+
+def sliding_window_predict(image: torch.Tensor, predict_tiles: Callable[[torch.Tensor], torch.Tensor],
+                           tile_size, num_classes: int, *, step: float = 0.5, gaussian: bool = True,
+                           mirror_axes=(), tile_batch: int = 1, output_device=None,
+                           progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Logits (K, *spatial) for a (C, *spatial) image.
+
+    ``mirror_axes``: spatial axes for mirror test-time augmentation; the logits of all
+    2^n flips are averaged (nnU-Net's TTA). The image is zero-padded to at least one tile.
+    """
+    device = image.device
+    out_dev = output_device or device
+    spatial = image.shape[1:]
+    tile_size = tuple(int(t) for t in tile_size)
+    pad = [max(t - s, 0) for s, t in zip(spatial, tile_size)]
+    if any(pad):
+        pads = []
+        for p in reversed(pad):
+            pads += [p // 2, p - p // 2]
+        image = F.pad(image, pads)
+    padded = image.shape[1:]
+    weights = gaussian_weights(tile_size, device=out_dev) if gaussian else torch.ones(tile_size, device=out_dev)
+    logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=out_dev)
+    norm = torch.zeros(padded, dtype=torch.float32, device=out_dev)
+    flips = mirror_combinations(mirror_axes)
+    slicers = [tuple(slice(s, s + t) for s, t in zip(start, tile_size))
+               for start in itertools.product(*tile_starts(padded, tile_size, step))]
+    for i in range(0, len(slicers), tile_batch):
+        chunk = slicers[i:i + tile_batch]
+        batch = torch.stack([image[(slice(None), *sl)] for sl in chunk])
+        pred = None
+        for flip in flips:
+            dims = [2 + a for a in flip]
+            x = batch.flip(dims) if dims else batch
+            y = predict_tiles(x).float()
+            y = y.flip(dims) if dims else y
+            pred = y if pred is None else pred + y
+        pred = (pred / len(flips)).to(out_dev)
+        for sl, p in zip(chunk, pred):
+            logits[(slice(None), *sl)] += p * weights
+            norm[sl] += weights
+        if progress:
+            progress(len(chunk))
+    logits /= norm
+    if any(pad):
+        crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))
+        logits = logits[(slice(None), *crop)]
+    return logits

@@ -1,0 +1,135 @@
+"""Self-describing model folders: safetensors weights + a JSON model spec.
+
+    MODEL/model.json                 registry name, kwargs, plan, label map, medseg version
+    MODEL/fold_K/model.safetensors   weights of fold K (no pickle anywhere)
+    MODEL/fold_K/checkpoint.json     sha256 of the weights, epoch, validation metrics
+
+Inference needs only these files and never imports training code. A missing or tampered
+file is a CheckpointError naming that file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from medseg import __version__
+from medseg.errors import CheckpointError
+from medseg.io.jsonio import write_json
+from medseg.planning.plan import Plan
+
+FORMAT = "medseg-model"
+FORMAT_VERSION = 1
+
+
+@dataclass
+class ModelSpec:
+    model: str
+    model_kwargs: dict
+    in_channels: int
+    num_classes: int
+    labels: dict[str, int]
+    plan: Plan
+    configuration: str
+    medseg_version: str = __version__
+    description: str = ""
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "medseg_version": self.medseg_version,
+                "model": self.model, "model_kwargs": self.model_kwargs, "in_channels": self.in_channels,
+                "num_classes": self.num_classes, "labels": self.labels, "configuration": self.configuration,
+                "description": self.description, "plan": self.plan.to_json()}
+
+    @classmethod
+    def from_json(cls, d: dict, source: Path) -> "ModelSpec":
+        if d.get("format") != FORMAT:
+            raise CheckpointError(source, "not a medseg model spec (missing \"format\": \"medseg-model\")")
+        if d.get("format_version", 0) > FORMAT_VERSION:
+            raise CheckpointError(source, "model folder written by a newer medseg; upgrade medseg")
+        try:
+            return cls(model=d["model"], model_kwargs=d["model_kwargs"], in_channels=int(d["in_channels"]),
+                       num_classes=int(d["num_classes"]), labels={k: int(v) for k, v in d["labels"].items()},
+                       plan=Plan.from_json(d["plan"], source), configuration=d["configuration"],
+                       medseg_version=d.get("medseg_version", "?"), description=d.get("description", ""))
+        except KeyError as exc:
+            raise CheckpointError(source, f"model spec lacks key {exc}") from None
+
+    def build(self, deep_supervision: bool = False) -> torch.nn.Module:
+        from medseg.models import create_model
+
+        kwargs = {**self.model_kwargs, "deep_supervision": deep_supervision}
+        return create_model(self.model, self.in_channels, self.num_classes, **kwargs)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_spec(folder: Path, spec: ModelSpec) -> Path:
+    return write_json(Path(folder) / "model.json", spec.to_json())
+
+
+def load_spec(folder: str | Path) -> ModelSpec:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(folder, "model folder not found")
+    path = folder / "model.json"
+    if not path.is_file():
+        raise CheckpointError(path, "missing model.json (not a medseg model folder)")
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CheckpointError(path, f"model.json is not valid JSON ({exc})") from None
+    return ModelSpec.from_json(d, path)
+
+
+def save_weights(fold_dir: Path, state_dict: dict, *, info: dict | None = None) -> Path:
+    """Write fold weights + checkpoint.json atomically (weights first, hash record last)."""
+    from safetensors.torch import save_file
+
+    fold_dir.mkdir(parents=True, exist_ok=True)
+    target = fold_dir / "model.safetensors"
+    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors.part", dir=fold_dir)
+    os.close(fd)
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, tmp, metadata={"format": FORMAT})
+    os.replace(tmp, target)
+    write_json(fold_dir / "checkpoint.json", {**(info or {}), "weights": target.name, "sha256": sha256(target)})
+    return target
+
+
+def available_folds(folder: Path) -> list[str]:
+    return sorted(p.name[len("fold_"):] for p in Path(folder).glob("fold_*") if (p / "model.safetensors").exists()
+                  or (p / "checkpoint.json").exists())
+
+
+def load_weights(fold_dir: Path) -> dict[str, torch.Tensor]:
+    """Load a fold's weights after checking their sha256 against checkpoint.json."""
+    from safetensors.torch import load_file
+
+    record = fold_dir / "checkpoint.json"
+    weights = fold_dir / "model.safetensors"
+    if not record.is_file():
+        raise CheckpointError(record, "missing checkpoint.json (cannot verify weights)")
+    if not weights.is_file():
+        raise CheckpointError(weights, "missing weights file")
+    try:
+        expected = json.loads(record.read_text())["sha256"]
+    except (json.JSONDecodeError, KeyError, UnicodeDecodeError):
+        raise CheckpointError(record, "checkpoint.json is corrupt (no sha256)") from None
+    if sha256(weights) != expected:
+        raise CheckpointError(weights, "sha256 mismatch: weights were modified or truncated after saving")
+    try:
+        return load_file(str(weights))
+    except Exception as exc:  # safetensors raises SafetensorError
+        raise CheckpointError(weights, f"cannot read safetensors ({exc})") from None

@@ -1,0 +1,101 @@
+"""``medseg verify``: check every case of a raw dataset and report all problems at once."""
+
+from __future__ import annotations
+
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import DatasetError, MedsegError
+from medseg.io.dataset import Case, DatasetInfo, list_cases, load_dataset_json
+from medseg.io.image import read_image
+
+SPACING_RTOL = 1e-3
+ORIGIN_ATOL_MM = 1e-2
+DIRECTION_ATOL = 1e-3
+
+
+@dataclass(frozen=True)
+class Problem:
+    path: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
+    problems: list[Problem] = []
+    ref = None
+    for i, f in enumerate(case.images):
+        expected = f"{case.name}_{i:04d}{info.file_ending}"
+        if f.name != expected:
+            problems.append(Problem(str(f.parent / expected), "missing channel file"))
+            break
+    if len(case.images) < info.num_channels and not problems:
+        problems.append(Problem(str(case.images[0].parent / f"{case.name}_{len(case.images):04d}{info.file_ending}"),
+                                "missing channel file"))
+    files = list(case.images) + ([case.label] if case.label else [])
+    if case.label is None:
+        problems.append(Problem(str(case.images[0].parent.parent / "labelsTr" / f"{case.name}{info.file_ending}"),
+                                "missing label file"))
+    for f in files:
+        try:
+            arr, meta = read_image(f)
+        except MedsegError as exc:
+            problems.append(Problem(exc.path or str(f), exc.reason))
+            continue
+        is_label = f == case.label
+        if not is_label and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+            n = int((~np.isfinite(arr)).sum())
+            problems.append(Problem(str(f), f"{n} non-finite voxel(s) (NaN/Inf)"))
+        if is_label:
+            values = set(np.unique(arr).tolist())
+            unknown = sorted(values - set(info.labels.values()))
+            if unknown:
+                problems.append(Problem(str(f), f"label values {unknown[:10]} not in dataset.json labels "
+                                                f"{sorted(info.labels.values())}"))
+        if ref is None:
+            ref = (f, meta)
+            continue
+        rf, rm = ref
+        if meta.shape != rm.shape:
+            problems.append(Problem(str(f), f"shape {meta.shape} differs from {rf.name} {rm.shape}"))
+        elif not np.allclose(meta.spacing, rm.spacing, rtol=SPACING_RTOL):
+            problems.append(Problem(str(f), f"spacing {tuple(round(s, 4) for s in meta.spacing)} differs from "
+                                            f"{rf.name} {tuple(round(s, 4) for s in rm.spacing)}"))
+        elif not np.allclose(meta.origin, rm.origin, atol=ORIGIN_ATOL_MM):
+            problems.append(Problem(str(f), f"origin differs from {rf.name}"))
+        elif not np.allclose(meta.direction, rm.direction, atol=DIRECTION_ATOL):
+            problems.append(Problem(str(f), f"orientation (direction) differs from {rf.name}"))
+    return problems
+
+
+def verify_dataset(folder: str | Path, *, workers: int | None = None) -> tuple[int, list[Problem]]:
+    """Return (number of cases, problems). Raises DatasetError only if nothing can be checked."""
+    from medseg.utils import default_workers
+
+    folder = Path(folder)
+    info = load_dataset_json(folder)
+    img_dir = folder / "imagesTr"
+    if img_dir.is_dir() and not any(p for p in img_dir.iterdir() if not p.name.startswith(".")):
+        raise DatasetError(img_dir, "folder is empty")
+    cases = list_cases(folder, info, strict=False)
+    problems: list[Problem] = []
+    label_dir = folder / "labelsTr"
+    if label_dir.is_dir():
+        names = {c.name for c in cases}
+        for f in sorted(label_dir.iterdir()):
+            if f.name.endswith(info.file_ending) and f.name[: -len(info.file_ending)] not in names:
+                problems.append(Problem(str(f), "label without image"))
+    workers = min(workers or default_workers(), len(cases))
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for ps in pool.map(_check_case, cases, [info] * len(cases), chunksize=4):
+                problems.extend(ps)
+    else:
+        for c in cases:
+            problems.extend(_check_case(c, info))
+    return len(cases), problems

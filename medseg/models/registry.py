@@ -1,0 +1,80 @@
+"""Name-keyed model registry (timm-style).
+
+Every architecture joins with one decorator::
+
+    @register_model("unet", test_config={...}, requires=())
+    def build_unet(in_channels, num_classes, *, spatial_dims=3, deep_supervision=True, **arch): ...
+
+Other packages add models through the ``medseg.models`` entry-point group; each entry point
+is imported lazily the first time the registry is listed.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch.nn as nn
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    builder: Callable[..., nn.Module]
+    test_config: dict = field(default_factory=dict)   # tiny kwargs used by the generated tests
+    requires: tuple[str, ...] = ()                      # optional import names it needs
+    description: str = ""
+
+    def available(self) -> dict[str, bool]:
+        return {mod: importlib.util.find_spec(mod) is not None for mod in self.requires}
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+_ENTRY_POINTS_LOADED = False
+
+
+def register_model(name: str, *, test_config: dict | None = None, requires: tuple[str, ...] = (),
+                   description: str = ""):
+    def deco(fn):
+        if name in _REGISTRY and _REGISTRY[name].builder is not fn:
+            raise ValueError(f"model '{name}' is already registered")
+        _REGISTRY[name] = ModelEntry(name, fn, dict(test_config or {}), tuple(requires),
+                                     description or (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+        return fn
+
+    return deco
+
+
+def _load_builtin_and_plugins() -> None:
+    global _ENTRY_POINTS_LOADED
+    import medseg.models.unet  # noqa: F401  (registers built-ins)
+
+    if _ENTRY_POINTS_LOADED:
+        return
+    _ENTRY_POINTS_LOADED = True
+    from importlib.metadata import entry_points
+
+    for ep in entry_points(group="medseg.models"):
+        ep.load()
+
+
+def list_models() -> list[str]:
+    _load_builtin_and_plugins()
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    _load_builtin_and_plugins()
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown model '{name}'; registered: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
+    """Build a registered model. kwargs are architecture arguments (saved in checkpoints)."""
+    return get_entry(name).builder(in_channels, num_classes, **kwargs)
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

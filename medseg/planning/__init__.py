@@ -1,0 +1,1 @@
+"""Dataset fingerprint and nnU-Net-style self-configuration."""

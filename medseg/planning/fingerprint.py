@@ -1,0 +1,106 @@
+"""Dataset fingerprint: what the planner needs to know about a dataset.
+
+Per case: spacing, shape before and after cropping to non-zero, foreground intensity
+samples per channel (for CT normalisation) and class voxel counts.
+"""
+
+from __future__ import annotations
+
+import json
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from medseg.io.dataset import Case, DatasetInfo, list_cases, load_dataset_json
+from medseg.io.image import read_image
+from medseg.preprocessing.cropping import crop_to_nonzero
+
+SAMPLES_PER_CASE = 10_000
+
+
+@dataclass
+class Fingerprint:
+    dataset_name: str
+    spacings: list[list[float]]
+    shapes_after_crop: list[list[int]]
+    crop_fraction: float                  # median (cropped volume / original volume)
+    intensity: list[dict]                 # per channel: mean, std, percentile_00_5, percentile_99_5, min, max
+    class_fraction: dict[str, float]      # mean fraction of voxels per label value
+    num_cases: int
+
+    def save(self, path: str | Path) -> Path:
+        from medseg.io.jsonio import write_json
+
+        return write_json(path, asdict(self))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Fingerprint":
+        return cls(**json.loads(Path(path).read_text()))
+
+
+def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, "object"]:
+    """Read all channels (C, z, y, x) and the label of a case; geometry from channel 0."""
+    arrays, meta = [], None
+    for f in case.images:
+        arr, m = read_image(f)
+        meta = meta or m
+        arrays.append(arr.astype(np.float32, copy=False))
+    label = None
+    if case.label is not None:
+        label, _ = read_image(case.label)
+        label = label.astype(np.uint8 if label.max() < 256 else np.int16, copy=False)
+    return np.stack(arrays), label, meta
+
+
+def _case_stats(case: Case, seed: int) -> dict:
+    image, label, meta = load_case(case)
+    full = int(np.prod(image.shape[1:]))
+    image, label, _, _ = crop_to_nonzero(image, label)
+    rng = np.random.default_rng(seed)
+    fg = label > 0 if label is not None else np.ones(image.shape[1:], bool)
+    samples = []
+    for c in range(image.shape[0]):
+        vals = image[c][fg]
+        if vals.size > SAMPLES_PER_CASE:
+            vals = rng.choice(vals, SAMPLES_PER_CASE, replace=False)
+        samples.append(vals.astype(np.float32))
+    counts = np.bincount(label.ravel(), minlength=1) if label is not None else np.zeros(1)
+    return {"spacing": list(meta.spacing), "shape": list(image.shape[1:]),
+            "crop": float(np.prod(image.shape[1:]) / full), "samples": samples,
+            "counts": counts / max(counts.sum(), 1)}
+
+
+def compute_fingerprint(dataset_folder: str | Path, *, workers: int | None = None,
+                        progress: bool = True) -> Fingerprint:
+    folder = Path(dataset_folder)
+    info: DatasetInfo = load_dataset_json(folder)
+    cases = list_cases(folder, info)
+    from medseg.utils import default_workers, track
+
+    workers = workers or default_workers()
+    if workers > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            stats = list(track(pool.map(_case_stats, cases, range(len(cases)), chunksize=4),
+                               total=len(cases), description="fingerprint", enabled=progress))
+    else:
+        stats = [_case_stats(c, i) for i, c in track(list(enumerate(cases)), description="fingerprint", enabled=progress)]
+    intensity = []
+    for c in range(info.num_channels):
+        vals = np.concatenate([s["samples"][c] for s in stats]) if stats else np.zeros(1)
+        intensity.append({"mean": float(vals.mean()), "std": float(vals.std()),
+                          "percentile_00_5": float(np.percentile(vals, 0.5)),
+                          "percentile_99_5": float(np.percentile(vals, 99.5)),
+                          "min": float(vals.min()), "max": float(vals.max())})
+    nlab = max(len(s["counts"]) for s in stats)
+    frac = np.mean([np.pad(s["counts"], (0, nlab - len(s["counts"]))) for s in stats], axis=0)
+    return Fingerprint(
+        dataset_name=info.name,
+        spacings=[s["spacing"] for s in stats],
+        shapes_after_crop=[s["shape"] for s in stats],
+        crop_fraction=float(np.median([s["crop"] for s in stats])),
+        intensity=intensity,
+        class_fraction={str(i): float(f) for i, f in enumerate(frac)},
+        num_cases=len(stats),
+    )

@@ -1,0 +1,195 @@
+"""nnU-Net's planning rules as pure functions: spacing, topology, patch, batch, normalisation.
+
+Budgets: ``gpu`` sizes the network like nnU-Net v2 for an 8 GiB GPU (base 32 features, AMP);
+``cpu`` keeps nnU-Net's patch and topology rules but halves the widths (base 16) and caps the
+batch so one training iteration stays around a second on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from medseg.io.dataset import DatasetInfo
+from medseg.planning.fingerprint import Fingerprint
+from medseg.planning.plan import Configuration, Normalization, Plan
+from medseg.preprocessing.resampling import ANISOTROPY_THRESHOLD
+
+MIN_FEATURE_MAP = 4
+MAX_BATCH_FRACTION = 0.05   # a batch never covers more than 5 % of the dataset's voxels
+
+
+@dataclass(frozen=True)
+class Budget:
+    name: str
+    memory_gb: float           # activation memory available for one training step
+    base_features: int
+    max_features_3d: int
+    max_features_2d: int
+    bytes_per_activation: float  # fp16 (AMP) on GPU, fp32 on CPU, x stored tensors per conv
+    max_batch_3d: int
+    max_batch_2d: int
+
+
+BUDGETS = {
+    "gpu": Budget("gpu", 8.0, 32, 320, 512, 2 * 6, 64, 512),
+    "cpu": Budget("cpu", 3.0, 16, 256, 256, 4 * 6, 2, 32),
+}
+
+
+def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
+    """Median spacing; for strongly anisotropic data the coarse axis takes the 10th percentile.
+
+    nnU-Net's rule: if one axis is > 3x coarser than the others *and* has few voxels, using the
+    median would make the network see ever thinner slabs, so a finer target is taken for it.
+    """
+    target = np.median(spacings, axis=0)
+    shape = np.median(shapes, axis=0)
+    worst = int(np.argmax(target))
+    others = [i for i in range(len(target)) if i != worst]
+    if target[worst] > ANISOTROPY_THRESHOLD * max(target[others]) and \
+            shape[worst] * ANISOTROPY_THRESHOLD < min(shape[others]):
+        t = np.percentile(spacings[:, worst], 10)
+        target[worst] = max(t, max(target[others]) * 1.00001)
+    return target
+
+
+def pool_and_conv_props(spacing, patch_size, max_pools: int = 5):
+    """Downsampling strides and conv kernels per stage, and the patch padded to fit them.
+
+    An axis is pooled while its feature map stays >= 2*4 voxels and its spacing is within 2x
+    of the finest; conv kernels are 1 along an axis until its spacing is within 2x of the
+    finest (so thick slices get in-plane convolutions first).
+    """
+    dim = len(spacing)
+    sp, size = list(map(float, spacing)), list(map(float, patch_size))
+    strides, kernels = [[1] * dim], []
+    kernel = [1] * dim
+    pools = [0] * dim
+    while True:
+        valid = [i for i in range(dim) if size[i] >= 2 * MIN_FEATURE_MAP and pools[i] < max_pools]
+        if not valid:
+            break
+        finest = min(sp[i] for i in valid)
+        valid = [i for i in valid if sp[i] / finest < 2]
+        if len(valid) == 1 and size[valid[0]] < 3 * MIN_FEATURE_MAP:
+            break
+        if not valid:
+            break
+        finest_all = min(sp)
+        kernel = [3 if kernel[d] == 3 or sp[d] / finest_all < 2 else 1 for d in range(dim)]
+        stride = [2 if i in valid else 1 for i in range(dim)]
+        for i in valid:
+            pools[i] += 1
+            sp[i] *= 2
+            size[i] = np.ceil(size[i] / 2)
+        strides.append(stride)
+        kernels.append(list(kernel))
+    kernels.append([3] * dim)  # bottleneck convs
+    divisor = [2 ** p for p in pools]
+    padded = [int(np.ceil(s / d) * d) for s, d in zip(patch_size, divisor)]
+    return strides, kernels, padded, divisor
+
+
+def features_per_stage(n_stages: int, budget: Budget, dim: int) -> list[int]:
+    cap = budget.max_features_3d if dim == 3 else budget.max_features_2d
+    return [min(budget.base_features * 2 ** i, cap) for i in range(n_stages)]
+
+
+def estimate_memory_gb(patch_size, strides, features, batch_size: int, budget: Budget, n_conv: int = 2) -> float:
+    """Activation memory of one training step: sum of feature-map elements in encoder+decoder."""
+    size = np.array(patch_size, dtype=float)
+    elems = 0.0
+    for stride, feat in zip(strides, features):
+        size = np.ceil(size / np.array(stride))
+        elems += n_conv * feat * np.prod(size) * 2  # encoder stage + matching decoder stage
+    return float(elems * batch_size * budget.bytes_per_activation / 1024 ** 3)
+
+
+def plan_configuration(name: str, spacing, median_shape, num_cases: int, num_channels: int,
+                       budget: Budget, *, anisotropic_axis=None) -> Configuration:
+    """Fit patch size, topology and batch size for one configuration to the budget."""
+    spacing = np.asarray(spacing, float)
+    median_shape = np.asarray(median_shape, float)
+    dim = len(spacing)
+    # initial patch: isotropic in mm, 256^3 (3d) / 2048^2 (2d) voxels, clipped to the median shape
+    ref = 256 ** 3 if dim == 3 else 2048 ** 2
+    inv = 1.0 / spacing
+    patch = np.round(inv * (ref / np.prod(inv)) ** (1 / dim))
+    patch = np.minimum(patch, median_shape).astype(int)
+    ref_batch = 2 if dim == 3 else 12
+    while True:
+        strides, kernels, padded, divisor = pool_and_conv_props(spacing, patch)
+        feats = features_per_stage(len(strides), budget, dim)
+        mem = estimate_memory_gb(padded, strides, feats, ref_batch, budget)
+        if mem <= budget.memory_gb or np.prod(patch) <= np.prod([2 * MIN_FEATURE_MAP] * dim):
+            break
+        # shrink the axis that is largest relative to the median shape, by one divisor step
+        ratio = np.array(padded) / median_shape
+        axis = int(np.argmax(ratio))
+        step = max(divisor[axis], 1)
+        patch[axis] = max(int(patch[axis]) - step, 2 * MIN_FEATURE_MAP)
+    # batch: as many as the budget allows, but at most 5 % of the dataset's voxels
+    batch = int(np.floor(ref_batch * budget.memory_gb / max(mem, 1e-9)))
+    max_by_data = int(np.floor(MAX_BATCH_FRACTION * num_cases * np.prod(median_shape) / np.prod(padded)))
+    cap = budget.max_batch_3d if dim == 3 else budget.max_batch_2d
+    batch = int(max(2, min(batch, max_by_data, cap)))
+    mem = estimate_memory_gb(padded, strides, feats, batch, budget)
+    kwargs = {"features": feats, "strides": strides, "kernel_sizes": kernels, "n_conv_per_stage": 2,
+              "spatial_dims": dim}
+    return Configuration(name=name, spacing=tuple(float(s) for s in spacing),
+                         median_shape=tuple(int(s) for s in median_shape), patch_size=tuple(int(p) for p in padded),
+                         batch_size=batch, model="unet", model_kwargs=kwargs,
+                         separate_z=anisotropic_axis is not None, anisotropic_axis=anisotropic_axis,
+                         estimated_memory_gb=round(mem, 3))
+
+
+def plan_normalization(info: DatasetInfo, fp: Fingerprint) -> tuple[Normalization, ...]:
+    """CT channels: dataset-wide 0.5/99.5 percentile clip + z-score. Others: per-case z-score,
+    masked to the non-zero region when cropping removed at least a quarter of the volume."""
+    out = []
+    use_mask = fp.crop_fraction < 0.75
+    for c, name in enumerate(info.channel_names):
+        if name.strip().lower() == "ct":
+            st = fp.intensity[c]
+            out.append(Normalization("ct", False, st["percentile_00_5"], st["percentile_99_5"], st["mean"], st["std"]))
+        elif name.strip().lower() in ("noNorm".lower(), "none"):
+            out.append(Normalization("none"))
+        else:
+            out.append(Normalization("zscore", use_mask))
+    return tuple(out)
+
+
+def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu") -> Plan:
+    if budget not in BUDGETS:
+        raise ValueError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
+    b = BUDGETS[budget]
+    spacings = np.array(fp.spacings, float)
+    shapes = np.array(fp.shapes_after_crop, float)
+    tsp = target_spacing(spacings, shapes)
+    resampled = np.array([s * sp / tsp for s, sp in zip(shapes, spacings)])
+    median = np.median(resampled, axis=0)
+    aniso = None
+    from medseg.preprocessing.resampling import anisotropic_axis
+
+    aniso = anisotropic_axis(tsp)
+    configs = {}
+    full = plan_configuration("3d_fullres", tsp, median, fp.num_cases, len(info.channel_names), b,
+                              anisotropic_axis=aniso)
+    configs["3d_fullres"] = full
+    # 2d: slices along the first (z) axis, in-plane spacing/shape
+    configs["2d"] = plan_configuration("2d", tsp[1:], median[1:], fp.num_cases, len(info.channel_names), b)
+    configs["2d"] = Configuration(**{**configs["2d"].__dict__, "spacing": tuple(float(s) for s in tsp)})
+    # 3d_lowres: only when the full-resolution patch covers less than a quarter of the median case
+    if np.prod(full.patch_size) / np.prod(median) < 0.25:
+        factor, low = 1.0, full
+        while np.prod(low.patch_size) / np.prod(median / factor) < 0.25 and factor < 8:
+            factor *= 1.03
+            sp_low = tsp * factor
+            low = plan_configuration("3d_lowres", sp_low, median / factor, fp.num_cases,
+                                     len(info.channel_names), b, anisotropic_axis=anisotropic_axis(sp_low))
+        configs["3d_lowres"] = low
+    return Plan(dataset_name=info.name, channel_names=info.channel_names, labels=dict(info.labels),
+                normalization=plan_normalization(info, fp), configurations=configs, budget=budget,
+                file_ending=info.file_ending)

@@ -1,0 +1,1 @@
+"""Pure array functions: crop to non-zero, resample, normalise."""

@@ -1,0 +1,115 @@
+"""Preprocess one case (used identically by training and prediction) and a whole dataset.
+
+The cache is one folder per configuration spacing, per case: ``CASE.npy`` (C, z, y, x float32),
+``CASE_seg.npy`` (uint8/int16), ``CASE.json`` (geometry to undo the preprocessing) and
+``CASE_fg.npz`` (sampled foreground coordinates per class, for oversampling).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from medseg.io.dataset import Case, list_cases, load_dataset_json
+from medseg.io.image import ImageMeta
+from medseg.io.jsonio import write_json
+from medseg.planning.fingerprint import load_case
+from medseg.planning.plan import Configuration, Plan
+from medseg.preprocessing.cropping import crop_to_nonzero
+from medseg.preprocessing.normalization import normalize
+from medseg.preprocessing.resampling import anisotropic_axis, resample_image, resample_label
+
+FG_SAMPLES_PER_CLASS = 10_000
+
+
+def preprocess_array(image: np.ndarray, meta: ImageMeta, plan: Plan, config: Configuration,
+                     label: np.ndarray | None = None):
+    """Crop to non-zero -> normalise -> resample. Returns (data, seg, properties)."""
+    original_shape = image.shape[1:]
+    image, label, bbox, mask = crop_to_nonzero(image, label)
+    data = normalize(image, plan.normalization, mask)
+    spacing = meta.spacing
+    target = config.spacing
+    axis = anisotropic_axis(spacing)  # thick slices in the input: never interpolate across them cubically
+    if axis is None and config.separate_z:
+        axis = config.anisotropic_axis
+    data = resample_image(data, spacing, target, separate_z_axis=axis)
+    seg = None
+    if label is not None:
+        seg = resample_label(label, spacing, target, shape=data.shape[1:], num_classes=plan.num_classes,
+                             separate_z_axis=axis)
+    props = {"meta": meta.to_json(), "original_shape": list(original_shape), "bbox": [list(b) for b in bbox],
+             "shape_after_crop": list(image.shape[1:]), "shape_after_resampling": list(data.shape[1:]),
+             "separate_z_axis": axis}
+    return data.astype(np.float32, copy=False), seg, props
+
+
+def foreground_locations(seg: np.ndarray, num_classes: int, seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    out = {}
+    for c in range(1, num_classes):
+        idx = np.argwhere(seg == c)
+        if len(idx) > FG_SAMPLES_PER_CLASS:
+            idx = idx[rng.choice(len(idx), FG_SAMPLES_PER_CLASS, replace=False)]
+        out[str(c)] = idx.astype(np.int32)
+    return out
+
+
+def _save_atomic_npy(path: Path, arr: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr)
+    os.replace(tmp, path)
+
+
+def _preprocess_one(args) -> str:
+    case, plan, config, out_dir, seed = args
+    image, label, meta = load_case(case)
+    data, seg, props = preprocess_array(image, meta, plan, config, label)
+    seg_dtype = np.uint8 if plan.num_classes < 256 else np.int16
+    _save_atomic_npy(out_dir / f"{case.name}.npy", data)
+    _save_atomic_npy(out_dir / f"{case.name}_seg.npy", seg.astype(seg_dtype))
+    locs = foreground_locations(seg, plan.num_classes, seed)
+    tmp = out_dir / f".{case.name}_fg.part.npz"
+    np.savez(tmp, **locs)
+    os.replace(tmp, out_dir / f"{case.name}_fg.npz")
+    write_json(out_dir / f"{case.name}.json", props)  # written last: marks the case complete
+    return case.name
+
+
+def cache_folder(preprocessed_dir: Path, config: Configuration) -> Path:
+    """2d and 3d_fullres share data at the same spacing; lowres has its own."""
+    return preprocessed_dir / ("data_" + "x".join(f"{s:.4g}" for s in config.spacing))
+
+
+def preprocess_dataset(dataset_folder: str | Path, plan: Plan, config_name: str, preprocessed_dir: str | Path,
+                       *, workers: int | None = None, progress: bool = True, overwrite: bool = False) -> Path:
+    from medseg.utils import default_workers, track
+
+    folder = Path(dataset_folder)
+    info = load_dataset_json(folder)
+    cases: list[Case] = list_cases(folder, info)
+    config = plan.configuration(config_name)
+    out = cache_folder(Path(preprocessed_dir), config)
+    out.mkdir(parents=True, exist_ok=True)
+    todo = [c for c in cases if overwrite or not (out / f"{c.name}.json").is_file()]
+    jobs = [(c, plan, config, out, i) for i, c in enumerate(todo)]
+    workers = min(workers or default_workers(), max(len(jobs), 1))
+    if workers > 1 and len(jobs) > 1:
+        with ProcessPoolExecutor(workers) as pool:
+            for _ in track(pool.map(_preprocess_one, jobs, chunksize=2), total=len(jobs),
+                           description=f"preprocess {config_name}", enabled=progress):
+                pass
+    else:
+        for job in track(jobs, description=f"preprocess {config_name}", enabled=progress):
+            _preprocess_one(job)
+    write_json(out / "cases.json", sorted(c.name for c in cases))
+    return out
+
+
+def load_properties(cache: Path, case: str) -> dict:
+    return json.loads((cache / f"{case}.json").read_text())

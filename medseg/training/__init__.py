@@ -1,0 +1,1 @@
+"""Training: one Trainer configured by a TrainingConfig dataclass."""

@@ -1,0 +1,254 @@
+"""The training loop: one Trainer, configured by TrainingConfig.
+
+Randomness is derived from (seed, rank, epoch), so resuming from an epoch checkpoint replays
+exactly the batches and augmentations an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.augment.transforms import NO_AUGMENTATION, augment_batch
+from medseg.data.cache import cached_case_names, get_split, load_cached_case
+from medseg.data.sampler import PatchSampler
+from medseg.io.checkpoint import ModelSpec, load_spec, load_weights, save_spec, save_weights
+from medseg.planning.plan import Plan
+from medseg.training import distributed
+from medseg.training.config import TrainingConfig
+from medseg.training.losses import deep_supervision_loss
+
+STATE_FILE = "training_state.pt"
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def poly_lr(initial: float, step: int, total: int, exponent: float, warmup: int = 0) -> float:
+    if warmup and step < warmup:
+        return initial * (step + 1) / warmup
+    return initial * (1 - min(step, total - 1) / total) ** exponent
+
+
+class Trainer:
+    def __init__(self, plan: Plan, configuration: str, cache_dir: Path, preprocessed_dir: Path, output_dir: Path,
+                 fold: int | str, config: TrainingConfig, *, raw_folder: Path | None = None, log=print):
+        self.plan, self.cfg = plan, config
+        self.conf = plan.configuration(configuration)
+        self.cache_dir, self.output_dir = Path(cache_dir), Path(output_dir)
+        self.fold = fold
+        self.fold_dir = self.output_dir / f"fold_{fold}"
+        self.raw_folder = raw_folder
+        self.device = resolve_device(config.device)
+        self.dist = distributed.setup(self.device.type)
+        if self.device.type == "cuda" and self.dist.enabled:
+            self.device = torch.device("cuda", self.dist.local_rank)
+        self.log = log if self.dist.is_main else (lambda *a, **k: None)
+        threads = config.num_threads or max(1, (os.cpu_count() or 1) // self.dist.world_size)
+        torch.set_num_threads(threads)
+        self.amp = config.amp if config.amp is not None else self.device.type == "cuda"
+        names = cached_case_names(self.cache_dir)
+        self.train_names, self.val_names = get_split(Path(preprocessed_dir), names, fold)
+        self.spec = ModelSpec(
+            model=config.model or self.conf.model,
+            model_kwargs={**self.conf.model_kwargs, **config.model_kwargs},
+            in_channels=len(plan.channel_names), num_classes=plan.num_classes, labels=dict(plan.labels),
+            plan=plan, configuration=configuration)
+        torch.manual_seed(config.seed)  # same seed -> same initial weights on every rank
+        self.model = self.spec.build(deep_supervision=config.deep_supervision).to(self.device)
+        if config.pretrained:
+            from medseg.training.transfer import load_pretrained
+
+            report = load_pretrained(self.model, config.pretrained)
+            self.log(f"pretrained: loaded {report['loaded']} tensors, re-initialised {len(report['skipped'])}")
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.initial_lr, momentum=config.momentum,
+                                         nesterov=True, weight_decay=config.weight_decay)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+        self.ddp_model = self.model
+        if self.dist.enabled:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.ddp_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        self.start_epoch = 0
+        self.history: list[dict] = []
+        aniso = self.conf.anisotropic_axis is not None
+        self.augment = config.augment_config(self.conf.spatial_dims, aniso)
+        self.batch_size = max(1, (config.batch_size or self.conf.batch_size) // self.dist.world_size)
+
+    # ---------------------------------------------------------------- state
+    def _load_cases(self, names):
+        return [load_cached_case(self.cache_dir, n) for n in names]
+
+    def save_state(self, epoch: int) -> None:
+        """Everything needed to resume at ``epoch`` (exclusive), written atomically by rank 0."""
+        if not self.dist.is_main:
+            return
+        self.fold_dir.mkdir(parents=True, exist_ok=True)
+        save_spec(self.output_dir, self.spec)
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scaler": self.scaler.state_dict(), "epoch": epoch,
+                 "history": json.dumps(self.history), "config": json.dumps(self.cfg.to_json())}
+        tmp = self.fold_dir / f".{STATE_FILE}.part"
+        torch.save(state, tmp)
+        os.replace(tmp, self.fold_dir / STATE_FILE)
+        save_weights(self.fold_dir, self.model.state_dict(), info={"epoch": epoch, "fold": str(self.fold)})
+
+    def try_resume(self) -> bool:
+        path = self.fold_dir / STATE_FILE
+        if not path.is_file():
+            return False
+        state = torch.load(path, map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"])
+        self.history = json.loads(state["history"])
+        self.log(f"resumed from {path} at epoch {self.start_epoch}")
+        return True
+
+    # ---------------------------------------------------------------- loop
+    def _rng_seed(self, *parts) -> int:
+        return int(np.random.SeedSequence([self.cfg.seed, self.dist.rank, *parts]).generate_state(1)[0])
+
+    def _batch(self, sampler: PatchSampler, g: torch.Generator, augment) -> tuple[torch.Tensor, torch.Tensor]:
+        img, seg = sampler.sample()
+        img = torch.from_numpy(img).to(self.device, non_blocking=True)
+        seg = torch.from_numpy(seg.astype(np.int64)).to(self.device, non_blocking=True)
+        return augment_batch(img, seg, self.conf.patch_size, augment, g)
+
+    def _forward_loss(self, img, seg):
+        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp and self.device.type == "cuda"):
+            out = self.ddp_model(img)
+            loss = deep_supervision_loss(out, seg, batch_dice=self.cfg.batch_dice)
+        return out, loss
+
+    def train_epoch(self, epoch: int, sampler: PatchSampler) -> float:
+        self.model.train()
+        sampler.rng = np.random.default_rng(self._rng_seed(epoch, 1))
+        g = torch.Generator().manual_seed(self._rng_seed(epoch, 2))
+        total_steps = self.cfg.epochs * self.cfg.iterations_per_epoch
+        warm = self.cfg.warmup_epochs * self.cfg.iterations_per_epoch
+        losses = []
+        from medseg.utils import track
+
+        iters = range(self.cfg.iterations_per_epoch)
+        for it in track(iters, description=f"epoch {epoch}", enabled=self.dist.is_main):
+            step = epoch * self.cfg.iterations_per_epoch + it
+            for group in self.optimizer.param_groups:
+                group["lr"] = poly_lr(self.cfg.initial_lr, step, total_steps, self.cfg.poly_exponent, warm)
+            img, seg = self._batch(sampler, g, self.augment)
+            self.optimizer.zero_grad(set_to_none=True)
+            _, loss = self._forward_loss(img, seg)
+            self.scaler.scale(loss).backward()
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            losses.append(float(loss.detach()))
+        mean = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
+        distributed.all_reduce_sum(mean, self.dist)
+        return float(mean[0] / mean[1])
+
+    @torch.no_grad()
+    def pseudo_dice(self, epoch: int, sampler: PatchSampler | None) -> tuple[float, list[float]]:
+        """nnU-Net's pseudo-Dice: tp/fp/fn summed over validation patches, per foreground class."""
+        if sampler is None or self.cfg.val_iterations <= 0:
+            return math.nan, []
+        self.model.eval()
+        sampler.rng = np.random.default_rng(self._rng_seed(epoch, 3))
+        g = torch.Generator().manual_seed(self._rng_seed(epoch, 4))
+        k = self.plan.num_classes
+        stats = torch.zeros(3, k - 1, dtype=torch.float64)
+        losses = []
+        for _ in range(self.cfg.val_iterations):
+            img, seg = self._batch(sampler, g, NO_AUGMENTATION)
+            out, loss = self._forward_loss(img, seg)
+            out = out[0] if isinstance(out, (list, tuple)) else out
+            pred = out.argmax(1)
+            ref = seg[:, 0]
+            losses.append(float(loss))
+            for c in range(1, k):
+                p, r = pred == c, ref == c
+                stats[0, c - 1] += float((p & r).sum())
+                stats[1, c - 1] += float((p & ~r).sum())
+                stats[2, c - 1] += float((~p & r).sum())
+        distributed.all_reduce_sum(stats, self.dist)
+        dice = (2 * stats[0] / (2 * stats[0] + stats[1] + stats[2]).clamp_min(1)).tolist()
+        return float(np.mean(losses)), dice
+
+    def fit(self, resume: bool = False) -> dict:
+        if resume:
+            self.try_resume()
+        elif (self.fold_dir / STATE_FILE).exists() and self.dist.is_main:
+            self.log(f"note: {self.fold_dir} already has a checkpoint; starting over (use --resume to continue)")
+            (self.fold_dir / "training_log.jsonl").unlink(missing_ok=True)
+        if self.start_epoch >= self.cfg.epochs:
+            self.log(f"fold {self.fold}: already trained for {self.start_epoch} epochs; pass a larger --epochs to extend")
+            return self.history[-1] if self.history else {}
+        train_cases = self._load_cases(self.train_names)
+        margin = self.augment.region_margin
+        sampler = PatchSampler(train_cases, self.conf.patch_size, self.batch_size, margin=margin,
+                               oversample_foreground=self.cfg.oversample_foreground)
+        val_sampler = None
+        if self.val_names:
+            val_sampler = PatchSampler(self._load_cases(self.val_names), self.conf.patch_size, self.batch_size,
+                                       oversample_foreground=self.cfg.oversample_foreground)
+        self.log(f"training {self.spec.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params) "
+                 f"config {self.conf.name} fold {self.fold}: patch {list(self.conf.patch_size)}, batch "
+                 f"{self.batch_size}x{self.dist.world_size}, {len(self.train_names)} train / {len(self.val_names)} val "
+                 f"cases, device {self.device}{' (AMP)' if self.amp else ''}")
+        for epoch in range(self.start_epoch, self.cfg.epochs):
+            t0 = time.time()
+            train_loss = self.train_epoch(epoch, sampler)
+            val_loss, dice = self.pseudo_dice(epoch, val_sampler)
+            rec = {"epoch": epoch, "train_loss": round(train_loss, 5),
+                   "val_loss": None if math.isnan(val_loss) else round(val_loss, 5),
+                   "pseudo_dice": [round(d, 4) for d in dice],
+                   "mean_pseudo_dice": round(float(np.mean(dice)), 4) if dice else None,
+                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+            self.history.append(rec)
+            self.log(f"epoch {epoch + 1}/{self.cfg.epochs}  loss {train_loss:.4f}  val {rec['val_loss']}  "
+                     f"pseudo-Dice {rec['pseudo_dice']}  lr {rec['lr']:.5f}  {rec['seconds']:.1f}s")
+            if self.dist.is_main:
+                self.fold_dir.mkdir(parents=True, exist_ok=True)
+                with open(self.fold_dir / "training_log.jsonl", "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
+            if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs:
+                self.save_state(epoch + 1)
+        distributed.barrier(self.dist)
+        summary = {}
+        if self.dist.is_main and self.cfg.final_validation and self.val_names and self.raw_folder:
+            summary = self.final_validation()
+        distributed.teardown(self.dist)
+        return summary
+
+    def final_validation(self) -> dict:
+        """Predict each validation case from its raw image, export in native space, evaluate."""
+        from medseg.evaluation.metrics import evaluate_folder
+        from medseg.inference.predictor import Predictor
+        from medseg.io.dataset import list_cases
+
+        cases = {c.name: c for c in list_cases(self.raw_folder)}
+        out = self.fold_dir / "validation"
+        predictor = Predictor(load_spec(self.output_dir), {str(self.fold): load_weights(self.fold_dir)},
+                              device=str(self.device))
+        val_cases = [cases[n] for n in self.val_names if n in cases]
+        predictor.predict_cases(val_cases, out, overwrite=True)
+        summary = evaluate_folder(out, self.raw_folder / "labelsTr", self.plan.labels, names=self.val_names,
+                                  output=out / "summary.json")
+        self.log(f"final validation (fold {self.fold}, {len(val_cases)} cases, native space): "
+                 + ", ".join(f"{k} Dice {v['dice']:.4f}" for k, v in summary["mean"].items()))
+        return summary
+
+
+def log_to_stderr(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
