@@ -10,12 +10,15 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from medseg.io.dataset import cases_from_input, load_dataset_json
 from medseg.io.jsonio import write_json
 from medseg.planning.plan import Plan
-from medseg.training.config import TrainingConfig
 from medseg.workspace import Workspace
+
+if TYPE_CHECKING:  # imported lazily: it pulls in torch, which verify/plan/evaluate do not need
+    from medseg.training.config import TrainingConfig
 
 
 def _ws(workspace) -> Workspace:
@@ -63,6 +66,7 @@ def train(dataset: str | Path, workspace=None, *, configuration: str = "3d_fullr
           config: TrainingConfig | None = None, resume: bool = False, output: str | Path | None = None,
           log=print) -> dict:
     from medseg.preprocessing.pipeline import cache_folder
+    from medseg.training.config import TrainingConfig
     from medseg.training.trainer import Trainer
 
     ws = _ws(workspace)
@@ -101,3 +105,27 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, labels: dict[str, int
             raise ValueError("pass labels or dataset_json")
         labels = load_dataset_json(Path(dataset_json).parent if Path(dataset_json).is_file() else dataset_json).labels
     return evaluate_folder(pred_dir, ref_dir, labels, output=output, nsd_tolerance_mm=nsd_tolerance_mm)
+
+
+def package_model(source: str | Path, destination: str | Path, *, folds=None) -> Path:
+    """Copy only what inference needs (model.json, fold weights + hash records, validation
+    summaries) from a training output folder into a shippable model folder."""
+    import shutil
+
+    from medseg.io.checkpoint import available_folds, load_spec, load_weights
+
+    src, dst = Path(source), Path(destination)
+    load_spec(src)
+    folds = [str(f) for f in folds] if folds else available_folds(src)
+    dst.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(src / "model.json", dst / "model.json")
+    for f in folds:
+        load_weights(src / f"fold_{f}")  # refuses tampered or missing weights
+        (dst / f"fold_{f}").mkdir(exist_ok=True)
+        for name in ("model.safetensors", "checkpoint.json", "training_log.jsonl"):
+            if (src / f"fold_{f}" / name).exists():
+                shutil.copyfile(src / f"fold_{f}" / name, dst / f"fold_{f}" / name)
+        summary = src / f"fold_{f}" / "validation" / "summary.json"
+        if summary.exists():
+            shutil.copyfile(summary, dst / f"fold_{f}" / "validation_summary.json")
+    return dst

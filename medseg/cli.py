@@ -46,10 +46,12 @@ def plan(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "--
          budget: str = typer.Option("cpu", help="Memory/compute budget to fit the network to: cpu | gpu.")):
     """Fingerprint the dataset and write a plan (typed, editable JSON)."""
     from medseg import api
+    from medseg.io.image import check_writable_dir
     from medseg.workspace import Workspace
 
-    p = api.plan(dataset, workspace, budget=budget)
     ws = Workspace.resolve(workspace)
+    check_writable_dir(ws.root)  # fail before fingerprinting, not after
+    p = api.plan(dataset, workspace, budget=budget)
     for name, c in p.configurations.items():
         print(f"{name:11s} spacing {[round(s, 3) for s in c.spacing]}  patch {list(c.patch_size)}  batch {c.batch_size}"
               f"  features {c.model_kwargs['features']}  ~{c.estimated_memory_gb} GB")
@@ -73,6 +75,9 @@ def train(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "-
           configuration: str = typer.Option("3d_fullres", "-c", "--configuration"),
           fold: str = typer.Option("0", "-f", "--fold", help="0-4 or 'all'."),
           model: Optional[str] = typer.Option(None, "--model", help="Registry name (default: the plan's)."),
+          model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs",
+                                                     help="JSON object overriding the plan's model kwargs, "
+                                                          "e.g. '{\"features\": [8, 16, 32, 64]}'."),
           epochs: int = typer.Option(1000), iterations: int = typer.Option(250, "--iterations", help="Per epoch."),
           val_iterations: int = typer.Option(20), batch_size: Optional[int] = typer.Option(None),
           lr: float = typer.Option(1e-2, "--lr"), warmup_epochs: int = typer.Option(0),
@@ -88,11 +93,19 @@ def train(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "-
     from medseg import api
     from medseg.training.config import TrainingConfig
 
+    overrides = {}
+    if model_kwargs:
+        try:
+            overrides = json.loads(model_kwargs)
+        except json.JSONDecodeError as exc:
+            _fail(f"--model-kwargs: not valid JSON ({exc})")
+        if not isinstance(overrides, dict):
+            _fail("--model-kwargs: expected a JSON object")
     cfg = TrainingConfig(epochs=epochs, iterations_per_epoch=iterations, val_iterations=val_iterations,
                          batch_size=batch_size, initial_lr=lr, warmup_epochs=warmup_epochs,
                          checkpoint_every=checkpoint_every, augmentation=augmentation, device=device, seed=seed,
                          num_threads=threads, final_validation=not no_validation, model=model,
-                         pretrained=str(pretrained) if pretrained else None)
+                         model_kwargs=overrides, pretrained=str(pretrained) if pretrained else None)
     summary = api.train(dataset, workspace, configuration=configuration, fold=fold, config=cfg, resume=resume,
                         output=output, log=_err)
     if summary:
@@ -128,8 +141,10 @@ def evaluate(pred: Path = typer.Option(..., "--pred", help="Folder of predicted 
              nsd_tolerance: float = typer.Option(1.0, help="Surface-Dice tolerance in mm.")):
     """Dice, IoU, HD95 and normalised surface Dice per class and case."""
     from medseg import api
+    from medseg.io.image import check_writable_dir
 
     output = output or pred / "summary.json"
+    check_writable_dir(Path(output).parent)  # fail before computing metrics, not after
     s = api.evaluate(pred, ref, dataset_json=dataset_json, output=output, nsd_tolerance_mm=nsd_tolerance)
     for name, m in s["mean"].items():
         hd = "n/a" if m["hd95"] is None else f"{m['hd95']:.2f} mm"
@@ -146,21 +161,44 @@ def convert_msd(msd_folder: Path, output: Path):
 
 
 @app.command()
-def models(json_out: bool = typer.Option(False, "--json", help="Machine-readable output.")):
-    """List registered model architectures."""
+def models(json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+           patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Patch (voxels) for FLOPs."),
+           in_channels: int = typer.Option(1, "--in-channels", help="Input channels (STU-Net convention: 1 CT)."),
+           num_classes: int = typer.Option(105, "--num-classes",
+                                           help="Output classes (STU-Net convention: 105 TotalSegmentator)."),
+           cost: bool = typer.Option(True, "--cost/--no-cost", help="Measure parameters and FLOPs (meta device).")):
+    """List registered model architectures: parameters, GFLOPs (2 x MACs, batch 1) and optional dependencies."""
     from medseg.models import count_parameters, create_model, get_entry, list_models
+    from medseg.models.flops import measure
 
     rows = []
     for name in list_models():
         e = get_entry(name)
-        n = count_parameters(create_model(name, 1, 2, **e.test_config))
-        rows.append({"name": name, "description": e.description, "test_config_params": n,
-                     "requires": e.available()})
+        req = e.available()
+        row = {"name": name, "description": e.description, "requires": req, "available": all(req.values()),
+               "patch": list(patch), "in_channels": in_channels, "num_classes": num_classes,
+               "params": None, "flops": None, "macs": None, "test_config_params": None, "error": None}
+        if row["available"]:
+            try:
+                row["test_config_params"] = count_parameters(create_model(name, 1, 2, **e.test_config))
+                if cost:
+                    c = measure(name, patch, in_channels=in_channels, num_classes=num_classes)
+                    row.update(params=c.params, flops=c.flops, macs=c.macs)
+            except Exception as exc:  # one model that cannot be built on meta must not hide the others
+                row["error"] = f"{type(exc).__name__}: {exc}"
+        rows.append(row)
     if json_out:
         print(json.dumps(rows, indent=1))
-    else:
-        for r in rows:
-            print(f"{r['name']:16s} {r['description']}")
+        return
+    print(f"{'name':14s} {'params':>10s} {'GFLOPs':>9s}  deps  description  "
+          f"(patch {'x'.join(map(str, patch))}, {in_channels} -> {num_classes} classes, GFLOPs = 2 x MACs)")
+    for r in rows:
+        params = f"{r['params'] / 1e6:.2f}M" if r["params"] is not None else "n/a"
+        gflops = f"{r['flops'] / 1e9:.1f}" if r["flops"] is not None else "n/a"
+        deps = "ok" if r["available"] else "no"
+        missing = [m for m, ok in r["requires"].items() if not ok]
+        note = f"  [missing: {', '.join(missing)}]" if missing else f"  [{r['error']}]" if r["error"] else ""
+        print(f"{r['name']:14s} {params:>10s} {gflops:>9s}  {deps:4s}  {r['description']}{note}")
 
 
 def main() -> None:
@@ -170,6 +208,11 @@ def main() -> None:
         app()
     except MedsegError as exc:
         print(f"medseg: error: {exc.one_line()}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # the OS refused a named file (permissions, disk full): the user's to fix
+        if exc.filename is None:
+            raise
+        print(f"medseg: error: {exc.filename}: {exc.strerror or exc}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("medseg: interrupted", file=sys.stderr)

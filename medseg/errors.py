@@ -17,6 +17,11 @@ class MedsegError(Exception):
         self.reason = reason
         super().__init__(self.one_line())
 
+    def __reduce__(self):
+        # worker processes (verify, plan, preprocess) send errors back pickled; the default
+        # pickling would call __init__ with the formatted message only and fail
+        return (type(self), (self.path, self.reason))
+
     def one_line(self) -> str:
         reason = " ".join(self.reason.split())
         return f"{self.path}: {reason}" if self.path else reason

@@ -13,11 +13,11 @@ def run_predict(model, input, output, *, folds=None, tta=True, step=0.5, device=
     from medseg.evaluation.report import overlay_png, structure_volumes, write_volumes_table
     from medseg.inference.predictor import Predictor
     from medseg.io.dataset import cases_from_input
-    from medseg.io.image import ensure_writable_dir, read_image
+    from medseg.io.image import check_writable_dir, read_image
     from medseg.io.jsonio import write_json
 
     t0 = time.perf_counter()
-    output = ensure_writable_dir(output)
+    output = check_writable_dir(output)  # created only once a case is predicted
     predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step)
     cases = cases_from_input(input, predictor.spec.in_channels)
     results = predictor.predict_cases(cases, output, overwrite=overwrite, save_probabilities=probabilities,

@@ -24,7 +24,7 @@ class AugmentConfig:
     p_scale: float = 0.2
     scale_range: tuple[float, float] = (0.7, 1.4)
     p_noise: float = 0.1
-    noise_variance: tuple[float, float] = (0.0, 0.1)
+    noise_variance: tuple[float, float] = (0.0, 0.1)  # sampled value used as the std, as batchgenerators does
     p_blur: float = 0.2
     blur_sigma: tuple[float, float] = (0.5, 1.0)
     p_brightness: float = 0.15
@@ -66,30 +66,39 @@ def _rotation(angles: torch.Tensor, dim: int, inplane_only: bool) -> torch.Tenso
     return mats
 
 
+def affine_theta(angles: torch.Tensor, scale: torch.Tensor, region, patch, inplane_only: bool = False) -> torch.Tensor:
+    """``affine_grid`` matrices (B, dim, dim+1) for explicit rotation angles (radians, B x 1 in 2D,
+    B x 3 in 3D: planes (y,x), (z,x), (z,y)) and zoom factors (B,), mapping the centred patch
+    into the centred region. A scale > 1 samples a larger area (zooms out)."""
+    dim = len(region)
+    region = torch.tensor([float(r) for r in region])
+    patch = torch.tensor([float(p) for p in patch])
+    angles, scale = angles.float().cpu(), scale.float().cpu()
+    # output voxel offsets (from centre) -> input voxel offsets, in (z, y, x)
+    a = _rotation(angles, dim, inplane_only) * scale[:, None, None]
+    # normalised coords (align_corners=False): x_in_norm = diag(2/region) A diag(patch/2) x_out_norm
+    m = torch.diag(2.0 / region) @ a @ torch.diag(patch / 2.0)
+    # affine_grid expects (x, y, z) ordering: reverse both axes of the matrix
+    m = m.flip(1).flip(2)
+    return torch.cat([m, torch.zeros(angles.shape[0], dim, 1)], dim=2)
+
+
 def spatial_transform(image, seg, patch_size, cfg: AugmentConfig, g: torch.Generator):
     """Rotate/scale and crop the (B, C, *region) batch to (B, C, *patch) with one grid_sample."""
     b, dim = image.shape[0], image.ndim - 2
-    region = torch.tensor(image.shape[2:], dtype=torch.float32)
-    patch = torch.tensor(patch_size, dtype=torch.float32)
     n_ang = 1 if dim == 2 else 3
-    max_deg = cfg.rotation_deg_2d if dim == 2 else cfg.rotation_deg_3d
+    # 2D and anisotropic 3D data ("dummy 2D" in nnU-Net) rotate freely in-plane
+    max_deg = cfg.rotation_deg_2d if dim == 2 or cfg.rotate_inplane_only else cfg.rotation_deg_3d
     do_rot = torch.rand(b, generator=g) < cfg.p_rotation
     angles = (torch.rand(b, n_ang, generator=g) * 2 - 1) * math.radians(max_deg) * do_rot[:, None]
     do_scale = torch.rand(b, generator=g) < cfg.p_scale
     scale = torch.where(do_scale, torch.rand(b, generator=g) * (cfg.scale_range[1] - cfg.scale_range[0])
                         + cfg.scale_range[0], torch.ones(b))
-    # output voxel offsets (from centre) -> input voxel offsets, in (z, y, x)
-    a = _rotation(angles, dim, cfg.rotate_inplane_only) * scale[:, None, None]
-    # normalised coords: x_in_norm = diag(1/(region/2)) A diag(patch/2) x_out_norm
-    m = torch.diag(2.0 / region) @ a @ torch.diag(patch / 2.0)
-    # affine_grid expects (x, y, z) ordering: reverse both axes of the matrix
-    m = m.flip(1).flip(2)
-    theta = torch.cat([m, torch.zeros(b, dim, 1)], dim=2).to(image.device)
+    theta = affine_theta(angles, scale, image.shape[2:], patch_size, cfg.rotate_inplane_only).to(image.device)
     identity = ~(do_rot | do_scale)
-    size = (b, image.shape[1], *patch_size)
-    grid = F.affine_grid(theta, size, align_corners=False)
     if bool(identity.all()):  # pure centre crop: exact slicing, no interpolation
         return _center_crop(image, patch_size), _center_crop(seg, patch_size)
+    grid = F.affine_grid(theta, (b, image.shape[1], *patch_size), align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     seg = F.grid_sample(seg.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return image, seg.to(torch.int64)
@@ -127,8 +136,9 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
 
 
 def _gamma(x: torch.Tensor, gamma: torch.Tensor, invert: bool) -> torch.Tensor:
-    """nnU-Net's gamma: rescale to [0, 1], power, rescale back, keep mean/std."""
-    dims = tuple(range(1, x.ndim))
+    """nnU-Net's gamma: rescale to [0, 1], power, rescale back, keep mean/std (per channel, as
+    nnU-Net: channels can have very different ranges)."""
+    dims = tuple(range(2, x.ndim))
     if invert:
         x = -x
     mean, std = x.mean(dims, keepdim=True), x.std(dims, keepdim=True)
@@ -147,8 +157,8 @@ def intensity_transforms(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator
         return (torch.rand(b, generator=g) < p).to(dev)
 
     if cfg.p_noise > 0:
-        var = _rand(b, *cfg.noise_variance, g, dev)
-        noise = torch.randn(x.shape, generator=g).to(dev) * var.sqrt().view(-1, *([1] * (dim + 1)))
+        sigma = _rand(b, *cfg.noise_variance, g, dev)
+        noise = torch.randn(x.shape, generator=g).to(dev) * sigma.view(-1, *([1] * (dim + 1)))
         x = x + noise * _per_sample(coin(cfg.p_noise), dim)
     if cfg.p_blur > 0:
         do = coin(cfg.p_blur)
@@ -162,7 +172,7 @@ def intensity_transforms(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator
         x = x * _per_sample(f, dim)
     if cfg.p_contrast > 0:
         f = torch.where(coin(cfg.p_contrast), _rand(b, *cfg.contrast_range, g, dev), torch.ones(b, device=dev))
-        dims = tuple(range(1, x.ndim))
+        dims = tuple(range(2, x.ndim))  # per channel, like nnU-Net
         mean = x.mean(dims, keepdim=True)
         lo, hi = x.amin(dims, keepdim=True), x.amax(dims, keepdim=True)
         x = ((x - mean) * _per_sample(f, dim) + mean).clamp(lo, hi)

@@ -50,8 +50,11 @@ def make_splits(names: list[str], n_folds: int = 5, seed: int = SPLIT_SEED) -> l
              "val": sorted(names[i] for i in folds[k])} for k in range(n_folds)]
 
 
-def get_split(preprocessed_dir: Path, names: list[str], fold: int | str) -> tuple[list[str], list[str]]:
-    """Train/val case names for ``fold``; ``splits_final.json`` is created once and honoured if edited."""
+def get_split(preprocessed_dir: Path, names: list[str], fold: int | str, *,
+              write: bool = True) -> tuple[list[str], list[str]]:
+    """Train/val case names for ``fold``; ``splits_final.json`` is created once and honoured if edited.
+
+    ``write=False`` (non-zero DDP ranks) computes the default split without writing it."""
     if fold == "all":
         return sorted(names), []
     path = preprocessed_dir / "splits_final.json"
@@ -59,7 +62,8 @@ def get_split(preprocessed_dir: Path, names: list[str], fold: int | str) -> tupl
         splits = json.loads(path.read_text())
     else:
         splits = make_splits(names)
-        write_json(path, splits)
+        if write:
+            write_json(path, splits)
     fold = int(fold)
     if fold >= len(splits):
         raise DatasetError(path, f"fold {fold} requested but the splits define {len(splits)} folds")

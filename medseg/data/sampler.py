@@ -74,8 +74,10 @@ class PatchSampler:
         n_fg = int(round(self.batch_size * self.oversample))
         for i in range(self.batch_size):
             case = self.cases[self.rng.integers(len(self.cases))]
-            # the last n_fg samples are forced to contain foreground, as in nnU-Net
-            center = self._center(case, force_fg=i >= self.batch_size - n_fg)
+            # the last n_fg samples are forced to contain foreground, as in nnU-Net; a batch too
+            # small to hold one (e.g. 1 per DDP rank) forces each sample with probability p instead
+            force = i >= self.batch_size - n_fg if n_fg else self.rng.random() < self.oversample
+            center = self._center(case, force_fg=force)
             data, seg = case.data, case.seg
             if len(self.patch_size) == 2 and seg.ndim == 3:
                 z = int(center[0])

@@ -16,6 +16,7 @@ from scipy import ndimage
 
 from medseg.errors import DatasetError
 from medseg.io.image import read_image
+from medseg.io.verify import grid_problem, label_value_problem
 from medseg.io.jsonio import write_json, write_text_atomic
 
 
@@ -109,10 +110,16 @@ def evaluate_folder(pred_dir: str | Path, ref_dir: str | Path, labels: dict[str,
         ref_path = ref_dir / f"{name}{file_ending}"
         if not ref_path.exists():
             raise DatasetError(ref_path, "reference segmentation missing for this prediction")
-        pred, pm = read_image(pred_dir / f"{name}{file_ending}")
+        pred_path = pred_dir / f"{name}{file_ending}"
+        pred, pm = read_image(pred_path)
         ref, rm = read_image(ref_path)
-        if pred.shape != ref.shape:
-            raise DatasetError(pred_dir / f"{name}{file_ending}", f"shape {pred.shape} differs from reference {ref.shape}")
+        reason = grid_problem(pm, rm, f"reference {ref_path.name}")
+        if reason:  # metrics in mm need one voxel grid
+            raise DatasetError(pred_path, reason)
+        for path, arr in ((pred_path, pred), (ref_path, ref)):  # other values would silently count as background
+            reason = label_value_problem(arr, labels)
+            if reason:
+                raise DatasetError(path, reason)
         per_case[name] = evaluate_case(pred, ref, rm.spacing, labels, nsd_tolerance_mm)
     summary = summarise(per_case)
     summary["nsd_tolerance_mm"] = nsd_tolerance_mm

@@ -6,6 +6,7 @@ of all flips. Export is in each input's native geometry (un-crop, resample back)
 
 from __future__ import annotations
 
+import re
 import time
 from pathlib import Path
 
@@ -35,9 +36,24 @@ def resolve_model(model: str | Path) -> Path:
     raise CheckpointError(model, f"not a model folder nor a shipped model (shipped: {', '.join(names) or 'none'})")
 
 
+def _state_dict_mismatch(exc: RuntimeError) -> str:
+    """torch's multi-line load_state_dict error, condensed to its first problem."""
+    text = str(exc)
+    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch.Size\(\[([^\]]*)\]\) from "
+                       r"checkpoint, the shape in current model is torch.Size\(\[([^\]]*)\]\)", text)
+    if sizes:
+        name, saved, built = sizes[0]
+        more = f" and {len(sizes) - 1} more" if len(sizes) > 1 else ""
+        return f"{name}: shape ({saved}) in the weights, ({built}) in the spec{more}"
+    first = next((ln.strip() for ln in text.splitlines()[1:] if ln.strip()), text)
+    return first[:160]
+
+
 class Predictor:
     def __init__(self, spec: ModelSpec, fold_weights: dict[str, dict], *, device: str = "auto", tta: bool = True,
-                 step: float = 0.5, tile_batch: int | None = None, num_threads: int | None = None):
+                 step: float = 0.5, tile_batch: int | None = None, num_threads: int | None = None,
+                 source: str | Path | None = None):
+        """``source``: the model folder, so that errors name the file at fault."""
         from medseg.training.trainer import resolve_device
 
         self.spec = spec
@@ -47,12 +63,23 @@ class Predictor:
         if num_threads:
             torch.set_num_threads(num_threads)
         self.models = []
+        root = Path(source) if source is not None else Path(".")
         for fold, weights in fold_weights.items():
-            net = spec.build(deep_supervision=False)
+            try:
+                net = spec.build(deep_supervision=False)
+            except ImportError as exc:
+                raise CheckpointError(root / "model.json", f"model '{spec.model}' needs a missing optional "
+                                                           f"dependency ({exc})") from None
+            except (KeyError, TypeError, ValueError) as exc:
+                detail = str(exc).strip("'")[:200]  # KeyError quotes its message
+                raise CheckpointError(root / "model.json", f"cannot build model '{spec.model}' from its spec "
+                                                           f"({detail})") from None
             try:
                 net.load_state_dict(weights)
             except RuntimeError as exc:
-                raise CheckpointError(f"fold_{fold}", f"weights do not match the model spec ({str(exc)[:200]})") from None
+                # the weights passed their sha256 check, so model.json is the likelier culprit
+                raise CheckpointError(root / "model.json", f"weights in fold_{fold}/model.safetensors do not match "
+                                                           f"the model spec ({_state_dict_mismatch(exc)})") from None
             self.models.append(net.to(self.device).eval())
         self.folds = list(fold_weights)
         self.tta = tta
@@ -71,7 +98,7 @@ class Predictor:
         if not folds:
             raise CheckpointError(folder, "model folder holds no fold_*/ weights")
         weights = {f: load_weights(folder / f"fold_{f}") for f in folds}
-        return cls(spec, weights, **kwargs)
+        return cls(spec, weights, source=folder, **kwargs)
 
     # ------------------------------------------------------------------
     def _predict_tiles(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,19 +120,23 @@ class Predictor:
         return segmentation_from_logits(logits, props, return_probabilities=return_probabilities)
 
     def read_case(self, case: Case) -> tuple[np.ndarray, ImageMeta]:
+        """All channels of a case as (C, z, y, x) float32; refuses NaN/Inf and channels off the
+        voxel grid of channel 0 (a prediction from either would be silently wrong)."""
+        from medseg.errors import DatasetError, ImageReadError
+        from medseg.io.verify import grid_problem, nonfinite_problem
+
+        if len(case.images) != self.spec.in_channels:
+            raise DatasetError(case.images[0], f"{len(case.images)} channel(s) given; "
+                                               f"the model needs {self.spec.in_channels}")
         arrays, meta = [], None
         for f in case.images:
             arr, m = read_image(f)
-            if meta is not None and arr.shape != meta.shape:
-                from medseg.errors import ImageReadError
-
-                raise ImageReadError(f, f"shape {arr.shape} differs from channel 0 {meta.shape}")
+            reason = nonfinite_problem(arr) or (grid_problem(m, meta, f"channel 0 ({case.images[0].name})")
+                                                if meta else None)
+            if reason:
+                raise ImageReadError(f, reason)
             meta = meta or m
             arrays.append(arr.astype(np.float32, copy=False))
-        if len(arrays) != self.spec.in_channels:
-            from medseg.errors import DatasetError
-
-            raise DatasetError(case.images[0], f"{len(arrays)} channel(s) given; the model needs {self.spec.in_channels}")
         return np.stack(arrays), meta
 
     def predict_cases(self, cases: list[Case], out_dir: str | Path, *, overwrite: bool = False,
@@ -127,14 +158,20 @@ class Predictor:
             seg, probs = self.predict_array(image, meta, return_probabilities=save_probabilities)
             if largest_component:
                 seg = keep_largest_component(seg)
-            if save_probabilities:
-                from medseg.io.jsonio import write_json  # noqa: F401  (atomic npz below)
+            if save_probabilities:  # written before the label map, which marks the case as done
                 import os
 
+                from medseg.errors import OutputError
+
+                final = out_dir / f"{case.name}_probabilities.npz"
                 tmp = out_dir / f".{case.name}_probabilities.part.npz"
-                np.savez_compressed(tmp, probabilities=probs.astype(np.float16),
-                                    labels=np.array(sorted(self.spec.labels, key=self.spec.labels.get)))
-                os.replace(tmp, out_dir / f"{case.name}_probabilities.npz")
+                try:
+                    np.savez_compressed(tmp, probabilities=probs.astype(np.float16),
+                                        labels=np.array(sorted(self.spec.labels, key=self.spec.labels.get)))
+                    os.replace(tmp, final)
+                except OSError as exc:
+                    tmp.unlink(missing_ok=True)
+                    raise OutputError(final, f"cannot write ({exc.strerror or exc})") from None
             write_image(seg, meta, target)
             results.append({"case": case.name, "output": str(target), "skipped": False,
                             "seconds": round(time.perf_counter() - t0, 3), "spacing": list(meta.spacing),

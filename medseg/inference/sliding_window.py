@@ -22,9 +22,10 @@ def tile_starts(image_size, tile_size, step: float = 0.5) -> list[list[int]]:
         if im <= t:
             starts.append([0])
             continue
-        n = int(np.ceil((im - t) / (t * step))) + 1
+        # at least one voxel per step: a (1, h, w) tile visits every slice once, not twice
+        n = int(np.ceil((im - t) / max(t * step, 1.0))) + 1
         stride = (im - t) / (n - 1)
-        starts.append([int(round(stride * i)) for i in range(n)])
+        starts.append(sorted({int(round(stride * i)) for i in range(n)}))
     return starts
 
 
@@ -43,7 +44,8 @@ def _gaussian_np(tile_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
 
 def gaussian_weights(tile_size, sigma_scale: float = 1 / 8, device="cpu") -> torch.Tensor:
     """Importance map, 1 at the tile centre, never 0 (so every voxel gets a weight)."""
-    return torch.from_numpy(_gaussian_np(tuple(tile_size), sigma_scale)).to(device)
+    # a copy: the cached array must not be changed through the returned tensor
+    return torch.tensor(_gaussian_np(tuple(int(t) for t in tile_size), float(sigma_scale)), device=device)
 
 
 def mirror_combinations(axes) -> list[tuple[int, ...]]:

@@ -121,6 +121,10 @@ def list_cases(folder: str | Path, info: DatasetInfo | None = None, *, split: st
         missing = [i for i in range(info.num_channels) if i not in chans]
         if missing and strict:
             raise DatasetError(img_dir / f"{name}_{missing[0]:04d}{info.file_ending}", "missing channel file")
+        extra = sorted(i for i in chans if i >= info.num_channels)
+        if extra and strict:
+            raise DatasetError(chans[extra[0]],
+                               f"unexpected channel file (dataset.json has {info.num_channels} channel(s))")
         label = folder / f"labels{split}" / f"{name}{info.file_ending}"
         if split == "Tr" and not label.is_file():
             if strict:
@@ -151,14 +155,20 @@ def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
     grouped: dict[str, dict[int, Path]] = {}
     for f in files:
         m = _CHANNEL.match(strip_suffix(f))
-        if m:
-            grouped.setdefault(m["case"], {})[int(m["ch"])] = f
-        else:
-            grouped.setdefault(strip_suffix(f), {})[0] = f
+        name, ch = (m["case"], int(m["ch"])) if m else (strip_suffix(f), 0)
+        if ch in grouped.setdefault(name, {}):
+            raise DatasetError(f, f"clashes with {grouped[name][ch].name} "
+                                  f"(both would be channel {ch} of case '{name}')")
+        grouped[name][ch] = f
     cases = []
     for name, chans in sorted(grouped.items()):
-        if len(chans) != num_channels:
-            raise DatasetError(path / name, f"has {len(chans)} channel file(s); the model needs {num_channels}")
+        if num_channels == 1 and len(chans) == 1 and 0 not in chans:  # "scan_2023.nii.gz": digits, not a channel
+            (f,) = chans.values()
+            name, chans = strip_suffix(f), {0: f}
+        if sorted(chans) != list(range(num_channels)):
+            found = ", ".join(f"_{c:04d}" for c in sorted(chans))
+            raise DatasetError(path / name, f"has {len(chans)} channel file(s) ({found}); "
+                                            f"the model needs {num_channels} (_0000 to _{num_channels - 1:04d})")
         cases.append(Case(name, tuple(chans[i] for i in sorted(chans)), None))
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
         if is_dicom_folder(sub):
@@ -171,48 +181,81 @@ def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
 def convert_msd(msd_folder: str | Path, out_folder: str | Path) -> Path:
     """Convert a Medical Segmentation Decathlon task (4D NIfTI images) to the nnU-Net v2 layout.
 
-    MSD stores multi-modal images as one 4D NIfTI; nnU-Net wants one file per channel.
+    MSD stores multi-modal images as one 4D NIfTI; nnU-Net wants one file per channel. Each
+    channel keeps the 3D spacing, origin and direction of the 4D image (the 4th axis is dropped).
+    Only the cases listed in the MSD dataset.json are converted (the MSD tarballs also hold
+    macOS ``._*`` junk files).
     """
     import SimpleITK as sitk
+
+    from medseg.io.image import ImageMeta, write_image
+    from medseg.io.jsonio import write_json
 
     msd, out = Path(msd_folder), Path(out_folder)
     src_json = msd / "dataset.json"
     if not src_json.is_file():
         raise DatasetError(src_json, "MSD dataset.json not found")
-    d = json.loads(src_json.read_text())
-    modality = d.get("modality", {"0": "image"})
-    labels = {name: int(k) for k, name in d["labels"].items()}
+    try:
+        d = json.loads(src_json.read_text())
+        modality = d.get("modality", {"0": "image"})
+        channel_names = {str(i): modality[str(i)] for i in range(len(modality))}
+        labels = {name: int(k) for k, name in d["labels"].items()}
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise DatasetError(src_json, f"invalid JSON ({exc})") from None
+    except KeyError as exc:
+        raise DatasetError(src_json, f"missing key {exc} (MSD needs 'labels'; modality keys '0', '1', ...)") from None
+    except (ValueError, AttributeError):
+        raise DatasetError(src_json, "MSD 'labels' must map integer strings to names") from None
     if 0 not in labels.values():
         raise DatasetError(src_json, "MSD labels must include 0")
-    labels = {("background" if v == 0 else k): v for k, v in labels.items()}
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
-        (out / sub).mkdir(parents=True, exist_ok=True)
+    labels = {("background" if v == 0 else k): v for k, v in sorted(labels.items(), key=lambda kv: kv[1])}
+
+    def source(rel: str) -> Path:
+        f = msd / rel  # MSD paths look like "./imagesTr/x.nii.gz"
+        if not f.is_file():
+            raise DatasetError(f, f"listed in {src_json.name} but not found")
+        return f
+
+    def copy_3d(src: Path, dst: Path) -> None:
+        if src.name.endswith(".nii.gz"):
+            shutil.copyfile(src, dst)
+        else:  # e.g. .nii: re-encode so the content matches the .nii.gz name
+            sitk.WriteImage(sitk.ReadImage(str(src)), str(dst), True)
 
     def split_channels(src: Path, dst_dir: Path, case: str) -> None:
         img = sitk.ReadImage(str(src))
-        if img.GetDimension() == 4:
-            size = list(img.GetSize())
-            for c in range(size[3]):
-                extractor = sitk.ExtractImageFilter()
-                extractor.SetSize(size[:3] + [0])
-                extractor.SetIndex([0, 0, 0, c])
-                sitk.WriteImage(extractor.Execute(img), str(dst_dir / f"{case}_{c:04d}.nii.gz"))
-        else:
-            shutil.copyfile(src, dst_dir / f"{case}_0000.nii.gz")
+        n = img.GetSize()[3] if img.GetDimension() == 4 else 1
+        if img.GetDimension() not in (3, 4):
+            raise DatasetError(src, f"is {img.GetDimension()}D; expected a 3D or 4D NIfTI")
+        if n != len(channel_names):
+            raise DatasetError(src, f"has {n} channel(s) but dataset.json 'modality' lists {len(channel_names)}")
+        if img.GetDimension() == 3:
+            copy_3d(src, dst_dir / f"{case}_0000.nii.gz")
+            return
+        # explicit 3D geometry from the 4D header (top-left 3x3 of the 4x4 direction), stored (z, y, x)
+        meta = ImageMeta(spacing=tuple(float(s) for s in reversed(img.GetSpacing()[:3])),
+                         origin=tuple(float(o) for o in reversed(img.GetOrigin()[:3])),
+                         direction=tuple(float(x) for x in
+                                         [v for r in range(3) for v in img.GetDirection()[4 * r: 4 * r + 3]]))
+        arr = sitk.GetArrayFromImage(img)  # (c, z, y, x)
+        for c in range(n):
+            write_image(arr[c], meta, dst_dir / f"{case}_{c:04d}.nii.gz")
 
+    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
     n = 0
     for entry in d.get("training", []):
-        img, lab = msd / entry["image"], msd / entry["label"]
+        img, lab = source(entry["image"]), source(entry["label"])
         case = strip_suffix(img)
         split_channels(img, out / "imagesTr", case)
-        shutil.copyfile(lab, out / "labelsTr" / f"{case}.nii.gz")
+        copy_3d(lab, out / "labelsTr" / f"{case}.nii.gz")
         n += 1
     for entry in d.get("test", []):
-        img = msd / (entry if isinstance(entry, str) else entry["image"])
+        img = source(entry if isinstance(entry, str) else entry["image"])
         split_channels(img, out / "imagesTs", strip_suffix(img))
     new = {"name": d.get("name", msd.name), "description": d.get("description", ""),
-           "channel_names": {str(k): v for k, v in modality.items()}, "labels": labels,
+           "channel_names": channel_names, "labels": labels,
            "numTraining": n, "file_ending": ".nii.gz",
            "licence": d.get("licence", d.get("license", ""))}
-    (out / "dataset.json").write_text(json.dumps(new, indent=2))
+    write_json(out / "dataset.json", new)
     return out

@@ -10,11 +10,41 @@ import numpy as np
 
 from medseg.errors import DatasetError, MedsegError
 from medseg.io.dataset import Case, DatasetInfo, list_cases, load_dataset_json
-from medseg.io.image import read_image
+from medseg.io.image import ImageMeta, read_image
 
 SPACING_RTOL = 1e-3
 ORIGIN_ATOL_MM = 1e-2
 DIRECTION_ATOL = 1e-3
+
+
+def grid_problem(meta: ImageMeta, ref: ImageMeta, ref_name: str) -> str | None:
+    """Why an image does not share the voxel grid (shape, spacing) of ``ref``; None if it does.
+
+    Shared by verify, plan/preprocess (image vs label, channel vs channel), predict (channels)
+    and evaluate (prediction vs reference), so every command words the problem the same way.
+    """
+    if meta.shape != ref.shape:
+        return f"shape {meta.shape} differs from {ref_name} {ref.shape}"
+    if not np.allclose(meta.spacing, ref.spacing, rtol=SPACING_RTOL):
+        return (f"spacing {tuple(round(s, 4) for s in meta.spacing)} differs from "
+                f"{ref_name} {tuple(round(s, 4) for s in ref.spacing)}")
+    return None
+
+
+def nonfinite_problem(arr: np.ndarray) -> str | None:
+    """NaN/Inf voxels poison normalisation statistics and network outputs."""
+    if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
+        return f"{int((~np.isfinite(arr)).sum())} non-finite voxel(s) (NaN/Inf)"
+    return None
+
+
+def label_value_problem(arr: np.ndarray, labels: dict[str, int]) -> str | None:
+    """Values in a label map that dataset.json does not define (silently dropped otherwise)."""
+    allowed = sorted(set(labels.values()))
+    unknown = sorted(set(np.unique(arr).tolist()) - set(allowed))
+    if unknown:
+        return f"label values {unknown[:10]} not in dataset.json labels {allowed}"
+    return None
 
 
 @dataclass(frozen=True)
@@ -48,24 +78,16 @@ def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
             problems.append(Problem(exc.path or str(f), exc.reason))
             continue
         is_label = f == case.label
-        if not is_label and np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
-            n = int((~np.isfinite(arr)).sum())
-            problems.append(Problem(str(f), f"{n} non-finite voxel(s) (NaN/Inf)"))
-        if is_label:
-            values = set(np.unique(arr).tolist())
-            unknown = sorted(values - set(info.labels.values()))
-            if unknown:
-                problems.append(Problem(str(f), f"label values {unknown[:10]} not in dataset.json labels "
-                                                f"{sorted(info.labels.values())}"))
+        reason = label_value_problem(arr, info.labels) if is_label else nonfinite_problem(arr)
+        if reason:
+            problems.append(Problem(str(f), reason))
         if ref is None:
             ref = (f, meta)
             continue
         rf, rm = ref
-        if meta.shape != rm.shape:
-            problems.append(Problem(str(f), f"shape {meta.shape} differs from {rf.name} {rm.shape}"))
-        elif not np.allclose(meta.spacing, rm.spacing, rtol=SPACING_RTOL):
-            problems.append(Problem(str(f), f"spacing {tuple(round(s, 4) for s in meta.spacing)} differs from "
-                                            f"{rf.name} {tuple(round(s, 4) for s in rm.spacing)}"))
+        reason = grid_problem(meta, rm, rf.name)
+        if reason:
+            problems.append(Problem(str(f), reason))
         elif not np.allclose(meta.origin, rm.origin, atol=ORIGIN_ATOL_MM):
             problems.append(Problem(str(f), f"origin differs from {rf.name}"))
         elif not np.allclose(meta.direction, rm.direction, atol=DIRECTION_ATOL):

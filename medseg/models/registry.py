@@ -39,8 +39,9 @@ def register_model(name: str, *, test_config: dict | None = None, requires: tupl
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].builder is not fn:
             raise ValueError(f"model '{name}' is already registered")
+        doc = (fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = ModelEntry(name, fn, dict(test_config or {}), tuple(requires),
-                                     description or (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else "")
+                                     description or (doc[0] if doc else ""))
         return fn
 
     return deco
@@ -48,6 +49,8 @@ def register_model(name: str, *, test_config: dict | None = None, requires: tupl
 
 def _load_builtin_and_plugins() -> None:
     global _ENTRY_POINTS_LOADED
+    import medseg.models.resenc  # noqa: F401
+    import medseg.models.stunet  # noqa: F401
     import medseg.models.unet  # noqa: F401  (registers built-ins)
 
     if _ENTRY_POINTS_LOADED:

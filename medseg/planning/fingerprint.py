@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.errors import DatasetError
 from medseg.io.dataset import Case, DatasetInfo, list_cases, load_dataset_json
 from medseg.io.image import read_image
 from medseg.preprocessing.cropping import crop_to_nonzero
@@ -41,15 +42,27 @@ class Fingerprint:
 
 
 def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, "object"]:
-    """Read all channels (C, z, y, x) and the label of a case; geometry from channel 0."""
+    """Read all channels (C, z, y, x) and the label of a case; geometry from channel 0.
+
+    Raises DatasetError naming the file if a channel or the label is off channel 0's voxel grid
+    or an image holds NaN/Inf (either would silently corrupt the plan or the cache).
+    """
+    from medseg.io.verify import grid_problem, nonfinite_problem
+
     arrays, meta = [], None
     for f in case.images:
         arr, m = read_image(f)
+        reason = nonfinite_problem(arr) or (grid_problem(m, meta, case.images[0].name) if meta else None)
+        if reason:
+            raise DatasetError(f, reason)
         meta = meta or m
         arrays.append(arr.astype(np.float32, copy=False))
     label = None
     if case.label is not None:
-        label, _ = read_image(case.label)
+        label, lm = read_image(case.label)
+        reason = grid_problem(lm, meta, case.images[0].name)
+        if reason:
+            raise DatasetError(case.label, reason)
         label = label.astype(np.uint8 if label.max() < 256 else np.int16, copy=False)
     return np.stack(arrays), label, meta
 
@@ -86,6 +99,11 @@ def compute_fingerprint(dataset_folder: str | Path, *, workers: int | None = Non
                                total=len(cases), description="fingerprint", enabled=progress))
     else:
         stats = [_case_stats(c, i) for i, c in track(list(enumerate(cases)), description="fingerprint", enabled=progress)]
+    allowed = set(info.labels.values())
+    for case, s in zip(cases, stats):
+        unknown = [int(v) for v in np.flatnonzero(s["counts"]) if int(v) not in allowed]
+        if unknown:
+            raise DatasetError(case.label, f"label values {unknown[:10]} not in dataset.json labels {sorted(allowed)}")
     intensity = []
     for c in range(info.num_channels):
         vals = np.concatenate([s["samples"][c] for s in stats]) if stats else np.zeros(1)

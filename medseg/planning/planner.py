@@ -108,8 +108,13 @@ def estimate_memory_gb(patch_size, strides, features, batch_size: int, budget: B
 
 
 def plan_configuration(name: str, spacing, median_shape, num_cases: int, num_channels: int,
-                       budget: Budget, *, anisotropic_axis=None) -> Configuration:
-    """Fit patch size, topology and batch size for one configuration to the budget."""
+                       budget: Budget, *, anisotropic_axis=None, dataset_voxels: float | None = None) -> Configuration:
+    """Fit patch size, topology and batch size for one configuration to the budget.
+
+    ``dataset_voxels``: voxels in the whole (resampled) dataset, for the 5 % batch cap; defaults to
+    ``num_cases * prod(median_shape)``. A 2d configuration must pass the 3d count (nnU-Net does),
+    otherwise each case would count as a single slice.
+    """
     spacing = np.asarray(spacing, float)
     median_shape = np.asarray(median_shape, float)
     dim = len(spacing)
@@ -127,12 +132,17 @@ def plan_configuration(name: str, spacing, median_shape, num_cases: int, num_cha
             break
         # shrink the axis that is largest relative to the median shape, by one divisor step
         ratio = np.array(padded) / median_shape
+        ratio[patch <= 2 * MIN_FEATURE_MAP] = -np.inf  # axes already at the minimum cannot shrink
+        if not np.isfinite(ratio).any():
+            break
         axis = int(np.argmax(ratio))
         step = max(divisor[axis], 1)
         patch[axis] = max(int(patch[axis]) - step, 2 * MIN_FEATURE_MAP)
     # batch: as many as the budget allows, but at most 5 % of the dataset's voxels
     batch = int(np.floor(ref_batch * budget.memory_gb / max(mem, 1e-9)))
-    max_by_data = int(np.floor(MAX_BATCH_FRACTION * num_cases * np.prod(median_shape) / np.prod(padded)))
+    if dataset_voxels is None:
+        dataset_voxels = num_cases * float(np.prod(median_shape))
+    max_by_data = int(np.floor(MAX_BATCH_FRACTION * dataset_voxels / np.prod(padded)))
     cap = budget.max_batch_3d if dim == 3 else budget.max_batch_2d
     batch = int(max(2, min(batch, max_by_data, cap)))
     mem = estimate_memory_gb(padded, strides, feats, batch, budget)
@@ -179,7 +189,8 @@ def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu") -> Plan:
                               anisotropic_axis=aniso)
     configs["3d_fullres"] = full
     # 2d: slices along the first (z) axis, in-plane spacing/shape
-    configs["2d"] = plan_configuration("2d", tsp[1:], median[1:], fp.num_cases, len(info.channel_names), b)
+    configs["2d"] = plan_configuration("2d", tsp[1:], median[1:], fp.num_cases, len(info.channel_names), b,
+                                       dataset_voxels=fp.num_cases * float(np.prod(median)))
     configs["2d"] = Configuration(**{**configs["2d"].__dict__, "spacing": tuple(float(s) for s in tsp)})
     # 3d_lowres: only when the full-resolution patch covers less than a quarter of the median case
     if np.prod(full.patch_size) / np.prod(median) < 0.25:

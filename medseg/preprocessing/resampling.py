@@ -15,7 +15,8 @@ ANISOTROPY_THRESHOLD = 3.0
 
 
 def new_shape(shape, spacing, target_spacing) -> tuple[int, ...]:
-    return tuple(int(round(s * sp / tsp)) for s, sp, tsp in zip(shape, spacing, target_spacing))
+    """Voxels per axis after resampling to ``target_spacing`` (mm); never fewer than one."""
+    return tuple(max(1, int(round(s * sp / tsp))) for s, sp, tsp in zip(shape, spacing, target_spacing))
 
 
 def anisotropic_axis(spacing) -> int | None:

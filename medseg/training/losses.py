@@ -45,8 +45,13 @@ def downsample_targets(target: torch.Tensor, shapes) -> list[torch.Tensor]:
 
 
 def deep_supervision_loss(outputs, target: torch.Tensor, *, batch_dice: bool = True) -> torch.Tensor:
+    """Weighted sum over scales. Switched-off scales still enter the graph with a zero
+    contribution: DDP fails when a parameter (their head) receives no gradient."""
     if not isinstance(outputs, (list, tuple)):
         return dice_ce_loss(outputs, target, batch_dice=batch_dice)
     weights = deep_supervision_weights(len(outputs))
-    targets = downsample_targets(target, [o.shape[2:] for o in outputs])
-    return sum(w * dice_ce_loss(o, t, batch_dice=batch_dice) for w, o, t in zip(weights, outputs, targets) if w > 0)
+    used = [(w, o) for w, o in zip(weights, outputs) if w > 0]
+    targets = downsample_targets(target, [o.shape[2:] for _, o in used])
+    loss = sum(w * dice_ce_loss(o, t, batch_dice=batch_dice) for (w, o), t in zip(used, targets))
+    unused = [o for w, o in zip(weights, outputs) if w == 0]
+    return loss + sum((o * 0).sum() for o in unused) if unused else loss

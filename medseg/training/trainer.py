@@ -40,6 +40,19 @@ def poly_lr(initial: float, step: int, total: int, exponent: float, warmup: int 
     return initial * (1 - min(step, total - 1) / total) ** exponent
 
 
+TOPOLOGY_KEYS = ("strides", "kernel_sizes", "spatial_dims")
+
+
+def planned_kwargs(conf, config: TrainingConfig) -> dict:
+    """The plan's model kwargs for the plan's model; for another registry model only the planned
+    topology (strides, kernels, dims) is passed, so presets keep their own widths."""
+    if config.model and config.model != conf.model:
+        base = {k: v for k, v in conf.model_kwargs.items() if k in TOPOLOGY_KEYS}
+    else:
+        base = dict(conf.model_kwargs)
+    return {**base, **config.model_kwargs}
+
+
 class Trainer:
     def __init__(self, plan: Plan, configuration: str, cache_dir: Path, preprocessed_dir: Path, output_dir: Path,
                  fold: int | str, config: TrainingConfig, *, raw_folder: Path | None = None, log=print):
@@ -58,10 +71,14 @@ class Trainer:
         torch.set_num_threads(threads)
         self.amp = config.amp if config.amp is not None else self.device.type == "cuda"
         names = cached_case_names(self.cache_dir)
-        self.train_names, self.val_names = get_split(Path(preprocessed_dir), names, fold)
+        # rank 0 creates splits_final.json; the others read it once it exists
+        if self.dist.is_main:
+            get_split(Path(preprocessed_dir), names, fold)
+        distributed.barrier(self.dist)
+        self.train_names, self.val_names = get_split(Path(preprocessed_dir), names, fold, write=False)
         self.spec = ModelSpec(
             model=config.model or self.conf.model,
-            model_kwargs={**self.conf.model_kwargs, **config.model_kwargs},
+            model_kwargs=planned_kwargs(self.conf, config),
             in_channels=len(plan.channel_names), num_classes=plan.num_classes, labels=dict(plan.labels),
             plan=plan, configuration=configuration)
         torch.manual_seed(config.seed)  # same seed -> same initial weights on every rank
@@ -114,6 +131,16 @@ class Trainer:
         self.history = json.loads(state["history"])
         self.log(f"resumed from {path} at epoch {self.start_epoch}")
         return True
+
+    def _rewrite_log(self) -> None:
+        """training_log.jsonl = the history being continued (drops epochs after the last checkpoint)."""
+        if not self.dist.is_main:
+            return
+        from medseg.io.jsonio import write_text_atomic
+
+        path = self.fold_dir / "training_log.jsonl"
+        if self.history or path.exists():
+            write_text_atomic(path, "".join(json.dumps(rec) + "\n" for rec in self.history))
 
     # ---------------------------------------------------------------- loop
     def _rng_seed(self, *parts) -> int:
@@ -188,12 +215,15 @@ class Trainer:
     def fit(self, resume: bool = False) -> dict:
         if resume:
             self.try_resume()
-        elif (self.fold_dir / STATE_FILE).exists() and self.dist.is_main:
+        elif (self.fold_dir / STATE_FILE).exists():
             self.log(f"note: {self.fold_dir} already has a checkpoint; starting over (use --resume to continue)")
-            (self.fold_dir / "training_log.jsonl").unlink(missing_ok=True)
+        self._rewrite_log()
         if self.start_epoch >= self.cfg.epochs:
-            self.log(f"fold {self.fold}: already trained for {self.start_epoch} epochs; pass a larger --epochs to extend")
-            return self.history[-1] if self.history else {}
+            self.log(f"fold {self.fold}: already trained for {self.start_epoch} epochs; "
+                     "pass a larger --epochs to extend")
+            distributed.teardown(self.dist)
+            previous = self.fold_dir / "validation" / "summary.json"
+            return json.loads(previous.read_text()) if previous.is_file() and self.dist.is_main else {}
         train_cases = self._load_cases(self.train_names)
         margin = self.augment.region_margin
         sampler = PatchSampler(train_cases, self.conf.patch_size, self.batch_size, margin=margin,
