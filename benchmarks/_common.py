@@ -42,6 +42,7 @@ def log(msg: str) -> None:
 
 # ---------------------------------------------------------------------------- environments
 
+
 def medseg_python() -> Path:
     py = REPO / ".venv" / "bin" / "python"
     if not py.exists():
@@ -90,8 +91,10 @@ def ensure_venv(peer: str, check: str, *, rebuild: bool = False) -> Path:
         log(f"building peer environment {root}")
         VENVS.mkdir(parents=True, exist_ok=True)
         if not py.exists():
-            subprocess.run([sys.executable if sys.prefix == sys.base_prefix else _base_python(), "-m", "venv",
-                            str(root)], check=True)
+            subprocess.run(
+                [sys.executable if sys.prefix == sys.base_prefix else _base_python(), "-m", "venv", str(root)],
+                check=True,
+            )
         constraints = VENVS / "constraints.txt"
         constraints.write_text(TORCH_PIN + "\n")
         _pip(py, [TORCH_PIN])
@@ -103,8 +106,9 @@ def ensure_venv(peer: str, check: str, *, rebuild: bool = False) -> Path:
             _pip(py, ["-c", str(constraints), "-e", str(REPO)])
     proc = subprocess.run([str(py), "-c", check], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise SystemExit(f"peer environment {root} is broken ({check!r}):\n{proc.stderr[-3000:]}\n"
-                         f"rebuild it with --rebuild-venv")
+        raise SystemExit(
+            f"peer environment {root} is broken ({check!r}):\n{proc.stderr[-3000:]}\nrebuild it with --rebuild-venv"
+        )
     marker.touch()
     return py
 
@@ -116,12 +120,14 @@ def _base_python() -> str:
 
 
 def package_versions(py: Path, names: list[str]) -> dict[str, str]:
-    code = ("import importlib.metadata as m, json, sys\n"
-            "out = {}\n"
-            "for n in sys.argv[1:]:\n"
-            "    try: out[n] = m.version(n)\n"
-            "    except Exception: out[n] = 'not installed'\n"
-            "print(json.dumps(out))")
+    code = (
+        "import importlib.metadata as m, json, sys\n"
+        "out = {}\n"
+        "for n in sys.argv[1:]:\n"
+        "    try: out[n] = m.version(n)\n"
+        "    except Exception: out[n] = 'not installed'\n"
+        "print(json.dumps(out))"
+    )
     proc = subprocess.run([str(py), "-c", code, *names], capture_output=True, text=True)
     try:
         return json.loads(proc.stdout)
@@ -131,16 +137,21 @@ def package_versions(py: Path, names: list[str]) -> dict[str, str]:
 
 def medseg_git() -> str:
     try:
-        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True,
-                             text=True).stdout.strip()
-        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "medseg"],
-                               capture_output=True, text=True).stdout.strip()
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(REPO), "status", "--porcelain", "--untracked-files=no", "medseg"],
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
         return rev + (" (medseg/ has uncommitted changes)" if dirty else "")
     except OSError:
         return "?"
 
 
 # ---------------------------------------------------------------------------- machine
+
 
 def cpu_model() -> str:
     try:
@@ -163,7 +174,7 @@ def mem_total_gb() -> float:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemTotal"):
-                return int(line.split()[1]) / 1024 ** 2
+                return int(line.split()[1]) / 1024**2
     except OSError:
         pass
     return float("nan")
@@ -180,8 +191,8 @@ def other_busy_processes(threshold_cpu_s: float = 0.5, window_s: float = 1.0) ->
                 continue
             try:
                 stat = (d / "stat").read_text()
-                fields = stat[stat.rindex(")") + 2:].split()
-                out[int(d.name)] = (int(fields[11]) + int(fields[12]), stat[stat.index("(") + 1:stat.rindex(")")])
+                fields = stat[stat.rindex(")") + 2 :].split()
+                out[int(d.name)] = (int(fields[11]) + int(fields[12]), stat[stat.index("(") + 1 : stat.rindex(")")])
             except (OSError, ValueError):
                 continue
         return out
@@ -218,6 +229,7 @@ def machine_info() -> dict:
 
 
 # ---------------------------------------------------------------------------- measuring
+
 
 def _children(pid: int) -> list[int]:
     out = []
@@ -288,8 +300,15 @@ class TreeSampler(threading.Thread):
         self.join()
 
 
-def run_measured(cmd: list[str], *, env: dict | None = None, cwd: Path | None = None, log_file: Path | None = None,
-                 timeout: float | None = None, check: bool = True) -> dict:
+def run_measured(
+    cmd: list[str],
+    *,
+    env: dict | None = None,
+    cwd: Path | None = None,
+    log_file: Path | None = None,
+    timeout: float | None = None,
+    check: bool = True,
+) -> dict:
     """Run ``cmd``; returns wall seconds, peak RSS of the largest process, peak RSS/PSS summed over the tree."""
     timefile = Path(tempfile.mkstemp(prefix="bench_time_")[1])
     full = cmd
@@ -322,12 +341,18 @@ def run_measured(cmd: list[str], *, env: dict | None = None, cwd: Path | None = 
     if check and rc != 0:
         tail = Path(log_file).read_text()[-4000:] if log_file else ""
         raise RuntimeError(f"command failed (rc={rc}): {' '.join(map(str, cmd))}\n{tail}")
-    return {"wall_s": wall, "rc": rc, "max_rss_mb": max_rss_kb / 1024 if max_rss_kb else None,
-            "tree_rss_mb": sampler.peak_rss_kb / 1024, "tree_pss_mb": sampler.peak_pss_kb / 1024,
-            "max_procs": sampler.max_procs}
+    return {
+        "wall_s": wall,
+        "rc": rc,
+        "max_rss_mb": max_rss_kb / 1024 if max_rss_kb else None,
+        "tree_rss_mb": sampler.peak_rss_kb / 1024,
+        "tree_pss_mb": sampler.peak_pss_kb / 1024,
+        "max_procs": sampler.max_procs,
+    }
 
 
 # ---------------------------------------------------------------------------- reporting
+
 
 def median(xs):
     xs = [x for x in xs if x is not None]
@@ -350,8 +375,14 @@ def spread(xs, digits=2):
 
 
 def command_line() -> str:
-    return " ".join(shlex.quote(a) for a in [os.path.relpath(sys.executable, REPO) if sys.executable.startswith(
-        str(REPO)) else sys.executable, os.path.relpath(sys.argv[0], REPO), *sys.argv[1:]])
+    return " ".join(
+        shlex.quote(a)
+        for a in [
+            os.path.relpath(sys.executable, REPO) if sys.executable.startswith(str(REPO)) else sys.executable,
+            os.path.relpath(sys.argv[0], REPO),
+            *sys.argv[1:],
+        ]
+    )
 
 
 def header_lines(title: str, info: dict, versions: dict[str, dict[str, str]], quick: bool) -> list[str]:
@@ -370,8 +401,10 @@ def header_lines(title: str, info: dict, versions: dict[str, dict[str, str]], qu
     load = info["loadavg"]
     lines.append(f"* load average at start: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f}")
     if info["busy"]:
-        lines += ["", "> **WARNING: other processes were using the CPU when this run started; timings are not "
-                      "valid:**"] + [f"> * {b}" for b in info["busy"]]
+        lines += [
+            "",
+            "> **WARNING: other processes were using the CPU when this run started; timings are not valid:**",
+        ] + [f"> * {b}" for b in info["busy"]]
     lines.append("")
     return lines
 
@@ -386,16 +419,30 @@ def write_results(name: str, lines: list[str], quick: bool, out: Path | None = N
 
 def add_common_args(parser, *, workdir_default: str) -> None:
     parser.add_argument("--quick", action="store_true", help="Tiny smoke test (seconds to a few minutes).")
-    parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()) / workdir_default,
-                        help="Scratch folder for data/outputs (default: %(default)s).")
-    parser.add_argument("--out", type=Path, default=None,
-                        help="Results markdown (default: benchmarks/results/<name>.md, <name>-quick.md with --quick).")
+    parser.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path(tempfile.gettempdir()) / workdir_default,
+        help="Scratch folder for data/outputs (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="Results markdown (default: benchmarks/results/<name>.md, <name>-quick.md with --quick).",
+    )
     parser.add_argument("--rebuild-venv", action="store_true", help="Recreate the peer virtual environment.")
-    parser.add_argument("--allow-busy", action="store_true",
-                        help="Run even if other processes are using the CPU (the results are marked as invalid).")
+    parser.add_argument(
+        "--allow-busy",
+        action="store_true",
+        help="Run even if other processes are using the CPU (the results are marked as invalid).",
+    )
 
 
 def guard_busy(info: dict, allow: bool, quick: bool) -> None:
     if info["busy"] and not (allow or quick):
-        raise SystemExit("other processes are using the CPU, timings would not be valid:\n  "
-                         + "\n  ".join(info["busy"]) + "\n(pass --allow-busy to run anyway; results get marked)")
+        raise SystemExit(
+            "other processes are using the CPU, timings would not be valid:\n  "
+            + "\n  ".join(info["busy"])
+            + "\n(pass --allow-busy to run anyway; results get marked)"
+        )

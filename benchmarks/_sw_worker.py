@@ -29,8 +29,16 @@ def build(args):
     torch.manual_seed(args.seed)
     n = len(args.features)
     strides = [[1, 1, 1]] + [[2, 2, 2]] * (n - 1)
-    model = create_model("unet", 1, args.classes, spatial_dims=3, deep_supervision=False,
-                         features=list(args.features), strides=strides, kernel_sizes=[[3, 3, 3]] * n)
+    model = create_model(
+        "unet",
+        1,
+        args.classes,
+        spatial_dims=3,
+        deep_supervision=False,
+        features=list(args.features),
+        strides=strides,
+        kernel_sizes=[[3, 3, 3]] * n,
+    )
     return model.eval()
 
 
@@ -42,15 +50,31 @@ def volume(size, seed):
 def run_medseg(model, image, args):
     from medseg.inference.sliding_window import sliding_window_predict
 
-    return sliding_window_predict(image, model, args.patch, args.classes, step=1 - args.overlap, gaussian=True,
-                                  mirror_axes=(), tile_batch=args.sw_batch)
+    return sliding_window_predict(
+        image,
+        model,
+        args.patch,
+        args.classes,
+        step=1 - args.overlap,
+        gaussian=True,
+        mirror_axes=(),
+        tile_batch=args.sw_batch,
+    )
 
 
 def run_monai(model, image, args, roi_weight_map=None):
     from monai.inferers import sliding_window_inference
 
-    out = sliding_window_inference(image[None], args.patch, args.sw_batch, model, overlap=args.overlap,
-                                   mode="gaussian", sigma_scale=0.125, roi_weight_map=roi_weight_map)
+    out = sliding_window_inference(
+        image[None],
+        args.patch,
+        args.sw_batch,
+        model,
+        overlap=args.overlap,
+        mode="gaussian",
+        sigma_scale=0.125,
+        roi_weight_map=roi_weight_map,
+    )
     return out[0]
 
 
@@ -61,9 +85,13 @@ def compare(a, b, margin) -> dict:
     a, b = np.asarray(a, dtype=np.float32), np.asarray(b, dtype=np.float32)
     d = np.abs(a - b)
     inner = d[(slice(None), *[slice(m, s - m) for m, s in zip(margin, d.shape[1:])])]
-    return {"max_abs_logit": float(np.abs(a).max()), "max_abs_diff": float(d.max()), "mean_abs_diff": float(d.mean()),
-            "max_abs_diff_interior": float(inner.max()) if inner.size else None,
-            "argmax_agree": float((a.argmax(0) == b.argmax(0)).mean())}
+    return {
+        "max_abs_logit": float(np.abs(a).max()),
+        "max_abs_diff": float(d.max()),
+        "mean_abs_diff": float(d.mean()),
+        "max_abs_diff_interior": float(inner.max()) if inner.size else None,
+        "argmax_agree": float((a.argmax(0) == b.argmax(0)).mean()),
+    }
 
 
 def main() -> None:
@@ -85,14 +113,19 @@ def main() -> None:
     margin = [t // 2 for t in args.patch]
     if args.method == "compare":
         with open(args.result, "w") as fh:
-            json.dump(compare(np.load(args.compare[0], mmap_mode="r"), np.load(args.compare[1], mmap_mode="r"),
-                              margin), fh)
+            json.dump(
+                compare(np.load(args.compare[0], mmap_mode="r"), np.load(args.compare[1], mmap_mode="r"), margin), fh
+            )
         return
     torch.set_num_threads(args.threads)
     model = build(args)
     image = volume(args.size, args.seed)
-    result = {"method": args.method, "size": args.size, "params": sum(q.numel() for q in model.parameters()),
-              "torch_threads": torch.get_num_threads()}
+    result = {
+        "method": args.method,
+        "size": args.size,
+        "params": sum(q.numel() for q in model.parameters()),
+        "torch_threads": torch.get_num_threads(),
+    }
     with torch.inference_mode():
         if args.method == "check":
             from medseg.inference.sliding_window import gaussian_weights
@@ -100,8 +133,12 @@ def main() -> None:
             a = run_medseg(model, image, args)
             b = run_monai(model, image, args)
             c = run_monai(model, image, args, roi_weight_map=gaussian_weights(args.patch))
-            result.update({"monai_gaussian": compare(a.numpy(), b.numpy(), margin),
-                           "monai_medseg_weights": compare(a.numpy(), c.numpy(), margin)})
+            result.update(
+                {
+                    "monai_gaussian": compare(a.numpy(), b.numpy(), margin),
+                    "monai_medseg_weights": compare(a.numpy(), c.numpy(), margin),
+                }
+            )
         else:
             fn = run_medseg if args.method == "medseg" else run_monai
             fn(model, torch.randn((1, *args.patch)), args)  # warm-up: one tile (oneDNN primitives, allocator)

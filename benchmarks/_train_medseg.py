@@ -45,15 +45,37 @@ def main() -> None:
     if len(args.features) != len(conf.model_kwargs["features"]):
         raise SystemExit(f"--features needs {len(conf.model_kwargs['features'])} entries")
     n = args.warmup + args.iters
-    cfg = TrainingConfig(epochs=n, iterations_per_epoch=1, val_iterations=0, batch_size=args.batch,
-                         model_kwargs={"features": list(args.features)}, device="cpu", num_threads=args.threads,
-                         final_validation=False, checkpoint_every=10 ** 9)
-    trainer = Trainer(plan, "3d_fullres", cache_folder(args.preprocessed, conf), args.preprocessed, args.output, 0,
-                      cfg, raw_folder=None, log=lambda *a, **k: None)
+    cfg = TrainingConfig(
+        epochs=n,
+        iterations_per_epoch=1,
+        val_iterations=0,
+        batch_size=args.batch,
+        model_kwargs={"features": list(args.features)},
+        device="cpu",
+        num_threads=args.threads,
+        final_validation=False,
+        checkpoint_every=10**9,
+    )
+    trainer = Trainer(
+        plan,
+        "3d_fullres",
+        cache_folder(args.preprocessed, conf),
+        args.preprocessed,
+        args.output,
+        0,
+        cfg,
+        raw_folder=None,
+        log=lambda *a, **k: None,
+    )
     # as in Trainer.fit
     cases = trainer._load_cases(trainer.train_names)
-    sampler = PatchSampler(cases, conf.patch_size, trainer.batch_size, margin=trainer.augment.region_margin,
-                           oversample_foreground=cfg.oversample_foreground)
+    sampler = PatchSampler(
+        cases,
+        conf.patch_size,
+        trainer.batch_size,
+        margin=trainer.augment.region_margin,
+        oversample_foreground=cfg.oversample_foreground,
+    )
     setup_s = time.perf_counter() - t0
     data_t = []
     orig_batch = trainer._batch
@@ -73,10 +95,21 @@ def main() -> None:
         iters.append(time.perf_counter() - s)
     import torch
 
-    result = {"framework": "medseg", "params": n_params, "batch": trainer.batch_size, "patch": list(conf.patch_size),
-              "features": list(args.features), "da_processes": 0, "torch_threads": torch.get_num_threads(),
-              "planned": planned, "setup_s": setup_s, "warmup": args.warmup,
-              "iter_s": iters[args.warmup:], "data_wait_s": data_t[args.warmup:], "losses": losses}
+    result = {
+        "framework": "medseg",
+        "params": n_params,
+        "batch": trainer.batch_size,
+        "patch": list(conf.patch_size),
+        "features": list(args.features),
+        "da_processes": 0,
+        "torch_threads": torch.get_num_threads(),
+        "planned": planned,
+        "setup_s": setup_s,
+        "warmup": args.warmup,
+        "iter_s": iters[args.warmup :],
+        "data_wait_s": data_t[args.warmup :],
+        "losses": losses,
+    }
     with open(args.result, "w") as fh:
         json.dump(result, fh)
 

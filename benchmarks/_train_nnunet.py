@@ -32,7 +32,6 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)  # what nnUNetv2_train -device cpu does (all cores)
     from batchgenerators.utilities.file_and_folder_operations import join, load_json
-
     from nnunetv2.paths import nnUNet_preprocessed
     from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
     from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
@@ -44,8 +43,11 @@ def main() -> None:
     base = join(nnUNet_preprocessed, args.dataset)
     plans = load_json(join(base, "nnUNetPlans.json"))
     cfg = plans["configurations"]["3d_fullres"]
-    planned = {"batch": cfg["batch_size"], "patch": cfg["patch_size"],
-               "features": cfg["architecture"]["arch_kwargs"]["features_per_stage"]}
+    planned = {
+        "batch": cfg["batch_size"],
+        "patch": cfg["patch_size"],
+        "features": cfg["architecture"]["arch_kwargs"]["features_per_stage"],
+    }
     arch = cfg["architecture"]["arch_kwargs"]
     if len(args.features) != arch["n_stages"]:
         raise SystemExit(f"--features needs {arch['n_stages']} entries (nnU-Net plan has {arch['n_stages']} stages)")
@@ -64,7 +66,7 @@ def main() -> None:
     trainer.on_train_epoch_start()
     n_params = sum(p.numel() for p in trainer.network.parameters())
     iters, data, losses = [], [], []
-    for i in range(args.warmup + args.iters):
+    for _ in range(args.warmup + args.iters):
         t0 = time.perf_counter()
         batch = next(trainer.dataloader_train)
         t1 = time.perf_counter()
@@ -76,11 +78,21 @@ def main() -> None:
     for dl in (trainer.dataloader_train, trainer.dataloader_val):
         if hasattr(dl, "_finish"):
             dl._finish()
-    result = {"framework": "nnU-Net", "params": n_params, "batch": trainer.batch_size,
-              "patch": list(trainer.configuration_manager.patch_size), "features": list(args.features),
-              "da_processes": get_allowed_n_proc_DA(), "torch_threads": torch.get_num_threads(),
-              "planned": planned, "setup_s": setup_s, "warmup": args.warmup,
-              "iter_s": iters[args.warmup:], "data_wait_s": data[args.warmup:], "losses": losses}
+    result = {
+        "framework": "nnU-Net",
+        "params": n_params,
+        "batch": trainer.batch_size,
+        "patch": list(trainer.configuration_manager.patch_size),
+        "features": list(args.features),
+        "da_processes": get_allowed_n_proc_DA(),
+        "torch_threads": torch.get_num_threads(),
+        "planned": planned,
+        "setup_s": setup_s,
+        "warmup": args.warmup,
+        "iter_s": iters[args.warmup :],
+        "data_wait_s": data[args.warmup :],
+        "losses": losses,
+    }
     with open(args.result, "w") as fh:
         json.dump(result, fh)
 

@@ -53,8 +53,9 @@ def make_raw(src: Path, dst: Path, n_cases: int | None) -> int:
     return len(labels)
 
 
-def run_pair(label: str, ds_id: int, ds_name: str, src: Path, n_cases: int | None, args, nn_py: Path,
-             logdir: Path) -> dict:
+def run_pair(
+    label: str, ds_id: int, ds_name: str, src: Path, n_cases: int | None, args, nn_py: Path, logdir: Path
+) -> dict:
     work = args.workdir / label
     raw_root = work / "nnUNet_raw"
     raw = raw_root / f"Dataset{ds_id:03d}_{ds_name}"
@@ -72,10 +73,24 @@ def run_pair(label: str, ds_id: int, ds_name: str, src: Path, n_cases: int | Non
                 shutil.rmtree(results, ignore_errors=True)
                 pre.mkdir(parents=True)
                 results.mkdir(parents=True)
-                env = {**os.environ, "nnUNet_raw": str(raw_root), "nnUNet_preprocessed": str(pre),
-                       "nnUNet_results": str(results)}
-                cmd = [nn_bin / "nnUNetv2_plan_and_preprocess", "-d", str(ds_id), "-c", "3d_fullres",
-                       "-np", str(workers), "-npfp", str(workers), "--no_pbar"]
+                env = {
+                    **os.environ,
+                    "nnUNet_raw": str(raw_root),
+                    "nnUNet_preprocessed": str(pre),
+                    "nnUNet_results": str(results),
+                }
+                cmd = [
+                    nn_bin / "nnUNetv2_plan_and_preprocess",
+                    "-d",
+                    str(ds_id),
+                    "-c",
+                    "3d_fullres",
+                    "-np",
+                    str(workers),
+                    "-npfp",
+                    str(workers),
+                    "--no_pbar",
+                ]
                 C.log(f"{label} repeat {r + 1}/{args.repeats}: nnU-Net plan_and_preprocess ({n} cases)")
                 m = C.run_measured(cmd, env=env, log_file=logdir / f"{label}_nnunet.log")
                 res["nnunet"].append(m)
@@ -85,8 +100,10 @@ def run_pair(label: str, ds_id: int, ds_name: str, src: Path, n_cases: int | Non
                 shutil.rmtree(ws, ignore_errors=True)
                 C.log(f"{label} repeat {r + 1}/{args.repeats}: medseg plan + preprocess ({n} cases)")
                 m1 = C.run_measured([ms_bin / "medseg", "plan", raw, "-w", ws], log_file=logdir / f"{label}_medseg.log")
-                m2 = C.run_measured([ms_bin / "medseg", "preprocess", raw, "-w", ws, "-c", "3d_fullres",
-                                     "--workers", str(workers)], log_file=logdir / f"{label}_medseg.log")
+                m2 = C.run_measured(
+                    [ms_bin / "medseg", "preprocess", raw, "-w", ws, "-c", "3d_fullres", "--workers", str(workers)],
+                    log_file=logdir / f"{label}_medseg.log",
+                )
                 tot = {"wall_s": m1["wall_s"] + m2["wall_s"]}
                 for k in ("max_rss_mb", "tree_rss_mb", "tree_pss_mb"):
                     vals = [x for x in (m1[k], m2[k]) if x is not None]
@@ -94,8 +111,10 @@ def run_pair(label: str, ds_id: int, ds_name: str, src: Path, n_cases: int | Non
                 res["medseg"].append(tot)
                 res["medseg_plan"].append(m1)
                 res["medseg_pre"].append(m2)
-                C.log(f"  medseg {tot['wall_s']:.1f} s (plan {m1['wall_s']:.1f} + preprocess {m2['wall_s']:.1f}),"
-                      f" tree PSS {tot['tree_pss_mb']:.0f} MB")
+                C.log(
+                    f"  medseg {tot['wall_s']:.1f} s (plan {m1['wall_s']:.1f} + preprocess {m2['wall_s']:.1f}),"
+                    f" tree PSS {tot['tree_pss_mb']:.0f} MB"
+                )
     res["plans"] = compare_plans(work, ds_id, ds_name)
     res["outputs"] = output_sizes(work)
     return res
@@ -107,19 +126,27 @@ def compare_plans(work: Path, ds_id: int, ds_name: str) -> dict:
     if nn_plan.exists():
         c = json.loads(nn_plan.read_text())["configurations"]["3d_fullres"]
         arch = c.get("architecture", {}).get("arch_kwargs", {})
-        out["nnU-Net"] = {"spacing": c["spacing"], "patch": c["patch_size"], "batch": c["batch_size"],
-                          "features": arch.get("features_per_stage")}
+        out["nnU-Net"] = {
+            "spacing": c["spacing"],
+            "patch": c["patch_size"],
+            "batch": c["batch_size"],
+            "features": arch.get("features_per_stage"),
+        }
     plans = list((work / "medseg_ws" / "preprocessed").glob("*/plan.json"))
     if plans:
         c = json.loads(plans[0].read_text())["configurations"]["3d_fullres"]
-        out["medseg"] = {"spacing": c["spacing"], "patch": c["patch_size"], "batch": c["batch_size"],
-                         "features": c["model_kwargs"]["features"]}
+        out["medseg"] = {
+            "spacing": c["spacing"],
+            "patch": c["patch_size"],
+            "batch": c["batch_size"],
+            "features": c["model_kwargs"]["features"],
+        }
     return out
 
 
 def _du(path: Path) -> tuple[int, float]:
     files = [p for p in path.rglob("*") if p.is_file()] if path.exists() else []
-    return len(files), sum(p.stat().st_size for p in files) / 1024 ** 2
+    return len(files), sum(p.stat().st_size for p in files) / 1024**2
 
 
 def output_sizes(work: Path) -> dict:
@@ -131,33 +158,55 @@ def output_sizes(work: Path) -> dict:
 def table(label: str, res: dict, args) -> list[str]:
     nn, ms = res["nnunet"], res["medseg"]
     nn_wall, ms_wall = C.median([m["wall_s"] for m in nn]), C.median([m["wall_s"] for m in ms])
-    lines = [f"### {label}: {res['n_cases']} cases, {args.workers} worker processes, {args.repeats} repeat(s)", "",
-             "| tool | wall s, median (min–max) | peak PSS of the process tree, MB | peak RSS of the tree, MB "
-             "| largest single process RSS, MB |",
-             "|---|---|---|---|---|"]
-    for name, runs in (("nnU-Net v2 `nnUNetv2_plan_and_preprocess`", nn), ("medseg `plan` + `preprocess`", ms),
-                       ("  of which `medseg plan`", res["medseg_plan"]),
-                       ("  of which `medseg preprocess`", res["medseg_pre"])):
-        lines.append(f"| {name} | {C.spread([m['wall_s'] for m in runs])} | "
-                     f"{C.fmt(C.median([m['tree_pss_mb'] for m in runs]), 0)} | "
-                     f"{C.fmt(C.median([m['tree_rss_mb'] for m in runs]), 0)} | "
-                     f"{C.fmt(C.median([m['max_rss_mb'] for m in runs]), 0)} |")
+    lines = [
+        f"### {label}: {res['n_cases']} cases, {args.workers} worker processes, {args.repeats} repeat(s)",
+        "",
+        "| tool | wall s, median (min–max) | peak PSS of the process tree, MB | peak RSS of the tree, MB "
+        "| largest single process RSS, MB |",
+        "|---|---|---|---|---|",
+    ]
+    for name, runs in (
+        ("nnU-Net v2 `nnUNetv2_plan_and_preprocess`", nn),
+        ("medseg `plan` + `preprocess`", ms),
+        ("  of which `medseg plan`", res["medseg_plan"]),
+        ("  of which `medseg preprocess`", res["medseg_pre"]),
+    ):
+        lines.append(
+            f"| {name} | {C.spread([m['wall_s'] for m in runs])} | "
+            f"{C.fmt(C.median([m['tree_pss_mb'] for m in runs]), 0)} | "
+            f"{C.fmt(C.median([m['tree_rss_mb'] for m in runs]), 0)} | "
+            f"{C.fmt(C.median([m['max_rss_mb'] for m in runs]), 0)} |"
+        )
     ratio = nn_wall / ms_wall if nn_wall and ms_wall else None
-    pss_ratio = (C.median([m["tree_pss_mb"] for m in nn]) / C.median([m["tree_pss_mb"] for m in ms])
-                 if ms and nn else None)
-    lines += ["", f"**Ratio nnU-Net / medseg: wall time {C.fmt(ratio)}x, peak tree PSS {C.fmt(pss_ratio)}x** "
-                  "(> 1: medseg is faster / smaller).", ""]
+    pss_ratio = (
+        C.median([m["tree_pss_mb"] for m in nn]) / C.median([m["tree_pss_mb"] for m in ms]) if ms and nn else None
+    )
+    lines += [
+        "",
+        f"**Ratio nnU-Net / medseg: wall time {C.fmt(ratio)}x, peak tree PSS {C.fmt(pss_ratio)}x** "
+        "(> 1: medseg is faster / smaller).",
+        "",
+    ]
     if res["plans"]:
-        lines += ["3d_fullres plans produced:", "", "| tool | spacing | patch | batch | features |", "|---|---|---|---|---|"]
+        lines += [
+            "3d_fullres plans produced:",
+            "",
+            "| tool | spacing | patch | batch | features |",
+            "|---|---|---|---|---|",
+        ]
         for tool, p in res["plans"].items():
-            lines.append(f"| {tool} | {[round(s, 3) for s in p['spacing']]} | {p['patch']} | {p['batch']} | "
-                         f"{p['features']} |")
+            lines.append(
+                f"| {tool} | {[round(s, 3) for s in p['spacing']]} | {p['patch']} | {p['batch']} | {p['features']} |"
+            )
         lines.append("")
     o = res["outputs"]
     if o.get("nnU-Net") and o.get("medseg"):
-        lines += [f"Preprocessed 3d_fullres output: nnU-Net {o['nnU-Net'][0]} files / {o['nnU-Net'][1]:.1f} MB "
-                  f"(blosc2-compressed `.b2nd` + `.pkl`), medseg {o['medseg'][0]} files / {o['medseg'][1]:.1f} MB "
-                  "(`.npy` + `.json` + `_fg.npz`).", ""]
+        lines += [
+            f"Preprocessed 3d_fullres output: nnU-Net {o['nnU-Net'][0]} files / {o['nnU-Net'][1]:.1f} MB "
+            f"(blosc2-compressed `.b2nd` + `.pkl`), medseg {o['medseg'][0]} files / {o['medseg'][1]:.1f} MB "
+            "(`.npy` + `.json` + `_fg.npz`).",
+            "",
+        ]
     return lines
 
 
@@ -165,13 +214,22 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     C.add_common_args(p, workdir_default="medseg_bench_preprocess")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--workers", type=int, default=C.usable_cores(),
-                   help="Worker processes for both tools (nnU-Net -np/-npfp, medseg --workers; default: all cores). "
-                        "`medseg plan` has no worker option and always fingerprints with all cores.")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=C.usable_cores(),
+        help="Worker processes for both tools (nnU-Net -np/-npfp, medseg --workers; default: all cores). "
+        "`medseg plan` has no worker option and always fingerprints with all cores.",
+    )
     p.add_argument("--cases", type=int, default=None, help="Use only the first N hippocampus cases (default: all).")
-    p.add_argument("--ct", action="store_true",
-                   help="Also benchmark the 2-case TotalSegmentator CT dataset (117 classes, resampled).")
-    p.add_argument("--data", type=Path, default=C.default_data_root(), help="Shared data folder (default: %(default)s).")
+    p.add_argument(
+        "--ct",
+        action="store_true",
+        help="Also benchmark the 2-case TotalSegmentator CT dataset (117 classes, resampled).",
+    )
+    p.add_argument(
+        "--data", type=Path, default=C.default_data_root(), help="Shared data folder (default: %(default)s)."
+    )
     args = p.parse_args()
     if args.quick:
         args.repeats, args.cases = min(args.repeats, 1), args.cases or 8
@@ -183,26 +241,37 @@ def main() -> None:
     logdir = args.workdir / "logs"
     shutil.rmtree(logdir, ignore_errors=True)
     logdir.mkdir()
-    versions = {"nnU-Net env": C.package_versions(nn_py, ["nnunetv2", "torch", "numpy", "scipy", "SimpleITK",
-                                                          "scikit-image", "blosc2"]),
-                "medseg env": C.package_versions(C.medseg_python(), ["medseg", "torch", "numpy", "scipy",
-                                                                     "SimpleITK"])}
-    results = {"hippocampus": run_pair("hippocampus", 4, "Hippocampus", args.data / "msd_hippocampus", args.cases,
-                                       args, nn_py, logdir)}
+    versions = {
+        "nnU-Net env": C.package_versions(
+            nn_py, ["nnunetv2", "torch", "numpy", "scipy", "SimpleITK", "scikit-image", "blosc2"]
+        ),
+        "medseg env": C.package_versions(C.medseg_python(), ["medseg", "torch", "numpy", "scipy", "SimpleITK"]),
+    }
+    results = {
+        "hippocampus": run_pair(
+            "hippocampus", 4, "Hippocampus", args.data / "msd_hippocampus", args.cases, args, nn_py, logdir
+        )
+    }
     if args.ct:
-        results["ct"] = run_pair("ct", 999, "TSExampleCT", args.data / "totalsegmentator_examples" / "ct_total",
-                                 None, args, nn_py, logdir)
+        results["ct"] = run_pair(
+            "ct", 999, "TSExampleCT", args.data / "totalsegmentator_examples" / "ct_total", None, args, nn_py, logdir
+        )
 
     lines = C.header_lines("Planning + preprocessing: nnU-Net v2 vs medseg", info, versions, args.quick)
-    lines += ["Both tools read the same raw files (symlinked into an nnU-Net `DatasetXXX_Name` folder) and write to "
-              "empty output folders on every repeat; only the `3d_fullres` configuration is preprocessed. "
-              "nnU-Net runs fingerprint extraction, planning (2d, 3d_fullres, 3d_lowres if needed) and "
-              "preprocessing in one command; medseg runs `plan` (fingerprint + all configurations) and then "
-              "`preprocess`. Memory: PSS summed over the process tree (workers included, shared pages counted "
-              "once), sampled every 0.1 s; RSS of the largest single process from wait4 (`/usr/bin/time`).", ""]
-    labels = {"hippocampus": "MSD hippocampus (MRI, 1 mm isotropic, small crops)",
-              "ct": "TotalSegmentator example CTs (2 cases, 117 classes, 512x512x20 @ 0.98x0.98x2 mm and "
-                    "122x101x112 @ 3 mm, both resampled to the median spacing)"}
+    lines += [
+        "Both tools read the same raw files (symlinked into an nnU-Net `DatasetXXX_Name` folder) and write to "
+        "empty output folders on every repeat; only the `3d_fullres` configuration is preprocessed. "
+        "nnU-Net runs fingerprint extraction, planning (2d, 3d_fullres, 3d_lowres if needed) and "
+        "preprocessing in one command; medseg runs `plan` (fingerprint + all configurations) and then "
+        "`preprocess`. Memory: PSS summed over the process tree (workers included, shared pages counted "
+        "once), sampled every 0.1 s; RSS of the largest single process from wait4 (`/usr/bin/time`).",
+        "",
+    ]
+    labels = {
+        "hippocampus": "MSD hippocampus (MRI, 1 mm isotropic, small crops)",
+        "ct": "TotalSegmentator example CTs (2 cases, 117 classes, 512x512x20 @ 0.98x0.98x2 mm and "
+        "122x101x112 @ 3 mm, both resampled to the median spacing)",
+    }
     for key, res in results.items():
         lines += table(labels[key], res, args)
     lines += [f"Logs of every run: `{logdir}`.", ""]

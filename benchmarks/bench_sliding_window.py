@@ -59,19 +59,26 @@ def monai_starts(im: int, t: int, overlap: float) -> list[int]:
 def grid_info(size, patch, overlap):
     ms = [medseg_starts(s, t, 1 - overlap) for s, t in zip(size, patch)]
     mo = [monai_starts(s, t, overlap) for s, t in zip(size, patch)]
-    return {"tiles_medseg": math.prod(len(a) for a in ms), "tiles_monai": math.prod(len(a) for a in mo),
-            "same_grid": ms == mo}
+    return {
+        "tiles_medseg": math.prod(len(a) for a in ms),
+        "tiles_monai": math.prod(len(a) for a in mo),
+        "same_grid": ms == mo,
+    }
 
 
-DIFF_HEADER = ("| volume | same tile grid | max abs logit | max abs difference | mean abs difference | "
-               "max abs difference, interior | argmax agreement |")
+DIFF_HEADER = (
+    "| volume | same tile grid | max abs logit | max abs difference | mean abs difference | "
+    "max abs difference, interior | argmax agreement |"
+)
 DIFF_RULE = "|---|---|---|---|---|---|---|"
 
 
 def diff_row(label, same_grid, d) -> str:
     interior = "n/a" if d["max_abs_diff_interior"] is None else f"{d['max_abs_diff_interior']:.3g}"
-    return (f"| {label} | {'yes' if same_grid else 'NO'} | {d['max_abs_logit']:.3g} | {d['max_abs_diff']:.3g} | "
-            f"{d['mean_abs_diff']:.3g} | {interior} | {100 * d['argmax_agree']:.4f} % |")
+    return (
+        f"| {label} | {'yes' if same_grid else 'NO'} | {d['max_abs_logit']:.3g} | {d['max_abs_diff']:.3g} | "
+        f"{d['mean_abs_diff']:.3g} | {interior} | {100 * d['argmax_agree']:.4f} % |"
+    )
 
 
 def main() -> None:
@@ -79,12 +86,21 @@ def main() -> None:
     C.add_common_args(p, workdir_default="medseg_bench_sliding_window")
     p.add_argument("--sizes", default="256,160", help="Comma list of cubic volume sizes (default: %(default)s).")
     p.add_argument("--patch", type=int, nargs=3, default=[64, 64, 64], help="Tile size (default: 64 64 64).")
-    p.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128],
-                   help="U-Net features per stage (default: medseg's CPU hippocampus plan, 16 32 64 128).")
+    p.add_argument(
+        "--features",
+        type=int,
+        nargs="+",
+        default=[16, 32, 64, 128],
+        help="U-Net features per stage (default: medseg's CPU hippocampus plan, 16 32 64 128).",
+    )
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--overlap", type=float, default=0.5)
-    p.add_argument("--sw-batch", type=int, default=1, help="MONAI sw_batch_size = medseg tile_batch (default: 1, "
-                                                           "medseg's CPU default).")
+    p.add_argument(
+        "--sw-batch",
+        type=int,
+        default=1,
+        help="MONAI sw_batch_size = medseg tile_batch (default: 1, medseg's CPU default).",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=C.usable_cores())
     p.add_argument("--check-size", type=int, default=96, help="Volume for the exactness check (default: 96).")
@@ -99,9 +115,20 @@ def main() -> None:
     logdir = args.workdir / "logs"
     shutil.rmtree(logdir, ignore_errors=True)
     logdir.mkdir()
-    common = ["--patch", *map(str, args.patch), "--features", *map(str, args.features), "--classes",
-              str(args.classes), "--overlap", str(args.overlap), "--sw-batch", str(args.sw_batch), "--threads",
-              str(args.threads)]
+    common = [
+        "--patch",
+        *map(str, args.patch),
+        "--features",
+        *map(str, args.features),
+        "--classes",
+        str(args.classes),
+        "--overlap",
+        str(args.overlap),
+        "--sw-batch",
+        str(args.sw_batch),
+        "--threads",
+        str(args.threads),
+    ]
     worker = C.BENCH_DIR / "_sw_worker.py"
 
     rows = []
@@ -112,67 +139,125 @@ def main() -> None:
         for method in ("medseg", "monai"):
             out = args.workdir / f"logits_{size}_{method}.npy"
             rfile = args.workdir / f"result_{size}_{method}.json"
-            C.log(f"{size}^3: {method} ({grid['tiles_medseg'] if method == 'medseg' else grid['tiles_monai']} tiles, "
-                  f"{args.repeats} repeats)")
-            m = C.run_measured([py, worker, "--method", method, "--size", *map(str, vol), "--repeats",
-                                str(args.repeats), "--save", out, "--result", rfile, *common],
-                               log_file=logdir / f"{size}_{method}.log")
+            C.log(
+                f"{size}^3: {method} ({grid['tiles_medseg'] if method == 'medseg' else grid['tiles_monai']} tiles, "
+                f"{args.repeats} repeats)"
+            )
+            m = C.run_measured(
+                [
+                    py,
+                    worker,
+                    "--method",
+                    method,
+                    "--size",
+                    *map(str, vol),
+                    "--repeats",
+                    str(args.repeats),
+                    "--save",
+                    out,
+                    "--result",
+                    rfile,
+                    *common,
+                ],
+                log_file=logdir / f"{size}_{method}.log",
+            )
             r = json.loads(rfile.read_text())
             r.update(m)
             r["median_s"] = C.median(r["times_s"])
             res[method] = r
-            C.log(f"  median {r['median_s']:.2f} s, {math.prod(vol) / r['median_s'] / 1e6:.2f} Mvox/s, "
-                  f"peak RSS {m['max_rss_mb']:.0f} MB")
+            C.log(
+                f"  median {r['median_s']:.2f} s, {math.prod(vol) / r['median_s'] / 1e6:.2f} Mvox/s, "
+                f"peak RSS {m['max_rss_mb']:.0f} MB"
+            )
         dfile = args.workdir / f"diff_{size}.json"
-        subprocess.run([str(py), worker, "--method", "compare", "--compare",
-                        str(args.workdir / f"logits_{size}_medseg.npy"), str(args.workdir / f"logits_{size}_monai.npy"),
-                        "--result", str(dfile), *common], check=True)
+        subprocess.run(
+            [
+                str(py),
+                worker,
+                "--method",
+                "compare",
+                "--compare",
+                str(args.workdir / f"logits_{size}_medseg.npy"),
+                str(args.workdir / f"logits_{size}_monai.npy"),
+                "--result",
+                str(dfile),
+                *common,
+            ],
+            check=True,
+        )
         for method in ("medseg", "monai"):
             (args.workdir / f"logits_{size}_{method}.npy").unlink(missing_ok=True)
         rows.append({"size": size, "grid": grid, "res": res, "diff": json.loads(dfile.read_text())})
 
     C.log(f"exactness check on {args.check_size}^3 (MONAI with medseg's Gaussian as roi_weight_map)")
     cfile = args.workdir / "check.json"
-    C.run_measured([py, worker, "--method", "check", "--size", *[str(args.check_size)] * 3, "--result", cfile,
-                    *common], log_file=logdir / "check.log")
+    C.run_measured(
+        [py, worker, "--method", "check", "--size", *[str(args.check_size)] * 3, "--result", cfile, *common],
+        log_file=logdir / "check.log",
+    )
     check = json.loads(cfile.read_text())
     check["grid"] = grid_info([args.check_size] * 3, args.patch, args.overlap)
 
     versions = {"peer env (benchmarks/.venvs/monai)": C.package_versions(py, ["monai", "medseg", "torch", "numpy"])}
     lines = C.header_lines("Sliding-window inference: MONAI vs medseg", info, versions, args.quick)
     params = rows[0]["res"]["medseg"]["params"] if rows else check["params"]
-    lines += [f"Network: medseg registry `unet`, features {args.features}, {args.classes} classes, deep supervision "
-              f"off, {params / 1e6:.2f}M parameters, seeded weights (identical in every process), 1 input channel, "
-              f"random N(0,1) volume. Tile {args.patch}, overlap {args.overlap} (medseg step {1 - args.overlap}), "
-              f"Gaussian blending (sigma = tile/8), no TTA, sw_batch_size = tile_batch = {args.sw_batch}, "
-              f"`torch.inference_mode()`, {args.threads} torch threads, CPU fp32. One process per row: one-tile "
-              f"warm-up, then {args.repeats} timed passes; voxels/s from the median. Both run in "
-              "`benchmarks/.venvs/monai` (monai from PyPI + medseg installed editable with its own dependencies, "
-              "same torch as medseg's `.venv`).", "",
-              "| volume | method | tiles | s, median (min–max) | Mvoxels/s | peak RSS, MB | ratio MONAI/medseg time |",
-              "|---|---|---|---|---|---|---|"]
+    lines += [
+        f"Network: medseg registry `unet`, features {args.features}, {args.classes} classes, deep supervision "
+        f"off, {params / 1e6:.2f}M parameters, seeded weights (identical in every process), 1 input channel, "
+        f"random N(0,1) volume. Tile {args.patch}, overlap {args.overlap} (medseg step {1 - args.overlap}), "
+        f"Gaussian blending (sigma = tile/8), no TTA, sw_batch_size = tile_batch = {args.sw_batch}, "
+        f"`torch.inference_mode()`, {args.threads} torch threads, CPU fp32. One process per row: one-tile "
+        f"warm-up, then {args.repeats} timed passes; voxels/s from the median. Both run in "
+        "`benchmarks/.venvs/monai` (monai from PyPI + medseg installed editable with its own dependencies, "
+        "same torch as medseg's `.venv`).",
+        "",
+        "| volume | method | tiles | s, median (min–max) | Mvoxels/s | peak RSS, MB | ratio MONAI/medseg time |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for row in rows:
         vox = row["size"] ** 3
         ms, mo = row["res"]["medseg"], row["res"]["monai"]
-        for name, r, tiles in (("medseg `sliding_window_predict`", ms, row["grid"]["tiles_medseg"]),
-                               ("MONAI `sliding_window_inference`", mo, row["grid"]["tiles_monai"])):
+        for name, r, tiles in (
+            ("medseg `sliding_window_predict`", ms, row["grid"]["tiles_medseg"]),
+            ("MONAI `sliding_window_inference`", mo, row["grid"]["tiles_monai"]),
+        ):
             ratio = C.fmt(mo["median_s"] / ms["median_s"]) + "x" if r is mo else ""
-            lines.append(f"| {row['size']}³ | {name} | {tiles} | {C.spread(r['times_s'])} | "
-                         f"{vox / r['median_s'] / 1e6:.2f} | {C.fmt(r['max_rss_mb'], 0)} | {ratio} |")
-    lines += ["", "Ratio > 1: medseg is faster. Peak RSS: largest process (one method per process).", "",
-              "Agreement of the final logits (medseg vs MONAI, each with its own Gaussian):", "",
-              DIFF_HEADER, DIFF_RULE]
+            lines.append(
+                f"| {row['size']}³ | {name} | {tiles} | {C.spread(r['times_s'])} | "
+                f"{vox / r['median_s'] / 1e6:.2f} | {C.fmt(r['max_rss_mb'], 0)} | {ratio} |"
+            )
+    lines += [
+        "",
+        "Ratio > 1: medseg is faster. Peak RSS: largest process (one method per process).",
+        "",
+        "Agreement of the final logits (medseg vs MONAI, each with its own Gaussian):",
+        "",
+        DIFF_HEADER,
+        DIFF_RULE,
+    ]
     for row in rows:
         lines.append(diff_row(f"{row['size']}³", row["grid"]["same_grid"], row["diff"]))
-    lines += ["", f"Exactness check, {args.check_size}³ volume, both in one process:", "", DIFF_HEADER, DIFF_RULE,
-              diff_row(f"{args.check_size}³, MONAI own Gaussian", check["grid"]["same_grid"], check["monai_gaussian"]),
-              diff_row(f"{args.check_size}³, MONAI given medseg's Gaussian as `roi_weight_map`",
-                       check["grid"]["same_grid"], check["monai_medseg_weights"]),
-              "", "Interior = more than half a tile away from the volume border. The own-Gaussian differences come "
-                  "from the weight maps only: MONAI clamps its Gaussian to >= 1e-3 (so near tile corners and at the "
-                  "volume border several tiles get equal weight), medseg keeps the exact Gaussian (floored at its "
-                  "smallest positive value); with the same weight map the two tilers agree to float rounding.",
-              "", f"Logs: `{logdir}`.", ""]
+    lines += [
+        "",
+        f"Exactness check, {args.check_size}³ volume, both in one process:",
+        "",
+        DIFF_HEADER,
+        DIFF_RULE,
+        diff_row(f"{args.check_size}³, MONAI own Gaussian", check["grid"]["same_grid"], check["monai_gaussian"]),
+        diff_row(
+            f"{args.check_size}³, MONAI given medseg's Gaussian as `roi_weight_map`",
+            check["grid"]["same_grid"],
+            check["monai_medseg_weights"],
+        ),
+        "",
+        "Interior = more than half a tile away from the volume border. The own-Gaussian differences come "
+        "from the weight maps only: MONAI clamps its Gaussian to >= 1e-3 (so near tile corners and at the "
+        "volume border several tiles get equal weight), medseg keeps the exact Gaussian (floored at its "
+        "smallest positive value); with the same weight map the two tilers agree to float rounding.",
+        "",
+        f"Logs: `{logdir}`.",
+        "",
+    ]
     (args.workdir / "results.json").write_text(json.dumps({"rows": rows, "check": check}, indent=1, default=str))
     C.write_results(NAME, lines, args.quick, args.out)
 

@@ -56,9 +56,22 @@ def prepare(args, nn_py: Path, logdir: Path) -> dict:
         pre.mkdir(parents=True)
         results.mkdir(parents=True)
         C.log(f"preparing nnU-Net preprocessed data ({n} cases, untimed)")
-        C.run_measured([nn_py.parent / "nnUNetv2_plan_and_preprocess", "-d", str(DS_ID), "-c", "3d_fullres",
-                        "-np", str(C.usable_cores()), "-npfp", str(C.usable_cores()), "--no_pbar"],
-                       env=env, log_file=logdir / "prepare.log")
+        C.run_measured(
+            [
+                nn_py.parent / "nnUNetv2_plan_and_preprocess",
+                "-d",
+                str(DS_ID),
+                "-c",
+                "3d_fullres",
+                "-np",
+                str(C.usable_cores()),
+                "-npfp",
+                str(C.usable_cores()),
+                "--no_pbar",
+            ],
+            env=env,
+            log_file=logdir / "prepare.log",
+        )
         C.log(f"preparing medseg preprocessed data ({n} cases, untimed)")
         ms = C.medseg_python().parent / "medseg"
         C.run_measured([ms, "plan", raw, "-w", ws], log_file=logdir / "prepare.log")
@@ -68,11 +81,18 @@ def prepare(args, nn_py: Path, logdir: Path) -> dict:
     nn_cfg = plans["configurations"]["3d_fullres"]
     ms_pre = next((ws / "preprocessed").iterdir())
     ms_cfg = json.loads((ms_pre / "plan.json").read_text())["configurations"]["3d_fullres"]
-    return {"env": env, "nn_results": results, "ms_pre": ms_pre, "cases": json.loads(stamp.read_text())["cases"],
-            "nn_batch": nn_cfg["batch_size"], "nn_patch": nn_cfg["patch_size"],
-            "nn_features": nn_cfg["architecture"]["arch_kwargs"]["features_per_stage"],
-            "ms_batch": ms_cfg["batch_size"], "ms_patch": ms_cfg["patch_size"],
-            "ms_features": ms_cfg["model_kwargs"]["features"]}
+    return {
+        "env": env,
+        "nn_results": results,
+        "ms_pre": ms_pre,
+        "cases": json.loads(stamp.read_text())["cases"],
+        "nn_batch": nn_cfg["batch_size"],
+        "nn_patch": nn_cfg["patch_size"],
+        "nn_features": nn_cfg["architecture"]["arch_kwargs"]["features_per_stage"],
+        "ms_batch": ms_cfg["batch_size"],
+        "ms_patch": ms_cfg["patch_size"],
+        "ms_features": ms_cfg["model_kwargs"]["features"],
+    }
 
 
 def main() -> None:
@@ -83,12 +103,20 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=3, help="Untimed iterations first (default: %(default)s).")
     p.add_argument("--cases", type=int, default=None, help="Only the first N hippocampus cases (default: all 208).")
     p.add_argument("--threads", type=int, default=C.usable_cores(), help="torch threads for both (default: all cores).")
-    p.add_argument("--nnunet-da-procs", default="auto",
-                   help="Comma list of nnUNet_n_proc_DA values to run nnU-Net with; 'auto' = nnU-Net's own "
-                        "choice (min(12, cores)); 0 = augmentation in the main process (default: %(default)s).")
-    p.add_argument("--settings", default="nnunet-batch,nnunet-net-b2,medseg-plan-b2",
-                   help="Comma list of settings to run (default: %(default)s).")
-    p.add_argument("--data", type=Path, default=C.default_data_root(), help="Shared data folder (default: %(default)s).")
+    p.add_argument(
+        "--nnunet-da-procs",
+        default="auto",
+        help="Comma list of nnUNet_n_proc_DA values to run nnU-Net with; 'auto' = nnU-Net's own "
+        "choice (min(12, cores)); 0 = augmentation in the main process (default: %(default)s).",
+    )
+    p.add_argument(
+        "--settings",
+        default="nnunet-batch,nnunet-net-b2,medseg-plan-b2",
+        help="Comma list of settings to run (default: %(default)s).",
+    )
+    p.add_argument(
+        "--data", type=Path, default=C.default_data_root(), help="Shared data folder (default: %(default)s)."
+    )
     args = p.parse_args()
     if args.quick:
         args.repeats, args.iters, args.warmup = 1, 3, 1
@@ -125,20 +153,45 @@ def main() -> None:
             for fw, da in order:
                 res_file = args.workdir / f"result_{key}_{fw}_{da}_{r}.json"
                 res_file.unlink(missing_ok=True)
-                common = ["--batch", str(batch), "--features", *map(str, feats), "--patch", *patch,
-                          "--warmup", str(args.warmup), "--iters", str(args.iters), "--threads", str(args.threads),
-                          "--result", str(res_file)]
+                common = [
+                    "--batch",
+                    str(batch),
+                    "--features",
+                    *map(str, feats),
+                    "--patch",
+                    *patch,
+                    "--warmup",
+                    str(args.warmup),
+                    "--iters",
+                    str(args.iters),
+                    "--threads",
+                    str(args.threads),
+                    "--result",
+                    str(res_file),
+                ]
                 if fw == "medseg":
                     out = args.workdir / "medseg_out"
                     shutil.rmtree(out, ignore_errors=True)
-                    cmd = [ms_py, C.BENCH_DIR / "_train_medseg.py", "--preprocessed", prep["ms_pre"],
-                           "--output", out, *common]
+                    cmd = [
+                        ms_py,
+                        C.BENCH_DIR / "_train_medseg.py",
+                        "--preprocessed",
+                        prep["ms_pre"],
+                        "--output",
+                        out,
+                        *common,
+                    ]
                     env = None
                 else:
                     shutil.rmtree(prep["nn_results"], ignore_errors=True)
                     prep["nn_results"].mkdir(parents=True)
-                    cmd = [nn_py, C.BENCH_DIR / "_train_nnunet.py", "--dataset", f"Dataset{DS_ID:03d}_{DS_NAME}",
-                           *common]
+                    cmd = [
+                        nn_py,
+                        C.BENCH_DIR / "_train_nnunet.py",
+                        "--dataset",
+                        f"Dataset{DS_ID:03d}_{DS_NAME}",
+                        *common,
+                    ]
                     env = dict(prep["env"])
                     if da != "auto":
                         env["nnUNet_n_proc_DA"] = da
@@ -148,26 +201,34 @@ def main() -> None:
                 res = json.loads(res_file.read_text())
                 res.update(m)
                 runs.setdefault((key, fw, da), []).append(res)
-                C.log(f"  median {C.median(res['iter_s']):.3f} s/it, tree PSS {m['tree_pss_mb']:.0f} MB, "
-                      f"{res['params'] / 1e6:.2f}M params, {res['da_processes']} DA procs")
+                C.log(
+                    f"  median {C.median(res['iter_s']):.3f} s/it, tree PSS {m['tree_pss_mb']:.0f} MB, "
+                    f"{res['params'] / 1e6:.2f}M params, {res['da_processes']} DA procs"
+                )
 
-    versions = {"nnU-Net env": C.package_versions(nn_py, ["nnunetv2", "batchgeneratorsv2", "torch", "numpy"]),
-                "medseg env": C.package_versions(ms_py, ["medseg", "torch", "numpy"])}
-    lines = C.header_lines("Training throughput: nnU-Net v2 nnUNetTrainer vs medseg Trainer", info, versions,
-                           args.quick)
-    lines += [f"MSD hippocampus, {prep['cases']} cases preprocessed by each tool, 3d_fullres, fold 0 training cases, "
-              f"patch {prep['ms_patch']} for both (nnU-Net planned {prep['nn_patch']}, batch {prep['nn_batch']}, "
-              f"features {prep['nn_features']}). CPU, fp32 (neither uses AMP on CPU; nnU-Net disables torch.compile "
-              f"on CPU), {args.threads} torch threads, {args.warmup} warm-up + {args.iters} timed iterations per "
-              f"process, {args.repeats} process(es) per row; s/iteration is the median over all timed iterations "
-              "(min–max of the per-process medians in brackets). Both include sampling, augmentation, forward, "
-              "deep-supervision Dice+CE, backward, grad-clip 12, SGD step; neither includes validation, "
-              "checkpointing or logging.", "",
-              "| setting | framework | params | s/iteration | data s/it ¹ | peak PSS of the process tree, MB | "
-              "largest process RSS, MB | processes |",
-              "|---|---|---|---|---|---|---|---|"]
+    versions = {
+        "nnU-Net env": C.package_versions(nn_py, ["nnunetv2", "batchgeneratorsv2", "torch", "numpy"]),
+        "medseg env": C.package_versions(ms_py, ["medseg", "torch", "numpy"]),
+    }
+    lines = C.header_lines(
+        "Training throughput: nnU-Net v2 nnUNetTrainer vs medseg Trainer", info, versions, args.quick
+    )
+    lines += [
+        f"MSD hippocampus, {prep['cases']} cases preprocessed by each tool, 3d_fullres, fold 0 training cases, "
+        f"patch {prep['ms_patch']} for both (nnU-Net planned {prep['nn_patch']}, batch {prep['nn_batch']}, "
+        f"features {prep['nn_features']}). CPU, fp32 (neither uses AMP on CPU; nnU-Net disables torch.compile "
+        f"on CPU), {args.threads} torch threads, {args.warmup} warm-up + {args.iters} timed iterations per "
+        f"process, {args.repeats} process(es) per row; s/iteration is the median over all timed iterations "
+        "(min–max of the per-process medians in brackets). Both include sampling, augmentation, forward, "
+        "deep-supervision Dice+CE, backward, grad-clip 12, SGD step; neither includes validation, "
+        "checkpointing or logging.",
+        "",
+        "| setting | framework | params | s/iteration | data s/it ¹ | peak PSS of the process tree, MB | "
+        "largest process RSS, MB | processes |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     ratio_lines = []
-    for key, (label, feats, batch) in settings.items():
+    for key, (label, _feats, _batch) in settings.items():
         ms_runs = runs[(key, "medseg", None)]
         ms_med = C.median([t for r in ms_runs for t in r["iter_s"]])
         for (k2, fw, da), rs in runs.items():
@@ -176,30 +237,47 @@ def main() -> None:
             pooled = [t for r in rs for t in r["iter_s"]]
             per_proc = [C.median(r["iter_s"]) for r in rs]
             med = C.median(pooled)
-            fw_label = fw if da is None else f"nnU-Net, {rs[0]['da_processes']} DA worker(s)" + (
-                " (nnU-Net default)" if da == "auto" else "")
+            fw_label = (
+                fw
+                if da is None
+                else f"nnU-Net, {rs[0]['da_processes']} DA worker(s)" + (" (nnU-Net default)" if da == "auto" else "")
+            )
             rng = f" ({C.fmt(min(per_proc), 3)}–{C.fmt(max(per_proc), 3)})" if len(per_proc) > 1 else ""
-            lines.append(f"| {label} | {fw_label} | {rs[0]['params'] / 1e6:.2f}M | {C.fmt(med, 3)}{rng} | "
-                         f"{C.fmt(C.median([t for r in rs for t in r['data_wait_s']]), 3)} | "
-                         f"{C.fmt(C.median([r['tree_pss_mb'] for r in rs]), 0)} | "
-                         f"{C.fmt(C.median([r['max_rss_mb'] for r in rs]), 0)} | {rs[0]['max_procs']} |")
+            lines.append(
+                f"| {label} | {fw_label} | {rs[0]['params'] / 1e6:.2f}M | {C.fmt(med, 3)}{rng} | "
+                f"{C.fmt(C.median([t for r in rs for t in r['data_wait_s']]), 3)} | "
+                f"{C.fmt(C.median([r['tree_pss_mb'] for r in rs]), 0)} | "
+                f"{C.fmt(C.median([r['max_rss_mb'] for r in rs]), 0)} | {rs[0]['max_procs']} |"
+            )
             if fw != "medseg":
-                ratio_lines.append(f"| {label} | {fw_label} | {C.fmt(med / ms_med if ms_med else None)}x | "
-                                   f"{C.fmt(C.median([r['tree_pss_mb'] for r in rs]) / C.median([r['tree_pss_mb'] for r in ms_runs]))}x |")
-    lines += ["", "¹ medseg: time spent sampling + augmenting the batch inline (batched torch ops on the training "
-                  "device); nnU-Net: time the main process waited for a batch from its augmentation workers "
-                  "(augmentation itself runs in parallel in those workers).", "",
-              "Ratios nnU-Net / medseg (> 1: medseg is faster / smaller):", "",
-              "| setting | nnU-Net variant | s/iteration ratio | peak tree PSS ratio |", "|---|---|---|---|",
-              *ratio_lines, "",
-              "Not comparable: nnU-Net's augmentation workers (separate processes, default min(12, cores)) overlap "
-              "with the training step and share the same cores; medseg augments in the training process "
-              "(on the GPU when there is one). nnU-Net's 3d_fullres plan uses `batch_dice: false`, medseg's "
-              "TrainingConfig `batch_dice=True` (negligible cost). nnU-Net's loss/augmentation details "
-              "(e.g. its spatial transform's patch-centre sampling) differ in small ways.",
-              "", f"Logs of every run: `{logdir}`.", ""]
-    (args.workdir / "results.json").write_text(json.dumps({f"{k[0]}|{k[1]}|{k[2]}": v for k, v in runs.items()},
-                                                          indent=1, default=str))
+                ratio_lines.append(
+                    f"| {label} | {fw_label} | {C.fmt(med / ms_med if ms_med else None)}x | "
+                    f"{C.fmt(C.median([r['tree_pss_mb'] for r in rs]) / C.median([r['tree_pss_mb'] for r in ms_runs]))}x |"
+                )
+    lines += [
+        "",
+        "¹ medseg: time spent sampling + augmenting the batch inline (batched torch ops on the training "
+        "device); nnU-Net: time the main process waited for a batch from its augmentation workers "
+        "(augmentation itself runs in parallel in those workers).",
+        "",
+        "Ratios nnU-Net / medseg (> 1: medseg is faster / smaller):",
+        "",
+        "| setting | nnU-Net variant | s/iteration ratio | peak tree PSS ratio |",
+        "|---|---|---|---|",
+        *ratio_lines,
+        "",
+        "Not comparable: nnU-Net's augmentation workers (separate processes, default min(12, cores)) overlap "
+        "with the training step and share the same cores; medseg augments in the training process "
+        "(on the GPU when there is one). nnU-Net's 3d_fullres plan uses `batch_dice: false`, medseg's "
+        "TrainingConfig `batch_dice=True` (negligible cost). nnU-Net's loss/augmentation details "
+        "(e.g. its spatial transform's patch-centre sampling) differ in small ways.",
+        "",
+        f"Logs of every run: `{logdir}`.",
+        "",
+    ]
+    (args.workdir / "results.json").write_text(
+        json.dumps({f"{k[0]}|{k[1]}|{k[2]}": v for k, v in runs.items()}, indent=1, default=str)
+    )
     C.write_results(NAME, lines, args.quick, args.out)
 
 

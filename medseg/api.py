@@ -1,10 +1,10 @@
 """The public Python API; the CLI is a thin layer over these functions.
 
-    from medseg import api
-    plan = api.plan("Dataset004_Hippocampus", workspace="ws")
-    api.preprocess("Dataset004_Hippocampus", workspace="ws")
-    api.train("Dataset004_Hippocampus", workspace="ws", fold=0, config=TrainingConfig(epochs=50))
-    api.predict("hippocampus", "scan.nii.gz", "out/")
+from medseg import api
+plan = api.plan("Dataset004_Hippocampus", workspace="ws")
+api.preprocess("Dataset004_Hippocampus", workspace="ws")
+api.train("Dataset004_Hippocampus", workspace="ws", fold=0, config=TrainingConfig(epochs=50))
+api.predict("hippocampus", "scan.nii.gz", "out/")
 """
 
 from __future__ import annotations
@@ -51,20 +51,32 @@ def load_plan(dataset: str | Path, workspace=None) -> Plan:
     return Plan.load(_ws(workspace).plan_path(info.name))
 
 
-def preprocess(dataset: str | Path, workspace=None, *, configurations=("3d_fullres",), workers=None,
-               progress: bool = True) -> list[Path]:
+def preprocess(
+    dataset: str | Path, workspace=None, *, configurations=("3d_fullres",), workers=None, progress: bool = True
+) -> list[Path]:
     from medseg.preprocessing.pipeline import preprocess_dataset
 
     ws = _ws(workspace)
     p = load_plan(dataset, ws)
     info = load_dataset_json(dataset)
-    return [preprocess_dataset(dataset, p, c, ws.preprocessed(info.name), workers=workers, progress=progress)
-            for c in configurations if c in p.configurations]
+    return [
+        preprocess_dataset(dataset, p, c, ws.preprocessed(info.name), workers=workers, progress=progress)
+        for c in configurations
+        if c in p.configurations
+    ]
 
 
-def train(dataset: str | Path, workspace=None, *, configuration: str = "3d_fullres", fold="0",
-          config: TrainingConfig | None = None, resume: bool = False, output: str | Path | None = None,
-          log=print) -> dict:
+def train(
+    dataset: str | Path,
+    workspace=None,
+    *,
+    configuration: str = "3d_fullres",
+    fold="0",
+    config: TrainingConfig | None = None,
+    resume: bool = False,
+    output: str | Path | None = None,
+    log=print,
+) -> dict:
     from medseg.preprocessing.pipeline import cache_folder
     from medseg.training.config import TrainingConfig
     from medseg.training.trainer import Trainer
@@ -77,27 +89,51 @@ def train(dataset: str | Path, workspace=None, *, configuration: str = "3d_fullr
     model_name = config.model or conf.model
     out = Path(output) if output else ws.results(info.name, configuration, model_name)
     pre = ws.preprocessed(info.name)
-    trainer = Trainer(p, configuration, cache_folder(pre, conf), pre, out, fold, config,
-                      raw_folder=Path(dataset), log=log)
+    trainer = Trainer(
+        p, configuration, cache_folder(pre, conf), pre, out, fold, config, raw_folder=Path(dataset), log=log
+    )
     return trainer.fit(resume=resume)
 
 
-def predict(model: str | Path, input: str | Path, output: str | Path, *, folds=None, tta: bool = True,
-            step: float = 0.5, device: str = "auto", save_probabilities: bool = False,
-            largest_component: bool = False, overwrite: bool = False, progress: bool = True) -> list[dict]:
+def predict(
+    model: str | Path,
+    input: str | Path,
+    output: str | Path,
+    *,
+    folds=None,
+    tta: bool = True,
+    step: float = 0.5,
+    device: str = "auto",
+    save_probabilities: bool = False,
+    largest_component: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> list[dict]:
     from medseg.inference.predictor import Predictor
     from medseg.io.image import ensure_writable_dir
 
     ensure_writable_dir(output)
     predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step)
     cases = cases_from_input(input, predictor.spec.in_channels)
-    return predictor.predict_cases(cases, output, overwrite=overwrite, save_probabilities=save_probabilities,
-                                   largest_component=largest_component, progress=progress)
+    return predictor.predict_cases(
+        cases,
+        output,
+        overwrite=overwrite,
+        save_probabilities=save_probabilities,
+        largest_component=largest_component,
+        progress=progress,
+    )
 
 
-def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, labels: dict[str, int] | None = None,
-             dataset_json: str | Path | None = None, output: str | Path | None = None,
-             nsd_tolerance_mm: float = 1.0) -> dict:
+def evaluate(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    *,
+    labels: dict[str, int] | None = None,
+    dataset_json: str | Path | None = None,
+    output: str | Path | None = None,
+    nsd_tolerance_mm: float = 1.0,
+) -> dict:
     from medseg.evaluation.metrics import evaluate_folder
 
     if labels is None:
@@ -107,25 +143,41 @@ def evaluate(pred_dir: str | Path, ref_dir: str | Path, *, labels: dict[str, int
     return evaluate_folder(pred_dir, ref_dir, labels, output=output, nsd_tolerance_mm=nsd_tolerance_mm)
 
 
-def package_model(source: str | Path, destination: str | Path, *, folds=None) -> Path:
-    """Copy only what inference needs (model.json, fold weights + hash records, validation
-    summaries) from a training output folder into a shippable model folder."""
+def package_model(source: str | Path, destination: str | Path, *, folds=None, overwrite: bool = False) -> Path:
+    """Copy only what inference needs (model.json, fold weights + hash records, training log,
+    validation summary) from a training output folder into a shippable model folder.
+
+    The folder is assembled beside the destination and renamed into place, so an interrupted
+    export leaves no half-written model."""
     import shutil
 
+    from medseg.errors import OutputError
     from medseg.io.checkpoint import available_folds, load_spec, load_weights
 
     src, dst = Path(source), Path(destination)
     load_spec(src)
     folds = [str(f) for f in folds] if folds else available_folds(src)
-    dst.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src / "model.json", dst / "model.json")
-    for f in folds:
-        load_weights(src / f"fold_{f}")  # refuses tampered or missing weights
-        (dst / f"fold_{f}").mkdir(exist_ok=True)
-        for name in ("model.safetensors", "checkpoint.json", "training_log.jsonl"):
-            if (src / f"fold_{f}" / name).exists():
-                shutil.copyfile(src / f"fold_{f}" / name, dst / f"fold_{f}" / name)
-        summary = src / f"fold_{f}" / "validation" / "summary.json"
-        if summary.exists():
-            shutil.copyfile(summary, dst / f"fold_{f}" / "validation_summary.json")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise OutputError(dst, "exists and is not empty (use --overwrite to replace it)")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dst.with_name(f".{dst.name}.part")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        shutil.copyfile(src / "model.json", tmp / "model.json")
+        for f in folds:
+            load_weights(src / f"fold_{f}")  # refuses tampered or missing weights
+            (tmp / f"fold_{f}").mkdir()
+            for name in ("model.safetensors", "checkpoint.json", "training_log.jsonl", "validation_summary.json"):
+                if (src / f"fold_{f}" / name).exists():
+                    shutil.copyfile(src / f"fold_{f}" / name, tmp / f"fold_{f}" / name)
+            summary = src / f"fold_{f}" / "validation" / "summary.json"
+            if summary.exists():
+                shutil.copyfile(summary, tmp / f"fold_{f}" / "validation_summary.json")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if dst.exists():
+        shutil.rmtree(dst)
+    tmp.rename(dst)
     return dst

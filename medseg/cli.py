@@ -8,12 +8,15 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="medseg: self-configuring 3D medical image segmentation.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="medseg: self-configuring 3D medical image segmentation.",
+)
 
 WS_HELP = "Workspace folder for preprocessed data and models (default: $MEDSEG_WORKSPACE or ./medseg_workspace)."
 
@@ -42,8 +45,11 @@ def verify(dataset: Path = typer.Argument(..., help="Dataset folder (nnU-Net v2 
 
 
 @app.command()
-def plan(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace", help=WS_HELP),
-         budget: str = typer.Option("cpu", help="Memory/compute budget to fit the network to: cpu | gpu.")):
+def plan(
+    dataset: Path,
+    workspace: Path | None = typer.Option(None, "-w", "--workspace", help=WS_HELP),
+    budget: str = typer.Option("cpu", help="Memory/compute budget to fit the network to: cpu | gpu."),
+):
     """Fingerprint the dataset and write a plan (typed, editable JSON)."""
     from medseg import api
     from medseg.io.image import check_writable_dir
@@ -53,16 +59,21 @@ def plan(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "--
     check_writable_dir(ws.root)  # fail before fingerprinting, not after
     p = api.plan(dataset, workspace, budget=budget)
     for name, c in p.configurations.items():
-        print(f"{name:11s} spacing {[round(s, 3) for s in c.spacing]}  patch {list(c.patch_size)}  batch {c.batch_size}"
-              f"  features {c.model_kwargs['features']}  ~{c.estimated_memory_gb} GB")
+        print(
+            f"{name:11s} spacing {[round(s, 3) for s in c.spacing]}  patch {list(c.patch_size)}  batch {c.batch_size}"
+            f"  features {c.model_kwargs['features']}  ~{c.estimated_memory_gb} GB"
+        )
     print(f"normalisation: {[n.scheme + ('(masked)' if n.use_mask else '') for n in p.normalization]}")
     print(f"plan written to {ws.plan_path(p.dataset_name)}")
 
 
 @app.command()
-def preprocess(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace", help=WS_HELP),
-               configuration: list[str] = typer.Option(["3d_fullres"], "-c", "--configuration"),
-               workers: Optional[int] = typer.Option(None, help="Processes (default: all cores).")):
+def preprocess(
+    dataset: Path,
+    workspace: Path | None = typer.Option(None, "-w", "--workspace", help=WS_HELP),
+    configuration: list[str] = typer.Option(["3d_fullres"], "-c", "--configuration"),
+    workers: int | None = typer.Option(None, help="Processes (default: all cores)."),
+):
     """Crop, normalise and resample every training case into the workspace cache."""
     from medseg import api
 
@@ -71,24 +82,33 @@ def preprocess(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w
 
 
 @app.command()
-def train(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "--workspace", help=WS_HELP),
-          configuration: str = typer.Option("3d_fullres", "-c", "--configuration"),
-          fold: str = typer.Option("0", "-f", "--fold", help="0-4 or 'all'."),
-          model: Optional[str] = typer.Option(None, "--model", help="Registry name (default: the plan's)."),
-          model_kwargs: Optional[str] = typer.Option(None, "--model-kwargs",
-                                                     help="JSON object overriding the plan's model kwargs, "
-                                                          "e.g. '{\"features\": [8, 16, 32, 64]}'."),
-          epochs: int = typer.Option(1000), iterations: int = typer.Option(250, "--iterations", help="Per epoch."),
-          val_iterations: int = typer.Option(20), batch_size: Optional[int] = typer.Option(None),
-          lr: float = typer.Option(1e-2, "--lr"), warmup_epochs: int = typer.Option(0),
-          checkpoint_every: int = typer.Option(10, help="Epochs between resumable checkpoints."),
-          augmentation: str = typer.Option("default", help="default | none"),
-          device: str = typer.Option("auto"), seed: int = typer.Option(0),
-          threads: Optional[int] = typer.Option(None, help="CPU threads for torch."),
-          pretrained: Optional[Path] = typer.Option(None, help="Initialise from a model folder."),
-          no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full-volume validation."),
-          resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (also to extend)."),
-          output: Optional[Path] = typer.Option(None, "-o", "--output", help="Model folder (default: in workspace).")):
+def train(
+    dataset: Path,
+    workspace: Path | None = typer.Option(None, "-w", "--workspace", help=WS_HELP),
+    configuration: str = typer.Option("3d_fullres", "-c", "--configuration"),
+    fold: str = typer.Option("0", "-f", "--fold", help="0-4 or 'all'."),
+    model: str | None = typer.Option(None, "--model", help="Registry name (default: the plan's)."),
+    model_kwargs: str | None = typer.Option(
+        None,
+        "--model-kwargs",
+        help="JSON object overriding the plan's model kwargs, e.g. '{\"features\": [8, 16, 32, 64]}'.",
+    ),
+    epochs: int = typer.Option(1000),
+    iterations: int = typer.Option(250, "--iterations", help="Per epoch."),
+    val_iterations: int = typer.Option(20),
+    batch_size: int | None = typer.Option(None),
+    lr: float = typer.Option(1e-2, "--lr"),
+    warmup_epochs: int = typer.Option(0),
+    checkpoint_every: int = typer.Option(10, help="Epochs between resumable checkpoints."),
+    augmentation: str = typer.Option("default", help="default | none"),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+    threads: int | None = typer.Option(None, help="CPU threads for torch."),
+    pretrained: Path | None = typer.Option(None, help="Initialise from a model folder."),
+    no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full-volume validation."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (also to extend)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Model folder (default: in workspace)."),
+):
     """Train a model from the plan (deep supervision, Dice+CE, SGD+poly LR). torchrun-ready."""
     from medseg import api
     from medseg.training.config import TrainingConfig
@@ -101,44 +121,73 @@ def train(dataset: Path, workspace: Optional[Path] = typer.Option(None, "-w", "-
             _fail(f"--model-kwargs: not valid JSON ({exc})")
         if not isinstance(overrides, dict):
             _fail("--model-kwargs: expected a JSON object")
-    cfg = TrainingConfig(epochs=epochs, iterations_per_epoch=iterations, val_iterations=val_iterations,
-                         batch_size=batch_size, initial_lr=lr, warmup_epochs=warmup_epochs,
-                         checkpoint_every=checkpoint_every, augmentation=augmentation, device=device, seed=seed,
-                         num_threads=threads, final_validation=not no_validation, model=model,
-                         model_kwargs=overrides, pretrained=str(pretrained) if pretrained else None)
-    summary = api.train(dataset, workspace, configuration=configuration, fold=fold, config=cfg, resume=resume,
-                        output=output, log=_err)
+    cfg = TrainingConfig(
+        epochs=epochs,
+        iterations_per_epoch=iterations,
+        val_iterations=val_iterations,
+        batch_size=batch_size,
+        initial_lr=lr,
+        warmup_epochs=warmup_epochs,
+        checkpoint_every=checkpoint_every,
+        augmentation=augmentation,
+        device=device,
+        seed=seed,
+        num_threads=threads,
+        final_validation=not no_validation,
+        model=model,
+        model_kwargs=overrides,
+        pretrained=str(pretrained) if pretrained else None,
+    )
+    summary = api.train(
+        dataset, workspace, configuration=configuration, fold=fold, config=cfg, resume=resume, output=output, log=_err
+    )
     if summary:
         print(json.dumps({"foreground_mean": summary["foreground_mean"], "mean": summary["mean"]}, indent=1))
 
 
 @app.command()
-def predict(model: str = typer.Option(..., "-m", "--model", help="Model folder or shipped model name."),
-            input: Path = typer.Option(..., "-i", "--input", help="Image file, folder, or DICOM series folder."),
-            output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-            folds: Optional[list[str]] = typer.Option(None, "-f", "--folds", help="Folds to ensemble (default: all)."),
-            no_tta: bool = typer.Option(False, "--no-tta", help="Disable mirror test-time augmentation."),
-            step: float = typer.Option(0.5, help="Sliding-window step as a fraction of the patch."),
-            device: str = typer.Option("auto"),
-            probabilities: bool = typer.Option(False, "--probabilities", help="Also save class probabilities (.npz)."),
-            largest_component: bool = typer.Option(False, "--largest-component",
-                                                   help="Keep only the largest component per label."),
-            overlay: bool = typer.Option(False, "--overlay", help="Write a PNG overlay per case."),
-            overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases already in OUTPUT.")):
+def predict(
+    model: str = typer.Option(..., "-m", "--model", help="Model folder or shipped model name."),
+    input: Path = typer.Option(..., "-i", "--input", help="Image file, folder, or DICOM series folder."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
+    folds: list[str] | None = typer.Option(None, "-f", "--folds", help="Folds to ensemble (default: all)."),
+    no_tta: bool = typer.Option(False, "--no-tta", help="Disable mirror test-time augmentation."),
+    step: float = typer.Option(0.5, help="Sliding-window step as a fraction of the patch."),
+    device: str = typer.Option("auto"),
+    probabilities: bool = typer.Option(False, "--probabilities", help="Also save class probabilities (.npz)."),
+    largest_component: bool = typer.Option(
+        False, "--largest-component", help="Keep only the largest component per label."
+    ),
+    overlay: bool = typer.Option(False, "--overlay", help="Write a PNG overlay per case."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases already in OUTPUT."),
+):
     """Segment images with a trained model; writes label maps, volumes.csv and optional overlays."""
     from medseg.apps.segment import run_predict
 
-    run_predict(model, input, output, folds=folds, tta=not no_tta, step=step, device=device,
-                probabilities=probabilities, largest_component=largest_component, overlay=overlay,
-                overwrite=overwrite, echo=print)
+    run_predict(
+        model,
+        input,
+        output,
+        folds=folds,
+        tta=not no_tta,
+        step=step,
+        device=device,
+        probabilities=probabilities,
+        largest_component=largest_component,
+        overlay=overlay,
+        overwrite=overwrite,
+        echo=print,
+    )
 
 
 @app.command()
-def evaluate(pred: Path = typer.Option(..., "--pred", help="Folder of predicted label maps."),
-             ref: Path = typer.Option(..., "--ref", help="Folder of reference label maps."),
-             dataset_json: Path = typer.Option(..., "--labels", "-l", help="dataset.json naming the labels."),
-             output: Optional[Path] = typer.Option(None, "-o", "--output", help="JSON path (CSV written beside)."),
-             nsd_tolerance: float = typer.Option(1.0, help="Surface-Dice tolerance in mm.")):
+def evaluate(
+    pred: Path = typer.Option(..., "--pred", help="Folder of predicted label maps."),
+    ref: Path = typer.Option(..., "--ref", help="Folder of reference label maps."),
+    dataset_json: Path = typer.Option(..., "--labels", "-l", help="dataset.json naming the labels."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="JSON path (CSV written beside)."),
+    nsd_tolerance: float = typer.Option(1.0, help="Surface-Dice tolerance in mm."),
+):
     """Dice, IoU, HD95 and normalised surface Dice per class and case."""
     from medseg import api
     from medseg.io.image import check_writable_dir
@@ -152,6 +201,20 @@ def evaluate(pred: Path = typer.Option(..., "--pred", help="Folder of predicted 
     print(f"{s['num_cases']} cases; written {output} and {Path(output).with_suffix('.csv')}")
 
 
+@app.command("export-model")
+def export_model(
+    source: Path = typer.Argument(..., help="Training output folder (model.json + fold_K/)."),
+    destination: Path = typer.Argument(..., help="New model folder to write."),
+    folds: list[str] | None = typer.Option(None, "-f", "--fold", help="Folds to include (default all)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+):
+    """Copy only what inference needs (spec, weights, hashes, validation summaries) into a shippable folder."""
+    from medseg import api
+
+    out = api.package_model(source, destination, folds=folds, overwrite=overwrite)
+    print(f"model folder written: {out}")
+
+
 @app.command("convert-msd")
 def convert_msd(msd_folder: Path, output: Path):
     """Convert a Medical Segmentation Decathlon task to the nnU-Net v2 raw layout."""
@@ -161,12 +224,15 @@ def convert_msd(msd_folder: Path, output: Path):
 
 
 @app.command()
-def models(json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
-           patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Patch (voxels) for FLOPs."),
-           in_channels: int = typer.Option(1, "--in-channels", help="Input channels (STU-Net convention: 1 CT)."),
-           num_classes: int = typer.Option(105, "--num-classes",
-                                           help="Output classes (STU-Net convention: 105 TotalSegmentator)."),
-           cost: bool = typer.Option(True, "--cost/--no-cost", help="Measure parameters and FLOPs (meta device).")):
+def models(
+    json_out: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    patch: tuple[int, int, int] = typer.Option((128, 128, 128), "--patch", help="Patch (voxels) for FLOPs."),
+    in_channels: int = typer.Option(1, "--in-channels", help="Input channels (STU-Net convention: 1 CT)."),
+    num_classes: int = typer.Option(
+        105, "--num-classes", help="Output classes (STU-Net convention: 105 TotalSegmentator)."
+    ),
+    cost: bool = typer.Option(True, "--cost/--no-cost", help="Measure parameters and FLOPs (meta device)."),
+):
     """List registered model architectures: parameters, GFLOPs (2 x MACs, batch 1) and optional dependencies."""
     from medseg.models import count_parameters, create_model, get_entry, list_models
     from medseg.models.flops import measure
@@ -175,9 +241,20 @@ def models(json_out: bool = typer.Option(False, "--json", help="Machine-readable
     for name in list_models():
         e = get_entry(name)
         req = e.available()
-        row = {"name": name, "description": e.description, "requires": req, "available": all(req.values()),
-               "patch": list(patch), "in_channels": in_channels, "num_classes": num_classes,
-               "params": None, "flops": None, "macs": None, "test_config_params": None, "error": None}
+        row = {
+            "name": name,
+            "description": e.description,
+            "requires": req,
+            "available": all(req.values()),
+            "patch": list(patch),
+            "in_channels": in_channels,
+            "num_classes": num_classes,
+            "params": None,
+            "flops": None,
+            "macs": None,
+            "test_config_params": None,
+            "error": None,
+        }
         if row["available"]:
             try:
                 row["test_config_params"] = count_parameters(create_model(name, 1, 2, **e.test_config))
@@ -190,8 +267,10 @@ def models(json_out: bool = typer.Option(False, "--json", help="Machine-readable
     if json_out:
         print(json.dumps(rows, indent=1))
         return
-    print(f"{'name':14s} {'params':>10s} {'GFLOPs':>9s}  deps  description  "
-          f"(patch {'x'.join(map(str, patch))}, {in_channels} -> {num_classes} classes, GFLOPs = 2 x MACs)")
+    print(
+        f"{'name':14s} {'params':>10s} {'GFLOPs':>9s}  deps  description  "
+        f"(patch {'x'.join(map(str, patch))}, {in_channels} -> {num_classes} classes, GFLOPs = 2 x MACs)"
+    )
     for r in rows:
         params = f"{r['params'] / 1e6:.2f}M" if r["params"] is not None else "n/a"
         gflops = f"{r['flops'] / 1e9:.1f}" if r["flops"] is not None else "n/a"

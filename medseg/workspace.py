@@ -21,7 +21,7 @@ class Workspace:
     root: Path
 
     @classmethod
-    def resolve(cls, path: str | Path | None = None) -> "Workspace":
+    def resolve(cls, path: str | Path | None = None) -> Workspace:
         return cls(Path(path or os.environ.get("MEDSEG_WORKSPACE") or "medseg_workspace").resolve())
 
     def preprocessed(self, dataset_name: str) -> Path:

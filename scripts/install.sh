@@ -7,10 +7,13 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 if ! .venv/bin/python -c "import medseg, torch, pytest" >/dev/null 2>&1 || [ pyproject.toml -nt .venv/.medseg-installed ]; then
-  .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
-  # torch pinned first: an open range would pull a multi-GB CUDA build
-  .venv/bin/python -m pip install -q "torch==2.13.0" 2>&1 | grep -v "^WARNING: Location" || true
-  .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]" 2>&1 | grep -v "^WARNING: Location" || true
+  echo "medseg: installing into .venv (log: .venv/install.log) ..." >&2
+  {
+    .venv/bin/python -m pip install -q --upgrade pip || true
+    # torch pinned first: an open range would pull a multi-GB CUDA build
+    .venv/bin/python -m pip install -q "torch==2.13.0" &&
+      .venv/bin/python -m pip install -q -c constraints.txt -e ".[test]"
+  } >.venv/install.log 2>&1 || { tail -n 30 .venv/install.log >&2; echo "medseg: install failed, see .venv/install.log" >&2; exit 1; }
   .venv/bin/python -c "import medseg, torch, pytest"
   touch .venv/.medseg-installed
 fi

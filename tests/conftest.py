@@ -15,8 +15,18 @@ SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" /
 HIPPO = SHARED_DATA / "msd_hippocampus"
 
 # A fixed handful of real hippocampus cases for end-to-end tests
-HIPPO_CASES = ["hippocampus_001", "hippocampus_003", "hippocampus_004", "hippocampus_006", "hippocampus_007",
-               "hippocampus_008", "hippocampus_011", "hippocampus_015", "hippocampus_017", "hippocampus_019"]
+HIPPO_CASES = [
+    "hippocampus_001",
+    "hippocampus_003",
+    "hippocampus_004",
+    "hippocampus_006",
+    "hippocampus_007",
+    "hippocampus_008",
+    "hippocampus_011",
+    "hippocampus_015",
+    "hippocampus_017",
+    "hippocampus_019",
+]
 
 
 def require(path: Path) -> Path:
@@ -25,20 +35,25 @@ def require(path: Path) -> Path:
     return path
 
 
+def copy_hippo_cases(root: Path, cases) -> Path:
+    """A copy of real hippocampus cases in nnU-Net layout at ``root`` (the shared source is only read)."""
+    require(HIPPO)
+    (root / "imagesTr").mkdir(parents=True)
+    (root / "labelsTr").mkdir()
+    for c in cases:
+        shutil.copyfile(HIPPO / "imagesTr" / f"{c}_0000.nii.gz", root / "imagesTr" / f"{c}_0000.nii.gz")
+        shutil.copyfile(HIPPO / "labelsTr" / f"{c}.nii.gz", root / "labelsTr" / f"{c}.nii.gz")
+    d = json.loads((HIPPO / "dataset.json").read_text())
+    d["numTraining"] = len(cases)
+    (root / "dataset.json").write_text(json.dumps(d, indent=2))
+    return root
+
+
 @pytest.fixture(scope="session")
 def hippo_dataset(tmp_path_factory) -> Path:
     """A 10-case copy of the real MSD hippocampus dataset in nnU-Net layout (read-only source untouched)."""
     require(HIPPO)
-    root = tmp_path_factory.mktemp("hippo") / "Dataset004_Hippocampus"
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    for c in HIPPO_CASES:
-        shutil.copyfile(HIPPO / "imagesTr" / f"{c}_0000.nii.gz", root / "imagesTr" / f"{c}_0000.nii.gz")
-        shutil.copyfile(HIPPO / "labelsTr" / f"{c}.nii.gz", root / "labelsTr" / f"{c}.nii.gz")
-    d = json.loads((HIPPO / "dataset.json").read_text())
-    d["numTraining"] = len(HIPPO_CASES)
-    (root / "dataset.json").write_text(json.dumps(d, indent=2))
-    return root
+    return copy_hippo_cases(tmp_path_factory.mktemp("hippo") / "Dataset004_Hippocampus", HIPPO_CASES)
 
 
 def copy_dataset(src: Path, dst: Path) -> Path:

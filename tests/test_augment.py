@@ -36,8 +36,9 @@ def labels_batch(shape, g, values=(0, 1, 3)):
 
 
 # ----------------------------------------------------------------------------- spatial
-@pytest.mark.parametrize("region,patch", [((20, 22, 18), (16, 16, 16)), ((16, 16, 16), (16, 16, 16)),
-                                          ((30, 26), (24, 20))])
+@pytest.mark.parametrize(
+    "region,patch", [((20, 22, 18), (16, 16, 16)), ((16, 16, 16), (16, 16, 16)), ((30, 26), (24, 20))]
+)
 def test_no_augmentation_is_exact_centre_crop(region, patch):
     g = gen()
     image = torch.randn(3, 2, *region, generator=g)
@@ -84,8 +85,9 @@ def test_90_degree_rotation_2d_and_inplane_only():
     torch.testing.assert_close(warp(image, theta, (n, n)), torch.rot90(image, -1, (2, 3)), atol=1e-4, rtol=1e-4)
     # in-plane only: the first angle rotates (y, x); the other two are ignored
     vol = torch.randn(1, 1, 5, n, n, generator=gen(4))
-    theta = affine_theta(torch.tensor([[math.pi / 2, 0.3, 0.7]]), torch.ones(1), (5, n, n), (5, n, n),
-                         inplane_only=True)
+    theta = affine_theta(
+        torch.tensor([[math.pi / 2, 0.3, 0.7]]), torch.ones(1), (5, n, n), (5, n, n), inplane_only=True
+    )
     torch.testing.assert_close(warp(vol, theta, (5, n, n)), torch.rot90(vol, -1, (3, 4)), atol=1e-4, rtol=1e-4)
 
 
@@ -151,8 +153,12 @@ def two_channel_batch(b=4, shape=(10, 12, 9), g=None):
 
 @pytest.mark.parametrize("invert", [False, True])
 def test_gamma_keeps_mean_and_std_per_channel(invert):
-    cfg = replace(NO_AUGMENTATION, p_gamma=0.0 if invert else 1.0, p_gamma_inverted=1.0 if invert else 0.0,
-                  gamma_range=(0.5, 0.6) if invert else (1.6, 1.8))
+    cfg = replace(
+        NO_AUGMENTATION,
+        p_gamma=0.0 if invert else 1.0,
+        p_gamma_inverted=1.0 if invert else 0.0,
+        gamma_range=(0.5, 0.6) if invert else (1.6, 1.8),
+    )
     x = two_channel_batch()
     y = intensity_transforms(x, cfg, gen(11))
     dims = (2, 3, 4)

@@ -25,8 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
-from conftest import HIPPO, require
+from conftest import HIPPO, copy_hippo_cases, require
 
 pytestmark = pytest.mark.realdata
 
@@ -41,22 +40,19 @@ PARALLEL = 4  # concurrent CLI runs (each mostly waits on imports and I/O)
 
 def make_dataset(root: Path, cases=CASES) -> Path:
     """A copy of a few real cases in nnU-Net layout (the shared source is only read)."""
-    require(HIPPO)
-    (root / "imagesTr").mkdir(parents=True)
-    (root / "labelsTr").mkdir()
-    for c in cases:
-        shutil.copyfile(HIPPO / "imagesTr" / f"{c}_0000.nii.gz", root / "imagesTr" / f"{c}_0000.nii.gz")
-        shutil.copyfile(HIPPO / "labelsTr" / f"{c}.nii.gz", root / "labelsTr" / f"{c}.nii.gz")
-    d = json.loads((HIPPO / "dataset.json").read_text())
-    d["numTraining"] = len(cases)
-    (root / "dataset.json").write_text(json.dumps(d, indent=2))
-    return root
+    return copy_hippo_cases(root, cases)
 
 
 def run_cli(args, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "MEDSEG_WORKSPACE": str(cwd / "default_ws"), "COLUMNS": "200"}
-    return subprocess.run([sys.executable, "-m", "medseg.cli", *map(str, args)], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    return subprocess.run(
+        [sys.executable, "-m", "medseg.cli", *map(str, args)],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
 
 
 def snapshot(*roots: Path) -> dict[str, str]:
@@ -101,7 +97,7 @@ class Scenario:
     """CLI runs on one broken input; ``inputs`` must stay byte-identical, ``out`` must stay clean."""
 
     cwd: Path
-    runs: dict[str, list]                      # label -> CLI arguments
+    runs: dict[str, list]  # label -> CLI arguments
     inputs: list[Path]
     expected: list[tuple[Path, str]] = dataclasses.field(default_factory=list)  # (offending path, reason)
     out: Path | None = None
@@ -154,7 +150,7 @@ def truncate(path: Path) -> None:
 def corrupt_middle(path: Path) -> None:
     data = bytearray(path.read_bytes())
     mid = len(data) // 2
-    data[mid: mid + 64] = bytes(b ^ 0xFF for b in data[mid: mid + 64])
+    data[mid : mid + 64] = bytes(b ^ 0xFF for b in data[mid : mid + 64])
     path.write_bytes(bytes(data))
 
 
@@ -275,15 +271,22 @@ def dataset_runs(tmp_path_factory) -> dict[str, Scenario]:
         scenarios[name] = Scenario(d, _verify_plan(d, ds), [ds], breaker(ds), out=d / "ws")
     d = root / "all_at_once"
     ds = make_dataset(d / "ds")
-    expected = [e for k in ("truncated_image", "label_value_not_in_dataset_json", "missing_label")
-                for e in DATASET_BREAKERS[k](ds)]
+    expected = [
+        e
+        for k in ("truncated_image", "label_value_not_in_dataset_json", "missing_label")
+        for e in DATASET_BREAKERS[k](ds)
+    ]
     scenarios["all_at_once"] = Scenario(d, {"verify": ["verify", ds]}, [ds], expected)
     d = root / "unwritable_workspace"
     ds = make_dataset(d / "ds")
     blocker = d / "a_file"  # a regular file as the parent: not writable even for root
     blocker.write_text("not a folder")
-    scenarios["unwritable_workspace"] = Scenario(d, {"plan": ["plan", ds, "-w", blocker / "ws"]}, [ds, blocker],
-                                                 [(blocker, "not writable|cannot write|not a directory")])
+    scenarios["unwritable_workspace"] = Scenario(
+        d,
+        {"plan": ["plan", ds, "-w", blocker / "ws"]},
+        [ds, blocker],
+        [(blocker, "not writable|cannot write|not a directory")],
+    )
     return run_scenarios(scenarios)
 
 
@@ -339,10 +342,20 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
     kwargs = {**conf.model_kwargs, "features": [4, 8, 16, 32]}
     models = {}
     for name, channels in (("model_1ch", 1), ("model_2ch", 2)):
-        p = dataclasses.replace(plan, channel_names=tuple(f"ch{i}" for i in range(channels)),
-                                normalization=tuple(plan.normalization) * channels)
-        spec = ModelSpec(model=conf.model, model_kwargs=kwargs, in_channels=channels, num_classes=p.num_classes,
-                         labels=dict(p.labels), plan=p, configuration="3d_fullres")
+        p = dataclasses.replace(
+            plan,
+            channel_names=tuple(f"ch{i}" for i in range(channels)),
+            normalization=tuple(plan.normalization) * channels,
+        )
+        spec = ModelSpec(
+            model=conf.model,
+            model_kwargs=kwargs,
+            in_channels=channels,
+            num_classes=p.num_classes,
+            labels=dict(p.labels),
+            plan=p,
+            configuration="3d_fullres",
+        )
         save_spec(root / name, spec)
         save_weights(root / name / "fold_0", spec.build(deep_supervision=False).state_dict())
         models[name] = root / name
@@ -365,7 +378,7 @@ def _tamper_weights(model: Path) -> Path:
     w = model / "fold_0" / "model.safetensors"
     data = bytearray(w.read_bytes())
     mid = len(data) // 2
-    data[mid: mid + 16] = bytes(b ^ 0xFF for b in data[mid: mid + 16])
+    data[mid : mid + 16] = bytes(b ^ 0xFF for b in data[mid : mid + 16])
     w.write_bytes(bytes(data))
     return w
 
@@ -429,6 +442,7 @@ def _input_file(fn, reason):
 
 def _input_in_folder(fn, reason):
     """A good case and a broken one in one input folder: the broken one is named."""
+
     def make(d: Path) -> tuple[Path, Path, str]:
         _case_image(d, CASES[0])
         bad = _case_image(d, CASES[1])
@@ -474,20 +488,27 @@ def predict_runs(tmp_path_factory):
     for name, (breaker, reason) in CHECKPOINT_BREAKERS.items():
         d = root / f"checkpoint_{name}"
         model, inp = model_copy(d), _case_image(d)
-        scenarios[f"checkpoint:{name}"] = Scenario(d, {"predict": _predict_args(model, inp, d / "out")},
-                                                   [model, inp], [(breaker(model), reason)], out=d / "out")
+        scenarios[f"checkpoint:{name}"] = Scenario(
+            d,
+            {"predict": _predict_args(model, inp, d / "out")},
+            [model, inp],
+            [(breaker(model), reason)],
+            out=d / "out",
+        )
     for name, (model_name, make) in INPUT_BREAKERS.items():
         d = root / f"input_{name}"
         model = model_copy(d, model_name)
         inp, offending, reason = make(d)
-        scenarios[f"input:{name}"] = Scenario(d, {"predict": _predict_args(model, inp, d / "out")}, [model, inp],
-                                              [(offending, reason)], out=d / "out")
+        scenarios[f"input:{name}"] = Scenario(
+            d, {"predict": _predict_args(model, inp, d / "out")}, [model, inp], [(offending, reason)], out=d / "out"
+        )
     d = root / "unwritable_output"
     model, inp = model_copy(d), _case_image(d)
     blocker = d / "a_file"  # a regular file as the parent: not writable even for root
     blocker.write_text("not a folder")
-    scenarios["unwritable_output"] = Scenario(d, {"predict": _predict_args(model, inp, blocker / "out")},
-                                              [model, inp, blocker], [(blocker, "not writable")])
+    scenarios["unwritable_output"] = Scenario(
+        d, {"predict": _predict_args(model, inp, blocker / "out")}, [model, inp, blocker], [(blocker, "not writable")]
+    )
     read_only = None
     if not IS_ROOT:  # root ignores directory permissions; the regular-file parent covers root
         d = root / "read_only_output"
@@ -495,8 +516,13 @@ def predict_runs(tmp_path_factory):
         read_only = d / "ro"
         read_only.mkdir()
         read_only.chmod(0o500)
-        scenarios["read_only_output"] = Scenario(d, {"predict": _predict_args(model, inp, read_only)}, [model, inp],
-                                                 [(read_only, "not writable")], out=read_only)
+        scenarios["read_only_output"] = Scenario(
+            d,
+            {"predict": _predict_args(model, inp, read_only)},
+            [model, inp],
+            [(read_only, "not writable")],
+            out=read_only,
+        )
     try:
         yield run_scenarios(scenarios)
     finally:
@@ -590,8 +616,17 @@ def _eval_scenario(d: Path, breaker=None, output: Path | None = None) -> Scenari
     pred = Path(shutil.copytree(ds / "labelsTr", d / "pred"))
     expected = [breaker(ds, pred, ds / "labelsTr")] if breaker else []
     out = d / "out"
-    args = ["evaluate", "--pred", pred, "--ref", ds / "labelsTr", "--labels", ds / "dataset.json",
-            "-o", output or out / "summary.json"]
+    args = [
+        "evaluate",
+        "--pred",
+        pred,
+        "--ref",
+        ds / "labelsTr",
+        "--labels",
+        ds / "dataset.json",
+        "-o",
+        output or out / "summary.json",
+    ]
     return Scenario(d, {"evaluate": args}, [ds, pred], expected, out=out)
 
 

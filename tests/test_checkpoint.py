@@ -12,8 +12,7 @@ import torch
 
 from medseg.errors import CheckpointError
 from medseg.inference.predictor import Predictor
-from medseg.io.checkpoint import (ModelSpec, available_folds, load_spec, load_weights, save_spec,
-                                  save_weights)
+from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_weights, save_spec, save_weights
 from medseg.io.dataset import Case
 from medseg.io.image import read_image
 from medseg.planning.plan import Configuration, Normalization, Plan
@@ -28,14 +27,25 @@ PATCH = (24, 36, 24)
 
 def tiny_kwargs(features=(4, 8, 16)) -> dict:
     n = len(features)
-    return {"features": list(features), "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
-            "kernel_sizes": [[3, 3, 3]] * n, "spatial_dims": 3}
+    return {
+        "features": list(features),
+        "strides": [[1, 1, 1]] + [[2, 2, 2]] * (n - 1),
+        "kernel_sizes": [[3, 3, 3]] * n,
+        "spatial_dims": 3,
+    }
 
 
 def tiny_spec(labels=LABELS, features=(4, 8, 16)) -> ModelSpec:
     kw = tiny_kwargs(features)
-    conf = Configuration("3d_fullres", spacing=(1.0, 1.0, 1.0), median_shape=(36, 50, 35), patch_size=PATCH,
-                         batch_size=2, model="unet", model_kwargs=kw)
+    conf = Configuration(
+        "3d_fullres",
+        spacing=(1.0, 1.0, 1.0),
+        median_shape=(36, 50, 35),
+        patch_size=PATCH,
+        batch_size=2,
+        model="unet",
+        model_kwargs=kw,
+    )
     plan = Plan("Dataset004_Hippocampus", ("MRI",), dict(labels), (Normalization("zscore"),), {"3d_fullres": conf})
     return ModelSpec("unet", kw, 1, max(labels.values()) + 1, dict(labels), plan, "3d_fullres")
 
@@ -197,8 +207,9 @@ def test_predict_cases_writes_native_geometry(model_folder, hippo_image, tmp_pat
     path, image, meta = hippo_image
     predictor = Predictor.from_folder(model_folder, device="cpu", tta=False)
     out = tmp_path / "pred"
-    res = predictor.predict_cases([Case("hippocampus_001", (path,), None)], out, save_probabilities=True,
-                                  progress=False)
+    res = predictor.predict_cases(
+        [Case("hippocampus_001", (path,), None)], out, save_probabilities=True, progress=False
+    )
     assert res[0]["skipped"] is False
     seg, seg_meta = read_image(out / "hippocampus_001.nii.gz")
     assert seg.shape == image.shape

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import HIPPO, SHARED_DATA, require
+
 from medseg.errors import DatasetError
 from medseg.io.dataset import cases_from_input, convert_msd, list_cases, load_dataset_json
 from medseg.io.image import read_image
@@ -38,9 +38,17 @@ def hippo_label(case: str) -> Path:
 
 def write_dataset_json(root: Path, channels: list[str], labels: dict[str, int], ending: str = ".nii.gz") -> None:
     root.mkdir(parents=True, exist_ok=True)
-    (root / "dataset.json").write_text(json.dumps({
-        "name": root.name, "channel_names": {str(i): c for i, c in enumerate(channels)}, "labels": labels,
-        "numTraining": 0, "file_ending": ending}))
+    (root / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": root.name,
+                "channel_names": {str(i): c for i, c in enumerate(channels)},
+                "labels": labels,
+                "numTraining": 0,
+                "file_ending": ending,
+            }
+        )
+    )
 
 
 @pytest.fixture
@@ -66,10 +74,13 @@ def two_channel_dataset(tmp_path) -> Path:
 # dataset.json and list_cases
 
 
-@pytest.mark.parametrize("folder,channels,labels", [
-    (HIPPO, ("MRI",), {"background": 0, "Anterior": 1, "Posterior": 2}),
-    (SPINE, ("MRI",), {"background": 0, "spinal_cord": 1}),
-])
+@pytest.mark.parametrize(
+    "folder,channels,labels",
+    [
+        (HIPPO, ("MRI",), {"background": 0, "Anterior": 1, "Posterior": 2}),
+        (SPINE, ("MRI",), {"background": 0, "spinal_cord": 1}),
+    ],
+)
 def test_load_dataset_json_of_real_datasets(folder, channels, labels):
     info = load_dataset_json(require(folder))
     assert info.channel_names == channels
@@ -274,15 +285,25 @@ def msd_task(tmp_path) -> Path:
     shutil.copyfile(UNF01_LABEL, task / "labelsTr" / "spine_001.nii.gz")
     shutil.copyfile(SPINE / "labelsTr" / "spinegeneric_unf01_t2star.nii.gz", task / "labelsTr" / "spine_002.nii.gz")
     (task / "imagesTr" / "._spine_001.nii.gz").write_bytes(b"macOS resource fork junk")  # as in the MSD tarballs
-    (task / "dataset.json").write_text(json.dumps({
-        "name": "Spine", "description": "test task", "licence": "MIT", "tensorImageSize": "4D",
-        "modality": {"0": "T1w", "1": "T2w"},
-        "labels": {"0": "background", "1": "spinal_cord"},
-        "numTraining": 2, "numTest": 1,
-        "training": [{"image": "./imagesTr/spine_001.nii.gz", "label": "./labelsTr/spine_001.nii.gz"},
-                     {"image": "./imagesTr/spine_002.nii.gz", "label": "./labelsTr/spine_002.nii.gz"}],
-        "test": ["./imagesTs/spine_003.nii.gz"],
-    }))
+    (task / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "Spine",
+                "description": "test task",
+                "licence": "MIT",
+                "tensorImageSize": "4D",
+                "modality": {"0": "T1w", "1": "T2w"},
+                "labels": {"0": "background", "1": "spinal_cord"},
+                "numTraining": 2,
+                "numTest": 1,
+                "training": [
+                    {"image": "./imagesTr/spine_001.nii.gz", "label": "./labelsTr/spine_001.nii.gz"},
+                    {"image": "./imagesTr/spine_002.nii.gz", "label": "./labelsTr/spine_002.nii.gz"},
+                ],
+                "test": ["./imagesTs/spine_003.nii.gz"],
+            }
+        )
+    )
     return task
 
 
@@ -290,13 +311,20 @@ def test_convert_msd_splits_4d_images(msd_task, tmp_path):
     out = convert_msd(msd_task, tmp_path / "Dataset099_Spine")
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "dataset.json",
-        "imagesTr/spine_001_0000.nii.gz", "imagesTr/spine_001_0001.nii.gz",
-        "imagesTr/spine_002_0000.nii.gz", "imagesTr/spine_002_0001.nii.gz",
-        "imagesTs/spine_003_0000.nii.gz", "imagesTs/spine_003_0001.nii.gz",
-        "labelsTr/spine_001.nii.gz", "labelsTr/spine_002.nii.gz",
+        "imagesTr/spine_001_0000.nii.gz",
+        "imagesTr/spine_001_0001.nii.gz",
+        "imagesTr/spine_002_0000.nii.gz",
+        "imagesTr/spine_002_0001.nii.gz",
+        "imagesTs/spine_003_0000.nii.gz",
+        "imagesTs/spine_003_0001.nii.gz",
+        "labelsTr/spine_001.nii.gz",
+        "labelsTr/spine_002.nii.gz",
     ]
-    expected = {"imagesTr/spine_001": ("t1w", "t2w"), "imagesTr/spine_002": ("t2star", "t2w"),
-                "imagesTs/spine_003": ("t1w", "t2star")}
+    expected = {
+        "imagesTr/spine_001": ("t1w", "t2w"),
+        "imagesTr/spine_002": ("t2star", "t2w"),
+        "imagesTs/spine_003": ("t1w", "t2star"),
+    }
     for stem, contrasts in expected.items():
         for ch, contrast in enumerate(contrasts):
             got, got_meta = read_image(out / f"{stem}_{ch:04d}.nii.gz")
@@ -347,11 +375,19 @@ def test_convert_msd_3d_task(tmp_path):
         shutil.copyfile(hippo_image(case), task / "imagesTr" / f"{case}.nii.gz")
         shutil.copyfile(hippo_label(case), task / "labelsTr" / f"{case}.nii.gz")
     sitk.WriteImage(sitk.ReadImage(str(hippo_image("hippocampus_004"))), str(task / "imagesTs" / "hippocampus_004.nii"))
-    (task / "dataset.json").write_text(json.dumps({
-        "name": "Hippocampus", "modality": {"0": "MRI"},
-        "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
-        "training": [{"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in HIPPO_PAIR],
-        "test": ["./imagesTs/hippocampus_004.nii"]}))
+    (task / "dataset.json").write_text(
+        json.dumps(
+            {
+                "name": "Hippocampus",
+                "modality": {"0": "MRI"},
+                "labels": {"0": "background", "1": "Anterior", "2": "Posterior"},
+                "training": [
+                    {"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in HIPPO_PAIR
+                ],
+                "test": ["./imagesTs/hippocampus_004.nii"],
+            }
+        )
+    )
     out = convert_msd(task, tmp_path / "Dataset004_Hippocampus")
     for case in HIPPO_PAIR:
         assert (out / "imagesTr" / f"{case}_0000.nii.gz").read_bytes() == hippo_image(case).read_bytes()

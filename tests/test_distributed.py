@@ -21,7 +21,7 @@ from medseg.io.checkpoint import load_spec, load_weights
 from medseg.training import distributed
 from medseg.workspace import Workspace
 
-LAUNCHER = textwrap.dedent('''
+LAUNCHER = textwrap.dedent("""
     import builtins, io, json, os, sys
 
     RANK = os.environ.get("RANK", "0")
@@ -76,7 +76,7 @@ LAUNCHER = textwrap.dedent('''
 
     sys.argv = ["medseg"] + sys.argv[1:]
     main()
-''')
+""")
 
 
 def test_setup_without_torchrun_is_single_process(monkeypatch):
@@ -108,14 +108,41 @@ def test_torchrun_two_ranks_on_cpu(prepared, tmp_path):
     record.mkdir()
     launcher = tmp_path / "launch.py"
     launcher.write_text(LAUNCHER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEG_TEST_RECORD": str(record),
-           "MEDSEG_TEST_WATCH": os.pathsep.join([str(out), str(ws.root)])}
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "MEDSEG_TEST_RECORD": str(record),
+        "MEDSEG_TEST_WATCH": os.pathsep.join([str(out), str(ws.root)]),
+    }
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(launcher),
-           "train", str(dataset), "-w", str(ws.root), "-o", str(out), "--epochs", "1", "--iterations", "2",
-           "--val-iterations", "1", "--threads", "1", "--device", "cpu",
-           "--model-kwargs", json.dumps({"features": [4, 8, 16, 32]})]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(launcher),
+        "train",
+        str(dataset),
+        "-w",
+        str(ws.root),
+        "-o",
+        str(out),
+        "--epochs",
+        "1",
+        "--iterations",
+        "2",
+        "--val-iterations",
+        "1",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+        "--model-kwargs",
+        json.dumps({"features": [4, 8, 16, 32]}),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 
@@ -133,8 +160,14 @@ def test_torchrun_two_ranks_on_cpu(prepared, tmp_path):
     rank1 = record / "writes_rank1.jsonl"
     assert not rank1.exists(), f"rank 1 wrote files: {rank1.read_text()}"
     fold = out / "fold_0"
-    for f in (fold / "model.safetensors", fold / "checkpoint.json", fold / "training_state.pt", out / "model.json",
-              fold / "training_log.jsonl", fold / "validation" / "summary.json"):
+    for f in (
+        fold / "model.safetensors",
+        fold / "checkpoint.json",
+        fold / "training_state.pt",
+        out / "model.json",
+        fold / "training_log.jsonl",
+        fold / "validation" / "summary.json",
+    ):
         assert str(f.resolve()) in written0, f"{f} not written by rank 0"
     assert any(p.endswith("splits_final.json") for p in written0)
     assert len((fold / "training_log.jsonl").read_text().splitlines()) == 1

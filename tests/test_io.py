@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from conftest import HIPPO, SHARED_DATA, require
+
 from medseg.errors import ImageReadError, OutputError
 from medseg.io.image import ImageMeta, read_image, write_image
 
@@ -31,8 +31,12 @@ ROTATED_IMG = SPINE / "imagesTr" / "sct_errsm30_t2_0000.nii.gz"  # axes permuted
 # mask voxel counts stated in pyradiomics_testcases/SOURCE.md
 RADIOMICS_CASES = {"brain1": ((25, 256, 256), 4137), "brain2": ((23, 256, 256), 453), "breast1": ((21, 120, 45), 143)}
 # slice counts stated in the SOURCE.md files
-DICOM_SERIES = {"Study1_13_HCropVolume": 32, "Study2_14_HCropVolume": 35, "Study3_11_HCropVolume": 40,
-                "example_ct_dicom": 20}
+DICOM_SERIES = {
+    "Study1_13_HCropVolume": 32,
+    "Study2_14_HCropVolume": 35,
+    "Study3_11_HCropVolume": 40,
+    "example_ct_dicom": 20,
+}
 
 
 def dicom_dir(name: str) -> Path:
@@ -48,8 +52,12 @@ def assert_meta_close(a: ImageMeta, b: ImageMeta) -> None:
 
 def sitk_geometry(img) -> tuple:
     """(shape, spacing, origin, direction) straight from SimpleITK, converted to medseg's (z, y, x) order."""
-    return (tuple(reversed(img.GetSize())), tuple(reversed(img.GetSpacing())), tuple(reversed(img.GetOrigin())),
-            tuple(img.GetDirection()))
+    return (
+        tuple(reversed(img.GetSize())),
+        tuple(reversed(img.GetSpacing())),
+        tuple(reversed(img.GetOrigin())),
+        tuple(img.GetDirection()),
+    )
 
 
 def files_in(folder: Path) -> list[str]:

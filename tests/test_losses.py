@@ -94,8 +94,11 @@ def test_downsample_targets_shapes_and_values():
 def test_deep_supervision_loss_matches_weighted_sum():
     t, onehot = target_and_onehot((2, 1, 8, 8, 8), k=3, seed=5)
     g = torch.Generator().manual_seed(6)
-    outputs = [torch.randn(2, 3, 8, 8, 8, generator=g), torch.randn(2, 3, 4, 4, 4, generator=g),
-               torch.randn(2, 3, 2, 2, 2, generator=g)]
+    outputs = [
+        torch.randn(2, 3, 8, 8, 8, generator=g),
+        torch.randn(2, 3, 4, 4, 4, generator=g),
+        torch.randn(2, 3, 2, 2, 2, generator=g),
+    ]
     w = deep_supervision_weights(3)
     targets = downsample_targets(t, [o.shape[2:] for o in outputs])
     expected = sum(wi * dice_ce_loss(o, ti) for wi, o, ti in zip(w, outputs, targets) if wi > 0)

@@ -55,8 +55,8 @@ def blob(rng, shape=(14, 16, 15), threshold=0.55, sigma=2.0):
 def test_dice_iou_hand_computed():
     pred = np.zeros((4, 4, 4), bool)
     ref = np.zeros((4, 4, 4), bool)
-    pred[0, 0, :3] = True          # 3 voxels
-    ref[0, 0, 1:] = True           # 3 voxels, 2 shared
+    pred[0, 0, :3] = True  # 3 voxels
+    ref[0, 0, 1:] = True  # 3 voxels, 2 shared
     m = binary_metrics(pred, ref, (1, 1, 1))
     assert (m["tp"], m["fp"], m["fn"], m["n_pred"], m["n_ref"]) == (2, 1, 1, 3, 3)
     assert m["dice"] == pytest.approx(2 * 2 / 6)
@@ -109,7 +109,7 @@ def test_hd95_and_nsd_match_brute_force(seed, spacing):
 
 def test_objects_touching_the_border_match_brute_force():
     ref = np.zeros((10, 10, 10), bool)
-    ref[0:5, 0:6, 3:10] = True           # touches three faces of the array
+    ref[0:5, 0:6, 3:10] = True  # touches three faces of the array
     pred = np.zeros_like(ref)
     pred[0:4, 1:7, 4:10] = True
     spacing = (1.5, 1.0, 0.8)
@@ -123,10 +123,10 @@ def test_evaluate_case_and_summarise():
     ref[1:4, 1:4, 1:4] = 1
     ref[5:7, 5:7, 5:7] = 2
     pred = ref.copy()
-    pred[5:7, 5:7, 5:7] = 0            # class 2 missed entirely
+    pred[5:7, 5:7, 5:7] = 0  # class 2 missed entirely
     labels = {"background": 0, "a": 1, "b": 2, "c": 3}
     res = evaluate_case(pred, ref, (1, 1, 1), labels)
-    assert set(res) == {"a", "b", "c"}          # background not evaluated
+    assert set(res) == {"a", "b", "c"}  # background not evaluated
     assert res["a"]["dice"] == 1.0
     assert res["b"]["dice"] == 0.0 and res["b"]["hd95"] is None
     assert res["c"]["dice"] == 1.0 and res["c"]["hd95"] == 0.0  # absent in both

@@ -58,6 +58,7 @@ def test_stunet_published_params_and_flops(name):
 
 def _official_stunet_keys(depth: int, n_stages: int = 6) -> set[str]:
     """Parameter names of uni-medical/STU-Net's STUNet (nnunet/network_architecture/STUNet.py)."""
+
     def block(prefix: str, first: bool) -> list[str]:
         convs = ["conv1", "norm1", "conv2", "norm2"] + (["conv3"] if first else [])
         return [f"{prefix}.{c}.{w}" for c in convs for w in ("weight", "bias")]
@@ -69,8 +70,12 @@ def _official_stunet_keys(depth: int, n_stages: int = 6) -> set[str]:
     for u in range(n_stages - 1):
         for j in range(depth):
             keys += block(f"conv_blocks_localization.{u}.{j}", j == 0)
-        keys += [f"upsample_layers.{u}.conv.weight", f"upsample_layers.{u}.conv.bias",
-                 f"seg_outputs.{u}.weight", f"seg_outputs.{u}.bias"]
+        keys += [
+            f"upsample_layers.{u}.conv.weight",
+            f"upsample_layers.{u}.conv.bias",
+            f"seg_outputs.{u}.weight",
+            f"seg_outputs.{u}.bias",
+        ]
     return set(keys)
 
 
@@ -84,7 +89,7 @@ def test_stunet_parameter_names_match_official_checkpoints(name):
     assert sd["conv_blocks_context.0.0.conv3.weight"].shape == (dims[0], 1, 1, 1, 1)
     assert sd["upsample_layers.0.conv.weight"].shape == (dims[4], dims[5], 1, 1, 1)
     assert sd["conv_blocks_localization.0.0.conv1.weight"].shape == (dims[4], 2 * dims[4], 3, 3, 3)
-    assert sd["seg_outputs.4.weight"].shape == (105, dims[0], 1, 1, 1)   # full resolution head is the last
+    assert sd["seg_outputs.4.weight"].shape == (105, dims[0], 1, 1, 1)  # full resolution head is the last
 
 
 def test_stunet_preset_fits_planned_strides_like_the_official_trainer():
@@ -93,26 +98,35 @@ def test_stunet_preset_fits_planned_strides_like_the_official_trainer():
     assert len(model.conv_blocks_context) == 6
     assert model.conv_blocks_context[5][0].conv1.stride == (1, 1, 1)
     assert model.conv_blocks_context[2][0].conv1.stride == (1, 2, 2)
-    with pytest.raises(TypeError):   # plain-U-Net plan keys must not silently reshape a preset
+    with pytest.raises(TypeError):  # plain-U-Net plan keys must not silently reshape a preset
         build_meta("stunet_b", 1, 4, n_conv_per_stage=2)
 
 
 def test_resenc_parameter_names_and_count_match_nnunet():
     # Cross-checked against dynamic-network-architectures 0.4.4 ResidualEncoderUNet (same kwargs, conv_bias=True,
     # InstanceNorm3d eps 1e-5 affine, LeakyReLU): 101,868,569 parameters and identical canonical state-dict names.
-    kwargs = {"features": [32, 64, 128, 256, 320, 320],
-              "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
-              "kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 5, "blocks_per_stage": [1, 3, 4, 6, 6, 6]}
+    kwargs = {
+        "features": [32, 64, 128, 256, 320, 320],
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+        "kernel_sizes": [[1, 3, 3]] + [[3, 3, 3]] * 5,
+        "blocks_per_stage": [1, 3, 4, 6, 6, 6],
+    }
     model = build_meta("resenc", 2, 5, **kwargs)
     assert count_parameters(model) == 101_868_569
     keys = set(model.state_dict())
-    for k in ["encoder.stem.convs.0.conv.weight", "encoder.stem.convs.0.norm.bias",
-              "encoder.stages.1.blocks.0.skip.1.conv.weight",      # avg-pool at skip.0, then 1x1 conv-norm
-              "encoder.stages.1.blocks.0.skip.1.norm.weight", "encoder.stages.5.blocks.5.conv2.norm.weight",
-              "decoder.transpconvs.0.weight", "decoder.transpconvs.4.bias",
-              "decoder.stages.4.convs.0.conv.weight", "decoder.seg_layers.4.bias"]:
+    for k in [
+        "encoder.stem.convs.0.conv.weight",
+        "encoder.stem.convs.0.norm.bias",
+        "encoder.stages.1.blocks.0.skip.1.conv.weight",  # avg-pool at skip.0, then 1x1 conv-norm
+        "encoder.stages.1.blocks.0.skip.1.norm.weight",
+        "encoder.stages.5.blocks.5.conv2.norm.weight",
+        "decoder.transpconvs.0.weight",
+        "decoder.transpconvs.4.bias",
+        "decoder.stages.4.convs.0.conv.weight",
+        "decoder.seg_layers.4.bias",
+    ]:
         assert k in keys, k
-    assert "encoder.stages.1.blocks.0.skip.1.conv.bias" not in keys   # nnU-Net's skip conv has no bias
+    assert "encoder.stages.1.blocks.0.skip.1.conv.bias" not in keys  # nnU-Net's skip conv has no bias
     assert not any(k.startswith("encoder.stages.0.blocks.0.skip") for k in keys)  # same width, no stride
     assert not any(".all_modules." in k or k.startswith("decoder.encoder.") for k in keys)
 
@@ -121,24 +135,29 @@ def test_resenc_loads_nnunet_state_dict_with_aliases():
     model, _ = _tiny("resenc")
     sd = {k: v.clone() + 1 for k, v in model.state_dict().items()}
     nnunet = dict(sd)
-    for k, v in sd.items():            # nnU-Net's duplicate views of the same tensors
+    for k, v in sd.items():  # nnU-Net's duplicate views of the same tensors
         if ".conv." in k and not k.startswith("decoder.transpconvs"):
             nnunet[k.replace(".conv.", ".all_modules.0.")] = v
         if k.startswith("encoder."):
             nnunet["decoder." + k] = v
     fresh, _ = _tiny("resenc")
-    fresh.load_state_dict(nnunet)      # strict: aliases dropped by the pre-hook
+    fresh.load_state_dict(nnunet)  # strict: aliases dropped by the pre-hook
     for k, v in fresh.state_dict().items():
         assert torch.equal(v, sd[k]), k
 
 
 def test_resenc_presets_take_planner_kwargs():
-    plan_kwargs = {"features": [16, 32, 64, 128], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
-                   "kernel_sizes": [[3, 3, 3]] * 4, "n_conv_per_stage": 2, "spatial_dims": 3}
+    plan_kwargs = {
+        "features": [16, 32, 64, 128],
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [2, 2, 2]],
+        "kernel_sizes": [[3, 3, 3]] * 4,
+        "n_conv_per_stage": 2,
+        "spatial_dims": 3,
+    }
     model = build_meta("resenc", 1, 3, **plan_kwargs)
     assert [len(s.blocks) for s in model.encoder.stages] == [1, 3, 4, 6]
     assert all(len(s.convs) == 1 for s in model.decoder.stages)
-    m = build_meta("resenc_m", 1, 3, strides=plan_kwargs["strides"])   # preset widths for that topology
+    m = build_meta("resenc_m", 1, 3, strides=plan_kwargs["strides"])  # preset widths for that topology
     assert [s.blocks[0].conv1.conv.out_channels for s in m.encoder.stages] == [32, 64, 128, 256]
     m2d = build_meta("resenc_l", 1, 3, spatial_dims=2, strides=[[1, 1]] + [[2, 2]] * 6)
     assert m2d.encoder.stages[-1].blocks[0].conv1.conv.out_channels == 512
@@ -162,7 +181,7 @@ def test_tiny_forward_backward_deep_supervision(name):
     assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith(_head_prefix(name)))
     model.eval()
     model_nods, _ = _tiny(name, deep_supervision=False)
-    model_nods.load_state_dict(model.state_dict())     # same heads with and without deep supervision
+    model_nods.load_state_dict(model.state_dict())  # same heads with and without deep supervision
     model_nods.eval()
     with torch.no_grad():
         single = model_nods(x)
@@ -210,6 +229,7 @@ def test_models_cli_json():
 
 @pytest.mark.parametrize("name", ["stunet_s", "resenc_m"])
 def test_2d_variant(name):
-    model = create_model(name, 1, 3, spatial_dims=2, features=[4, 8, 8], strides=[[1, 1], [2, 2], [2, 2]],
-                         kernel_sizes=[[3, 3]] * 3)
+    model = create_model(
+        name, 1, 3, spatial_dims=2, features=[4, 8, 8], strides=[[1, 1], [2, 2], [2, 2]], kernel_sizes=[[3, 3]] * 3
+    )
     assert [list(o.shape) for o in model(torch.randn(1, 1, 16, 16))] == [[1, 3, 16, 16], [1, 3, 8, 8]]

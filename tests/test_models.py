@@ -10,8 +10,7 @@ import pytest
 import torch
 
 from medseg.io.checkpoint import load_weights, save_weights
-from medseg.models import create_model, get_entry, list_models, register_model
-from medseg.models import registry
+from medseg.models import create_model, get_entry, list_models, register_model, registry
 
 torch.set_num_threads(1)
 
@@ -116,15 +115,25 @@ def test_unet_2d():
     model = create_model("unet", 2, 4, spatial_dims=2, features=[4, 8, 16], deep_supervision=True)
     outs = model(torch.randn(2, 2, 32, 24))
     assert [tuple(o.shape) for o in outs] == [(2, 4, 32, 24), (2, 4, 16, 12)]
-    assert all(isinstance(m, torch.nn.Conv2d) for m in model.modules() if isinstance(m, torch.nn.modules.conv._ConvNd)
-               and not isinstance(m, torch.nn.ConvTranspose2d))
+    assert all(
+        isinstance(m, torch.nn.Conv2d)
+        for m in model.modules()
+        if isinstance(m, torch.nn.modules.conv._ConvNd) and not isinstance(m, torch.nn.ConvTranspose2d)
+    )
     single = create_model("unet", 1, 2, spatial_dims=2, features=[4, 8], deep_supervision=False)
     assert single(torch.randn(1, 1, 16, 16)).shape == (1, 2, 16, 16)
 
 
 def test_unet_anisotropic_strides():
-    model = create_model("unet", 1, 2, features=[4, 8, 16], strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
-                         kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]], deep_supervision=True)
+    model = create_model(
+        "unet",
+        1,
+        2,
+        features=[4, 8, 16],
+        strides=[[1, 1, 1], [1, 2, 2], [2, 2, 2]],
+        kernel_sizes=[[1, 3, 3], [3, 3, 3], [3, 3, 3]],
+        deep_supervision=True,
+    )
     outs = model(torch.randn(1, 1, 8, 16, 16))
     assert [tuple(o.shape[2:]) for o in outs] == [(8, 16, 16), (8, 8, 8)]
 
@@ -150,8 +159,13 @@ def test_register_model_decorator_and_kwargs(scratch_registry):
 
     @register_model("tiny_test_net", test_config={"width": 2}, description="a test net")
     def build_tiny(in_channels, num_classes, *, spatial_dims=3, deep_supervision=False, width=1):
-        seen.update(in_channels=in_channels, num_classes=num_classes, spatial_dims=spatial_dims,
-                    deep_supervision=deep_supervision, width=width)
+        seen.update(
+            in_channels=in_channels,
+            num_classes=num_classes,
+            spatial_dims=spatial_dims,
+            deep_supervision=deep_supervision,
+            width=width,
+        )
         return torch.nn.Conv3d(in_channels, num_classes, 1)
 
     assert "tiny_test_net" in list_models()
@@ -177,7 +191,7 @@ def test_description_from_docstring_and_explicit(scratch_registry):
 
     @register_model("blank_doc_net")
     def build_blank(in_channels, num_classes, **kw):
-        """   """
+        """ """
 
     assert get_entry("doc_net").description == "First line."
     assert get_entry("explicit_net").description == "explicit wins"
@@ -191,6 +205,7 @@ def test_duplicate_registration_raises(scratch_registry):
 
     register_model("dup_net")(first)  # re-registering the same builder is harmless (module reload)
     with pytest.raises(ValueError, match="dup_net"):
+
         @register_model("dup_net")
         def second(in_channels, num_classes, **kw):
             return torch.nn.Identity()

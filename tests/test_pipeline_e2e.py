@@ -23,10 +23,12 @@ def medseg(*args, cwd: Path, module: str = "medseg.cli", expect: int = 0) -> sub
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MEDSEG_WORKSPACE": str(cwd / "default_ws")}
     for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
         env.pop(var, None)
-    proc = subprocess.run([sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
-    assert proc.returncode == expect, f"medseg {' '.join(map(str, args))} -> {proc.returncode}\n" \
-                                      f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    proc = subprocess.run(
+        [sys.executable, "-m", module, *map(str, args)], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == expect, (
+        f"medseg {' '.join(map(str, args))} -> {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    )
     return proc
 
 
@@ -41,8 +43,25 @@ def trained(hippo_dataset, tmp_path_factory):
     assert list(ws.glob("preprocessed/*/plan.json"))
     medseg("preprocess", hippo_dataset, "-w", ws, "--workers", "1", cwd=work)
     assert len(list(ws.glob("preprocessed/*/data_*/*_seg.npy"))) == 10
-    out = medseg("train", hippo_dataset, "-w", ws, "-o", model, "--epochs", "2", "--iterations", "3",
-                 "--val-iterations", "1", "--threads", "1", "--model-kwargs", TINY_NET, cwd=work)
+    out = medseg(
+        "train",
+        hippo_dataset,
+        "-w",
+        ws,
+        "-o",
+        model,
+        "--epochs",
+        "2",
+        "--iterations",
+        "3",
+        "--val-iterations",
+        "1",
+        "--threads",
+        "1",
+        "--model-kwargs",
+        TINY_NET,
+        cwd=work,
+    )
     printed = json.loads(out.stdout)
     assert set(printed) == {"foreground_mean", "mean"}
     return work, model
@@ -73,8 +92,26 @@ def test_training_outputs(trained, hippo_dataset):
 def test_resume_of_a_finished_run_is_a_clean_no_op(trained, hippo_dataset):
     work, model = trained
     before = (model / "fold_0" / "model.safetensors").read_bytes()
-    out = medseg("train", hippo_dataset, "-w", work / "ws", "-o", model, "--epochs", "2", "--iterations", "3",
-                 "--val-iterations", "1", "--threads", "1", "--model-kwargs", TINY_NET, "--resume", cwd=work)
+    out = medseg(
+        "train",
+        hippo_dataset,
+        "-w",
+        work / "ws",
+        "-o",
+        model,
+        "--epochs",
+        "2",
+        "--iterations",
+        "3",
+        "--val-iterations",
+        "1",
+        "--threads",
+        "1",
+        "--model-kwargs",
+        TINY_NET,
+        "--resume",
+        cwd=work,
+    )
     assert "already trained" in out.stderr
     assert (model / "fold_0" / "model.safetensors").read_bytes() == before
     assert "foreground_mean" in json.loads(out.stdout)  # the earlier validation summary
@@ -82,8 +119,9 @@ def test_resume_of_a_finished_run_is_a_clean_no_op(trained, hippo_dataset):
 
 def test_bad_model_kwargs_is_a_one_line_error(trained, hippo_dataset):
     work, _ = trained
-    out = medseg("train", hippo_dataset, "-w", work / "ws", "--model-kwargs", "{features: 4", "--epochs", "1",
-                 cwd=work, expect=2)
+    out = medseg(
+        "train", hippo_dataset, "-w", work / "ws", "--model-kwargs", "{features: 4", "--epochs", "1", cwd=work, expect=2
+    )
     assert out.stderr.strip().startswith("medseg: error: --model-kwargs")
     assert len(out.stderr.strip().splitlines()) == 1
 
@@ -129,8 +167,18 @@ def test_predict_and_evaluate(trained, hippo_dataset):
     assert all(c["skipped"] for c in json.loads((pred / "manifest.json").read_text())["cases"])
 
     report = work / "eval" / "summary.json"
-    out = medseg("evaluate", "--pred", pred, "--ref", hippo_dataset / "labelsTr", "--labels",
-                 hippo_dataset / "dataset.json", "-o", report, cwd=work)
+    out = medseg(
+        "evaluate",
+        "--pred",
+        pred,
+        "--ref",
+        hippo_dataset / "labelsTr",
+        "--labels",
+        hippo_dataset / "dataset.json",
+        "-o",
+        report,
+        cwd=work,
+    )
     assert "Anterior" in out.stdout and "Posterior" in out.stdout
     summary = json.loads(report.read_text())
     assert summary["num_cases"] == 2 and sorted(summary["per_case"]) == cases

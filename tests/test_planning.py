@@ -24,15 +24,27 @@ from medseg.planning.planner import (
     target_spacing,
 )
 
-CT_STATS = {"mean": 40.0, "std": 100.0, "percentile_00_5": -950.0, "percentile_99_5": 1200.0,
-            "min": -1024.0, "max": 3000.0}
+CT_STATS = {
+    "mean": 40.0,
+    "std": 100.0,
+    "percentile_00_5": -950.0,
+    "percentile_99_5": 1200.0,
+    "min": -1024.0,
+    "max": 3000.0,
+}
 MR_STATS = {"mean": 300.0, "std": 80.0, "percentile_00_5": 10.0, "percentile_99_5": 900.0, "min": 0.0, "max": 1500.0}
 
 
 def fingerprint(spacings, shapes, *, crop_fraction=1.0, intensity=(CT_STATS,)) -> Fingerprint:
-    return Fingerprint(dataset_name="toy", spacings=[[float(v) for v in s] for s in spacings],
-                       shapes_after_crop=[[int(v) for v in s] for s in shapes], crop_fraction=crop_fraction,
-                       intensity=list(intensity), class_fraction={"0": 0.9, "1": 0.1}, num_cases=len(spacings))
+    return Fingerprint(
+        dataset_name="toy",
+        spacings=[[float(v) for v in s] for s in spacings],
+        shapes_after_crop=[[int(v) for v in s] for s in shapes],
+        crop_fraction=crop_fraction,
+        intensity=list(intensity),
+        class_fraction={"0": 0.9, "1": 0.1},
+        num_cases=len(spacings),
+    )
 
 
 def info(channels=("CT",), labels=None) -> DatasetInfo:
@@ -42,8 +54,10 @@ def info(channels=("CT",), labels=None) -> DatasetInfo:
 @pytest.fixture
 def no_hang():
     """Fail (instead of hanging the suite) if the code under test loops forever."""
+
     def handler(*_):
         raise TimeoutError("planner did not terminate")
+
     old = signal.signal(signal.SIGALRM, handler)
     signal.alarm(20)
     yield
@@ -125,8 +139,15 @@ def test_estimate_memory_scales_with_batch_and_patch():
 
 # ----------------------------------------------------------------------------- configurations
 @pytest.mark.parametrize("budget", ["cpu", "gpu"])
-@pytest.mark.parametrize("spacing,median", [((1, 1, 1), (36, 50, 35)), ((1, 1, 1), (300, 300, 300)),
-                                            ((3.0, 0.8, 0.8), (60, 512, 512)), ((0.7, 0.7, 0.7), (512, 512, 700))])
+@pytest.mark.parametrize(
+    "spacing,median",
+    [
+        ((1, 1, 1), (36, 50, 35)),
+        ((1, 1, 1), (300, 300, 300)),
+        ((3.0, 0.8, 0.8), (60, 512, 512)),
+        ((0.7, 0.7, 0.7), (512, 512, 700)),
+    ],
+)
 def test_plan_configuration_respects_budget(no_hang, budget, spacing, median):
     b = BUDGETS[budget]
     cfg = plan_configuration("3d_fullres", spacing, median, 100, 1, b)
@@ -202,8 +223,7 @@ def test_make_plan_unknown_budget():
 
 # ----------------------------------------------------------------------------- normalisation plan
 def test_plan_normalization_ct_and_mask():
-    fp = fingerprint([[1, 1, 1]] * 3, [[20, 20, 20]] * 3, crop_fraction=0.5,
-                     intensity=(CT_STATS, MR_STATS, MR_STATS))
+    fp = fingerprint([[1, 1, 1]] * 3, [[20, 20, 20]] * 3, crop_fraction=0.5, intensity=(CT_STATS, MR_STATS, MR_STATS))
     norms = plan_normalization(info(("CT", "T2", "noNorm")), fp)
     assert norms[0] == Normalization("ct", False, -950.0, 1200.0, 40.0, 100.0)
     assert norms[1] == Normalization("zscore", True)

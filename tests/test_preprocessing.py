@@ -28,7 +28,7 @@ from medseg.preprocessing.resampling import (
 def sphere(shape, center, radius, spacing=(1.0, 1.0, 1.0)) -> np.ndarray:
     """Boolean ball of ``radius`` mm around ``center`` (voxel units) on a grid with ``spacing``."""
     grids = np.meshgrid(*[(np.arange(n) - c) * s for n, c, s in zip(shape, center, spacing)], indexing="ij")
-    return sum(g ** 2 for g in grids) <= radius ** 2
+    return sum(g**2 for g in grids) <= radius**2
 
 
 # ----------------------------------------------------------------------------- cropping
@@ -69,13 +69,13 @@ def test_nonzero_mask_multichannel_and_holes():
     image = np.zeros((2, 9, 9, 9), np.float32)
     image[0, 1:8, 1:8, 1:8] = 1.0
     image[0, 3:6, 3:6, 3:6] = 0.0  # enclosed hole: filled
-    image[1, 0, 0, 0] = -2.0       # only the second channel is non-zero here (negative counts)
+    image[1, 0, 0, 0] = -2.0  # only the second channel is non-zero here (negative counts)
     m = nonzero_mask(image)
     assert m[4, 4, 4] and m[0, 0, 0]
-    assert m.sum() == 7 ** 3 + 1
+    assert m.sum() == 7**3 + 1
     cropped, _, bbox, mask = crop_to_nonzero(image)
     assert bbox == ((0, 8), (0, 8), (0, 8))
-    assert mask.sum() == 7 ** 3 + 1
+    assert mask.sum() == 7**3 + 1
 
 
 # ----------------------------------------------------------------------------- resampling
@@ -97,8 +97,8 @@ def test_anisotropic_axis():
     assert anisotropic_axis((5, 0.8, 0.8)) == 0
     assert anisotropic_axis((0.8, 0.8, 5)) == 2
     assert anisotropic_axis((1, 1, 1)) is None
-    assert anisotropic_axis((3, 1, 1)) is None       # exactly 3x: not anisotropic
-    assert anisotropic_axis((5, 5, 0.8)) is None     # two coarse axes: no single slice axis
+    assert anisotropic_axis((3, 1, 1)) is None  # exactly 3x: not anisotropic
+    assert anisotropic_axis((5, 5, 0.8)) is None  # two coarse axes: no single slice axis
 
 
 def test_resample_image_identity(rng):
@@ -126,7 +126,7 @@ def test_resample_image_shape_and_smooth_function():
 def test_resample_label_keeps_label_set_and_volume():
     lab = np.zeros((24, 24, 24), np.uint8)
     lab[sphere(lab.shape, (11.5, 11.5, 11.5), 7.0)] = 1
-    lab[sphere(lab.shape, (11.5, 11.5, 11.5), 3.5)] = 2   # nested inner class
+    lab[sphere(lab.shape, (11.5, 11.5, 11.5), 3.5)] = 2  # nested inner class
     up = resample_label(lab, (1, 1, 1), (0.5, 0.5, 0.5), num_classes=3)
     assert up.shape == (48, 48, 48) and up.dtype == lab.dtype
     assert set(np.unique(up)) == {0, 1, 2}
@@ -256,13 +256,15 @@ def test_normalize_per_channel(rng):
 # ----------------------------------------------------------------------------- preprocess -> export
 def _plan(spacing, patch=(8, 8, 8), num_classes=3, norm=Normalization("zscore", use_mask=True)):
     cfg = Configuration("3d_fullres", tuple(spacing), (8, 8, 8), patch, 2)
-    return Plan("toy", ("MRI",), {"background": 0, **{f"c{i}": i for i in range(1, num_classes)}}, (norm,),
-                {"3d_fullres": cfg}), cfg
+    return Plan(
+        "toy", ("MRI",), {"background": 0, **{f"c{i}": i for i in range(1, num_classes)}}, (norm,), {"3d_fullres": cfg}
+    ), cfg
 
 
-@pytest.mark.parametrize("spacing,target", [((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
-                                            ((2.0, 1.0, 1.0), (1.0, 1.0, 1.0)),
-                                            ((4.0, 1.0, 1.0), (2.0, 1.0, 1.0))])
+@pytest.mark.parametrize(
+    "spacing,target",
+    [((1.0, 1.0, 1.0), (1.0, 1.0, 1.0)), ((2.0, 1.0, 1.0), (1.0, 1.0, 1.0)), ((4.0, 1.0, 1.0), (2.0, 1.0, 1.0))],
+)
 def test_preprocess_then_export_restores_label(rng, spacing, target):
     shape = (10, 20, 22)
     image = np.zeros((1, *shape), np.float32)
@@ -291,8 +293,12 @@ def test_preprocess_then_export_restores_label(rng, spacing, target):
 
 def test_probabilities_to_native_identity_geometry():
     probs = torch.rand(2, 4, 5, 6)
-    props = {"shape_after_crop": [4, 5, 6], "original_shape": [6, 7, 8], "bbox": [[1, 5], [1, 6], [2, 8]],
-             "separate_z_axis": None}
+    props = {
+        "shape_after_crop": [4, 5, 6],
+        "original_shape": [6, 7, 8],
+        "bbox": [[1, 5], [1, 6], [2, 8]],
+        "separate_z_axis": None,
+    }
     out = probabilities_to_native(probs, props)
     np.testing.assert_allclose(out[:, 1:5, 1:6, 2:8], probs.numpy())
     assert out[0, 0, 0, 0] == 1 and out[1, 0, 0, 0] == 0

@@ -20,8 +20,15 @@ from medseg.training.config import TrainingConfig
 from medseg.training.trainer import STATE_FILE, Trainer
 from medseg.workspace import Workspace
 
-TINY = TrainingConfig(epochs=2, iterations_per_epoch=2, val_iterations=1, num_threads=1, final_validation=False,
-                      model_kwargs={"features": [4, 8, 16, 32]}, checkpoint_every=10)
+TINY = TrainingConfig(
+    epochs=2,
+    iterations_per_epoch=2,
+    val_iterations=1,
+    num_threads=1,
+    final_validation=False,
+    model_kwargs={"features": [4, 8, 16, 32]},
+    checkpoint_every=10,
+)
 
 
 def quiet(*args, **kwargs):
@@ -140,8 +147,17 @@ def _trainer(dataset, ws: Workspace, out: Path, fold, config=TINY) -> Trainer:
     name = load_dataset_json(dataset).name
     plan = Plan.load(ws.plan_path(name))
     pre = ws.preprocessed(name)
-    return Trainer(plan, "3d_fullres", cache_folder(pre, plan.configuration("3d_fullres")), pre, out, fold, config,
-                   raw_folder=dataset, log=quiet)
+    return Trainer(
+        plan,
+        "3d_fullres",
+        cache_folder(pre, plan.configuration("3d_fullres")),
+        pre,
+        out,
+        fold,
+        config,
+        raw_folder=dataset,
+        log=quiet,
+    )
 
 
 def test_custom_splits_are_honoured(prepared, tmp_path):
@@ -169,8 +185,9 @@ def test_custom_splits_are_honoured(prepared, tmp_path):
     t1.cfg = replace(TINY, epochs=1, final_validation=True)
     summary = t1.fit()
     assert sorted(summary["per_case"]) == cases[:2]
-    assert sorted(p.name for p in (tmp_path / "c" / "fold_1" / "validation").glob("*.nii.gz")) == \
-        [f"{c}.nii.gz" for c in cases[:2]]
+    assert sorted(p.name for p in (tmp_path / "c" / "fold_1" / "validation").glob("*.nii.gz")) == [
+        f"{c}.nii.gz" for c in cases[:2]
+    ]
 
     with pytest.raises(DatasetError, match="2 folds"):
         _trainer(dataset, own, tmp_path / "c", 3)

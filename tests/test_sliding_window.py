@@ -18,8 +18,21 @@ from medseg.inference.sliding_window import (
 
 
 # ----------------------------------------------------------------------------- tiling
-@pytest.mark.parametrize("im,t,step", [(10, 4, 0.5), (37, 16, 0.5), (64, 32, 0.5), (33, 32, 0.5), (100, 24, 0.33),
-                                       (50, 50, 0.5), (7, 16, 0.5), (20, 1, 0.5), (9, 3, 1.0), (40, 8, 0.25)])
+@pytest.mark.parametrize(
+    "im,t,step",
+    [
+        (10, 4, 0.5),
+        (37, 16, 0.5),
+        (64, 32, 0.5),
+        (33, 32, 0.5),
+        (100, 24, 0.33),
+        (50, 50, 0.5),
+        (7, 16, 0.5),
+        (20, 1, 0.5),
+        (9, 3, 1.0),
+        (40, 8, 0.25),
+    ],
+)
 def test_tile_starts_cover_the_image(im, t, step):
     (starts,) = tile_starts([im], [t], step)
     assert starts[0] == 0
@@ -32,7 +45,7 @@ def test_tile_starts_cover_the_image(im, t, step):
     assert np.all(diffs <= max(int(np.ceil(t * step)), 1)), "consecutive tiles must overlap by at least 1 - step"
     covered = np.zeros(im, bool)
     for s in starts:
-        covered[s:s + t] = True
+        covered[s : s + t] = True
     assert covered.all()
 
 
@@ -74,11 +87,16 @@ def _identity(x):
     return x.clone()
 
 
-@pytest.mark.parametrize("shape,tile", [((2, 20, 23, 17), (8, 8, 8)),
-                                        ((1, 16, 16, 16), (16, 16, 16)),
-                                        ((2, 5, 7, 6), (8, 8, 8)),       # smaller than the tile: padded
-                                        ((1, 10, 5, 30), (8, 8, 8)),     # mixed: padded along one axis
-                                        ((3, 24, 18), (8, 12))])         # 2d image, 2d tile
+@pytest.mark.parametrize(
+    "shape,tile",
+    [
+        ((2, 20, 23, 17), (8, 8, 8)),
+        ((1, 16, 16, 16), (16, 16, 16)),
+        ((2, 5, 7, 6), (8, 8, 8)),  # smaller than the tile: padded
+        ((1, 10, 5, 30), (8, 8, 8)),  # mixed: padded along one axis
+        ((3, 24, 18), (8, 12)),
+    ],
+)  # 2d image, 2d tile
 @pytest.mark.parametrize("gaussian", [True, False])
 def test_identity_predictor_reproduces_input(shape, tile, gaussian):
     g = torch.Generator().manual_seed(0)

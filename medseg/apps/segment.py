@@ -3,13 +3,23 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
-
-import numpy as np
 
 
-def run_predict(model, input, output, *, folds=None, tta=True, step=0.5, device="auto", probabilities=False,
-                largest_component=False, overlay=False, overwrite=False, echo=print) -> list[dict]:
+def run_predict(
+    model,
+    input,
+    output,
+    *,
+    folds=None,
+    tta=True,
+    step=0.5,
+    device="auto",
+    probabilities=False,
+    largest_component=False,
+    overlay=False,
+    overwrite=False,
+    echo=print,
+) -> list[dict]:
     from medseg.evaluation.report import overlay_png, structure_volumes, write_volumes_table
     from medseg.inference.predictor import Predictor
     from medseg.io.dataset import cases_from_input
@@ -20,8 +30,9 @@ def run_predict(model, input, output, *, folds=None, tta=True, step=0.5, device=
     output = check_writable_dir(output)  # created only once a case is predicted
     predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step)
     cases = cases_from_input(input, predictor.spec.in_channels)
-    results = predictor.predict_cases(cases, output, overwrite=overwrite, save_probabilities=probabilities,
-                                      largest_component=largest_component)
+    results = predictor.predict_cases(
+        cases, output, overwrite=overwrite, save_probabilities=probabilities, largest_component=largest_component
+    )
     labels = predictor.spec.labels
     rows = []
     for case, res in zip(cases, results):
@@ -31,18 +42,31 @@ def run_predict(model, input, output, *, folds=None, tta=True, step=0.5, device=
         res["volumes_ml"] = {k: round(v["volume_ml"], 4) for k, v in vols.items()}
         if overlay:
             image, _ = read_image(case.images[0])
-            res["overlay"] = str(overlay_png(image, seg, meta.spacing, output / f"{case.name}_overlay.png"))
+            res["overlay"] = str(
+                overlay_png(image, seg, meta.spacing, output / f"{case.name}_overlay.png", labels=labels)
+            )
     write_volumes_table(output / "volumes.csv", rows)
     elapsed = time.perf_counter() - t0
     from medseg import __version__
 
-    write_json(output / "manifest.json", {"medseg_version": __version__, "model": str(model),
-                                          "folds": predictor.folds, "tta": tta, "step": step,
-                                          "device": str(predictor.device), "seconds": round(elapsed, 2),
-                                          "cases": results})
+    write_json(
+        output / "manifest.json",
+        {
+            "medseg_version": __version__,
+            "model": str(model),
+            "folds": predictor.folds,
+            "tta": tta,
+            "step": step,
+            "device": str(predictor.device),
+            "seconds": round(elapsed, 2),
+            "cases": results,
+        },
+    )
     done = [r for r in results if not r["skipped"]]
-    echo(f"{len(results)} case(s) -> {output}  ({len(done)} predicted, {len(results) - len(done)} already done; "
-         f"{elapsed:.1f} s, TTA {'on' if tta else 'off'}, folds {','.join(predictor.folds)}, {predictor.device})")
+    echo(
+        f"{len(results)} case(s) -> {output}  ({len(done)} predicted, {len(results) - len(done)} already done; "
+        f"{elapsed:.1f} s, TTA {'on' if tta else 'off'}, folds {','.join(predictor.folds)}, {predictor.device})"
+    )
     names = [n for n, _ in sorted(labels.items(), key=lambda kv: kv[1]) if labels[n] != 0]
     echo(f"{'case':24s}" + "".join(f"{n + ' (mL)':>18s}" for n in names))
     for case, vols in rows:

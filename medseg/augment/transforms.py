@@ -36,14 +36,25 @@ class AugmentConfig:
     p_gamma_inverted: float = 0.1
     p_gamma: float = 0.3
     gamma_range: tuple[float, float] = (0.7, 1.5)
-    mirror_axes: tuple[int, ...] | None = None   # spatial axes; None = all
+    mirror_axes: tuple[int, ...] | None = None  # spatial axes; None = all
     p_mirror: float = 0.5
-    rotate_inplane_only: bool = False           # anisotropic data: rotate around the first axis only
-    region_margin: float = 1.4                   # sampling region / patch, gives rotations real context
+    rotate_inplane_only: bool = False  # anisotropic data: rotate around the first axis only
+    region_margin: float = 1.4  # sampling region / patch, gives rotations real context
 
 
-NO_AUGMENTATION = AugmentConfig(p_rotation=0, p_scale=0, p_noise=0, p_blur=0, p_brightness=0, p_contrast=0,
-                                p_lowres=0, p_gamma_inverted=0, p_gamma=0, p_mirror=0, region_margin=1.0)
+NO_AUGMENTATION = AugmentConfig(
+    p_rotation=0,
+    p_scale=0,
+    p_noise=0,
+    p_blur=0,
+    p_brightness=0,
+    p_contrast=0,
+    p_lowres=0,
+    p_gamma_inverted=0,
+    p_gamma=0,
+    p_mirror=0,
+    region_margin=1.0,
+)
 
 
 def _rand(n, lo, hi, g, device):
@@ -92,8 +103,11 @@ def spatial_transform(image, seg, patch_size, cfg: AugmentConfig, g: torch.Gener
     do_rot = torch.rand(b, generator=g) < cfg.p_rotation
     angles = (torch.rand(b, n_ang, generator=g) * 2 - 1) * math.radians(max_deg) * do_rot[:, None]
     do_scale = torch.rand(b, generator=g) < cfg.p_scale
-    scale = torch.where(do_scale, torch.rand(b, generator=g) * (cfg.scale_range[1] - cfg.scale_range[0])
-                        + cfg.scale_range[0], torch.ones(b))
+    scale = torch.where(
+        do_scale,
+        torch.rand(b, generator=g) * (cfg.scale_range[1] - cfg.scale_range[0]) + cfg.scale_range[0],
+        torch.ones(b),
+    )
     theta = affine_theta(angles, scale, image.shape[2:], patch_size, cfg.rotate_inplane_only).to(image.device)
     identity = ~(do_rot | do_scale)
     if bool(identity.all()):  # pure centre crop: exact slicing, no interpolation
@@ -123,7 +137,7 @@ def gaussian_blur(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         t = torch.arange(-radius, radius + 1, dtype=x.dtype, device=x.device)
         k = torch.exp(-0.5 * (t / s) ** 2)
         k = k / k.sum()
-        xi = x[i:i + 1].transpose(0, 1)  # channels as batch: (C, 1, *spatial)
+        xi = x[i : i + 1].transpose(0, 1)  # channels as batch: (C, 1, *spatial)
         for axis in range(dim):
             shape = [1, 1] + [1] * dim
             shape[2 + axis] = len(k)
@@ -183,9 +197,9 @@ def intensity_transforms(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator
             zoom = _rand(b, *cfg.lowres_zoom, g, "cpu")
             for i in torch.nonzero(do).flatten().tolist():
                 size = [max(1, int(round(s * float(zoom[i])))) for s in x.shape[2:]]
-                small = F.interpolate(x[i:i + 1], size=size, mode="nearest")
+                small = F.interpolate(x[i : i + 1], size=size, mode="nearest")
                 mode = "trilinear" if dim == 3 else "bilinear"
-                x[i:i + 1] = F.interpolate(small, size=x.shape[2:], mode=mode, align_corners=False)
+                x[i : i + 1] = F.interpolate(small, size=x.shape[2:], mode=mode, align_corners=False)
     for invert, p in ((True, cfg.p_gamma_inverted), (False, cfg.p_gamma)):
         if p > 0:
             do = coin(p)
@@ -207,8 +221,9 @@ def mirror(image, seg, cfg: AugmentConfig, g: torch.Generator):
     return image, seg
 
 
-def augment_batch(image: torch.Tensor, seg: torch.Tensor, patch_size, cfg: AugmentConfig,
-                  g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def augment_batch(
+    image: torch.Tensor, seg: torch.Tensor, patch_size, cfg: AugmentConfig, g: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, C, *region) image and (B, 1, *region) seg -> augmented (B, C, *patch) pair."""
     image, seg = spatial_transform(image, seg, patch_size, cfg, g)
     image = intensity_transforms(image, cfg, g)

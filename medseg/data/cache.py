@@ -17,8 +17,8 @@ SPLIT_SEED = 12345
 @dataclass
 class CachedCase:
     name: str
-    data: np.ndarray          # (C, *spatial) float32
-    seg: np.ndarray           # (*spatial) integer
+    data: np.ndarray  # (C, *spatial) float32
+    seg: np.ndarray  # (*spatial) integer
     fg: dict[int, np.ndarray]  # class -> (N, ndim) voxel coordinates
 
 
@@ -46,12 +46,18 @@ def make_splits(names: list[str], n_folds: int = 5, seed: int = SPLIT_SEED) -> l
     names = sorted(names)
     order = np.random.default_rng(seed).permutation(len(names))
     folds = np.array_split(order, n_folds)
-    return [{"train": sorted(names[i] for j, f in enumerate(folds) if j != k for i in f),
-             "val": sorted(names[i] for i in folds[k])} for k in range(n_folds)]
+    return [
+        {
+            "train": sorted(names[i] for j, f in enumerate(folds) if j != k for i in f),
+            "val": sorted(names[i] for i in folds[k]),
+        }
+        for k in range(n_folds)
+    ]
 
 
-def get_split(preprocessed_dir: Path, names: list[str], fold: int | str, *,
-              write: bool = True) -> tuple[list[str], list[str]]:
+def get_split(
+    preprocessed_dir: Path, names: list[str], fold: int | str, *, write: bool = True
+) -> tuple[list[str], list[str]]:
     """Train/val case names for ``fold``; ``splits_final.json`` is created once and honoured if edited.
 
     ``write=False`` (non-zero DDP ranks) computes the default split without writing it."""

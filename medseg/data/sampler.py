@@ -43,8 +43,16 @@ class PatchSampler:
     first axis is taken and the returned arrays are 2D.
     """
 
-    def __init__(self, cases: list[CachedCase], patch_size, batch_size: int, *, margin: float = 1.0,
-                 oversample_foreground: float = 0.33, seed: int = 0):
+    def __init__(
+        self,
+        cases: list[CachedCase],
+        patch_size,
+        batch_size: int,
+        *,
+        margin: float = 1.0,
+        oversample_foreground: float = 0.33,
+        seed: int = 0,
+    ):
         self.cases = cases
         self.patch_size = tuple(patch_size)
         self.batch_size = batch_size

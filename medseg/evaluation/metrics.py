@@ -16,15 +16,14 @@ from scipy import ndimage
 
 from medseg.errors import DatasetError
 from medseg.io.image import read_image
-from medseg.io.verify import grid_problem, label_value_problem
 from medseg.io.jsonio import write_json, write_text_atomic
+from medseg.io.verify import grid_problem, label_value_problem
 
 
 def _surface(mask: np.ndarray) -> np.ndarray:
     if not mask.any():
         return mask
-    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1),
-                                    border_value=0)
+    eroded = ndimage.binary_erosion(mask, structure=ndimage.generate_binary_structure(mask.ndim, 1), border_value=0)
     return mask & ~eroded
 
 
@@ -57,14 +56,25 @@ def binary_metrics(pred: np.ndarray, ref: np.ndarray, spacing, nsd_tolerance_mm:
         d_pr, d_rp = surface_distances(pred, ref, spacing)
         hd95 = float(max(np.percentile(d_pr, 95), np.percentile(d_rp, 95)))
         nsd = float(((d_pr <= nsd_tolerance_mm).sum() + (d_rp <= nsd_tolerance_mm).sum()) / (len(d_pr) + len(d_rp)))
-    return {"dice": float(dice), "iou": float(iou), "hd95": hd95, "nsd": nsd, "tp": tp, "fp": fp, "fn": fn,
-            "n_pred": n_pred, "n_ref": n_ref}
+    return {
+        "dice": float(dice),
+        "iou": float(iou),
+        "hd95": hd95,
+        "nsd": nsd,
+        "tp": tp,
+        "fp": fp,
+        "fn": fn,
+        "n_pred": n_pred,
+        "n_ref": n_ref,
+    }
 
 
-def evaluate_case(pred: np.ndarray, ref: np.ndarray, spacing, labels: dict[str, int],
-                  nsd_tolerance_mm: float = 1.0) -> dict[str, dict]:
-    return {name: binary_metrics(pred == v, ref == v, spacing, nsd_tolerance_mm)
-            for name, v in labels.items() if v != 0}
+def evaluate_case(
+    pred: np.ndarray, ref: np.ndarray, spacing, labels: dict[str, int], nsd_tolerance_mm: float = 1.0
+) -> dict[str, dict]:
+    return {
+        name: binary_metrics(pred == v, ref == v, spacing, nsd_tolerance_mm) for name, v in labels.items() if v != 0
+    }
 
 
 def _mean(values):
@@ -89,20 +99,40 @@ def to_csv(per_case: dict[str, dict[str, dict]]) -> str:
     w.writerow(["case", "class", "dice", "iou", "hd95_mm", "nsd", "n_pred", "n_ref"])
     for case, classes in sorted(per_case.items()):
         for c, m in classes.items():
-            w.writerow([case, c, f"{m['dice']:.6f}", f"{m['iou']:.6f}", "" if m["hd95"] is None else f"{m['hd95']:.4f}",
-                        f"{m['nsd']:.6f}", m["n_pred"], m["n_ref"]])
+            w.writerow(
+                [
+                    case,
+                    c,
+                    f"{m['dice']:.6f}",
+                    f"{m['iou']:.6f}",
+                    "" if m["hd95"] is None else f"{m['hd95']:.4f}",
+                    f"{m['nsd']:.6f}",
+                    m["n_pred"],
+                    m["n_ref"],
+                ]
+            )
     return buf.getvalue()
 
 
-def evaluate_folder(pred_dir: str | Path, ref_dir: str | Path, labels: dict[str, int], *, names=None,
-                    file_ending: str = ".nii.gz", nsd_tolerance_mm: float = 1.0, output: str | Path | None = None,
-                    progress: bool = False) -> dict:
+def evaluate_folder(
+    pred_dir: str | Path,
+    ref_dir: str | Path,
+    labels: dict[str, int],
+    *,
+    names=None,
+    file_ending: str = ".nii.gz",
+    nsd_tolerance_mm: float = 1.0,
+    output: str | Path | None = None,
+    progress: bool = False,
+) -> dict:
     """Compare every ``pred_dir/CASE.ext`` to ``ref_dir/CASE.ext``; writes JSON (+ CSV beside it)."""
     from medseg.utils import track
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
     if names is None:
-        names = sorted(p.name[: -len(file_ending)] for p in pred_dir.glob(f"*{file_ending}") if not p.name.startswith("."))
+        names = sorted(
+            p.name[: -len(file_ending)] for p in pred_dir.glob(f"*{file_ending}") if not p.name.startswith(".")
+        )
     if not names:
         raise DatasetError(pred_dir, f"no predictions ending in {file_ending}")
     per_case = {}

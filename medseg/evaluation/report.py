@@ -10,17 +10,35 @@ import numpy as np
 
 from medseg.io.jsonio import write_text_atomic
 
-PALETTE = [(0, 0, 0), (230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48),
-           (145, 30, 180), (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212), (0, 128, 128)]
+PALETTE = [
+    (0, 0, 0),
+    (230, 25, 75),
+    (60, 180, 75),
+    (255, 225, 25),
+    (0, 130, 200),
+    (245, 130, 48),
+    (145, 30, 180),
+    (70, 240, 240),
+    (240, 50, 230),
+    (210, 245, 60),
+    (250, 190, 212),
+    (0, 128, 128),
+]
 
 
 def structure_volumes(seg: np.ndarray, spacing, labels: dict[str, int]) -> dict[str, dict]:
     """Voxel count and volume (mm3, mL) for every labelled structure."""
     voxel_mm3 = float(np.prod(spacing))
     counts = np.bincount(seg.ravel().astype(np.int64), minlength=max(labels.values()) + 1)
-    return {name: {"voxels": int(counts[v]), "volume_mm3": counts[v] * voxel_mm3,
-                   "volume_ml": counts[v] * voxel_mm3 / 1000.0}
-            for name, v in sorted(labels.items(), key=lambda kv: kv[1]) if v != 0}
+    return {
+        name: {
+            "voxels": int(counts[v]),
+            "volume_mm3": counts[v] * voxel_mm3,
+            "volume_ml": counts[v] * voxel_mm3 / 1000.0,
+        }
+        for name, v in sorted(labels.items(), key=lambda kv: kv[1])
+        if v != 0
+    }
 
 
 def volumes_csv(rows: list[tuple[str, dict[str, dict]]]) -> str:
@@ -38,13 +56,22 @@ def _window(img: np.ndarray) -> np.ndarray:
     return (np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
-def overlay_png(image: np.ndarray, seg: np.ndarray, spacing, path: str | Path, *, size: int = 256,
-                alpha: float = 0.45) -> Path:
+def overlay_png(
+    image: np.ndarray,
+    seg: np.ndarray,
+    spacing,
+    path: str | Path,
+    *,
+    size: int = 256,
+    alpha: float = 0.45,
+    labels: dict[str, int] | None = None,
+) -> Path:
     """Axial, coronal and sagittal slices through the label centroid, labels blended in colour.
 
-    Slices are resized with the voxel spacing so anatomy keeps its physical aspect ratio.
+    Slices are resized with the voxel spacing so anatomy keeps its physical aspect ratio. With
+    ``labels`` (name -> value), a legend strip names each colour.
     """
-    from PIL import Image
+    from PIL import Image, ImageDraw
 
     fg = np.argwhere(seg > 0)
     center = fg.mean(0).round().astype(int) if len(fg) else np.array(seg.shape) // 2
@@ -67,11 +94,19 @@ def overlay_png(image: np.ndarray, seg: np.ndarray, spacing, path: str | Path, *
         im = Image.fromarray(rgb.astype(np.uint8)[::-1] if axis != 0 else rgb.astype(np.uint8))
         im = im.resize((max(1, int(cols_mm * scale)), max(1, int(rows_mm * scale))), Image.NEAREST)
         panels.append(im)
-    canvas = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), size))
+    legend = [(n, v) for n, v in (labels or {}).items() if int(v) != 0]
+    strip = 18 if legend else 0
+    canvas = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), size + strip))
     x = 0
     for p in panels:
         canvas.paste(p, (x, (size - p.height) // 2))
         x += p.width + 8
+    draw, x = ImageDraw.Draw(canvas), 4
+    for name, value in legend:
+        colour = tuple(PALETTE[int(value) % len(PALETTE)])
+        draw.rectangle((x, size + 4, x + 10, size + 14), fill=colour)
+        draw.text((x + 14, size + 3), str(name), fill=(255, 255, 255))
+        x += 14 + int(draw.textlength(str(name))) + 12
     path = Path(path)
     tmp = path.with_name(f".{path.name}.part.png")
     canvas.save(tmp)

@@ -21,8 +21,9 @@ def probabilities_to_native(probs: torch.Tensor, props: dict) -> np.ndarray:
             mode = "trilinear" if probs.ndim == 4 else "bilinear"
             probs = F.interpolate(probs[None], size=crop_shape, mode=mode, align_corners=False)[0]
         else:
-            probs = torch.from_numpy(resample_probabilities(probs.cpu().numpy(), crop_shape,
-                                                            separate_z_axis=props["separate_z_axis"]))
+            probs = torch.from_numpy(
+                resample_probabilities(probs.cpu().numpy(), crop_shape, separate_z_axis=props["separate_z_axis"])
+            )
     probs = probs.cpu().numpy()
     full = tuple(props["original_shape"])
     out = np.zeros((probs.shape[0], *full), dtype=np.float32)

@@ -14,11 +14,11 @@ import numpy as np
 import torch
 
 from medseg.errors import CheckpointError
+from medseg.inference.export import segmentation_from_logits
+from medseg.inference.sliding_window import sliding_window_predict
 from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_weights
 from medseg.io.dataset import Case
 from medseg.io.image import ImageMeta, ensure_writable_dir, read_image, write_image
-from medseg.inference.export import segmentation_from_logits
-from medseg.inference.sliding_window import sliding_window_predict
 from medseg.preprocessing.pipeline import preprocess_array
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
@@ -39,8 +39,11 @@ def resolve_model(model: str | Path) -> Path:
 def _state_dict_mismatch(exc: RuntimeError) -> str:
     """torch's multi-line load_state_dict error, condensed to its first problem."""
     text = str(exc)
-    sizes = re.findall(r"size mismatch for ([^:]+): copying a param with shape torch.Size\(\[([^\]]*)\]\) from "
-                       r"checkpoint, the shape in current model is torch.Size\(\[([^\]]*)\]\)", text)
+    sizes = re.findall(
+        r"size mismatch for ([^:]+): copying a param with shape torch.Size\(\[([^\]]*)\]\) from "
+        r"checkpoint, the shape in current model is torch.Size\(\[([^\]]*)\]\)",
+        text,
+    )
     if sizes:
         name, saved, built = sizes[0]
         more = f" and {len(sizes) - 1} more" if len(sizes) > 1 else ""
@@ -50,9 +53,18 @@ def _state_dict_mismatch(exc: RuntimeError) -> str:
 
 
 class Predictor:
-    def __init__(self, spec: ModelSpec, fold_weights: dict[str, dict], *, device: str = "auto", tta: bool = True,
-                 step: float = 0.5, tile_batch: int | None = None, num_threads: int | None = None,
-                 source: str | Path | None = None):
+    def __init__(
+        self,
+        spec: ModelSpec,
+        fold_weights: dict[str, dict],
+        *,
+        device: str = "auto",
+        tta: bool = True,
+        step: float = 0.5,
+        tile_batch: int | None = None,
+        num_threads: int | None = None,
+        source: str | Path | None = None,
+    ):
         """``source``: the model folder, so that errors name the file at fault."""
         from medseg.training.trainer import resolve_device
 
@@ -68,18 +80,23 @@ class Predictor:
             try:
                 net = spec.build(deep_supervision=False)
             except ImportError as exc:
-                raise CheckpointError(root / "model.json", f"model '{spec.model}' needs a missing optional "
-                                                           f"dependency ({exc})") from None
+                raise CheckpointError(
+                    root / "model.json", f"model '{spec.model}' needs a missing optional dependency ({exc})"
+                ) from None
             except (KeyError, TypeError, ValueError) as exc:
                 detail = str(exc).strip("'")[:200]  # KeyError quotes its message
-                raise CheckpointError(root / "model.json", f"cannot build model '{spec.model}' from its spec "
-                                                           f"({detail})") from None
+                raise CheckpointError(
+                    root / "model.json", f"cannot build model '{spec.model}' from its spec ({detail})"
+                ) from None
             try:
                 net.load_state_dict(weights)
             except RuntimeError as exc:
                 # the weights passed their sha256 check, so model.json is the likelier culprit
-                raise CheckpointError(root / "model.json", f"weights in fold_{fold}/model.safetensors do not match "
-                                                           f"the model spec ({_state_dict_mismatch(exc)})") from None
+                raise CheckpointError(
+                    root / "model.json",
+                    f"weights in fold_{fold}/model.safetensors do not match "
+                    f"the model spec ({_state_dict_mismatch(exc)})",
+                ) from None
             self.models.append(net.to(self.device).eval())
         self.folds = list(fold_weights)
         self.tta = tta
@@ -91,7 +108,7 @@ class Predictor:
         self.mirror_axes = (0, 1, 2) if dims == 3 else (1, 2)
 
     @classmethod
-    def from_folder(cls, model: str | Path, folds=None, **kwargs) -> "Predictor":
+    def from_folder(cls, model: str | Path, folds=None, **kwargs) -> Predictor:
         folder = resolve_model(model)
         spec = load_spec(folder)
         folds = [str(f) for f in folds] if folds else available_folds(folder)
@@ -114,9 +131,15 @@ class Predictor:
         """(C, z, y, x) image in its native geometry -> (label map, probabilities or None)."""
         data, _, props = preprocess_array(image, meta, self.plan, self.conf)
         x = torch.from_numpy(data).to(self.device)
-        logits = sliding_window_predict(x, self._predict_tiles, self.tile, self.spec.num_classes, step=self.step,
-                                        mirror_axes=self.mirror_axes if self.tta else (),
-                                        tile_batch=self.tile_batch)
+        logits = sliding_window_predict(
+            x,
+            self._predict_tiles,
+            self.tile,
+            self.spec.num_classes,
+            step=self.step,
+            mirror_axes=self.mirror_axes if self.tta else (),
+            tile_batch=self.tile_batch,
+        )
         return segmentation_from_logits(logits, props, return_probabilities=return_probabilities)
 
     def read_case(self, case: Case) -> tuple[np.ndarray, ImageMeta]:
@@ -126,22 +149,32 @@ class Predictor:
         from medseg.io.verify import grid_problem, nonfinite_problem
 
         if len(case.images) != self.spec.in_channels:
-            raise DatasetError(case.images[0], f"{len(case.images)} channel(s) given; "
-                                               f"the model needs {self.spec.in_channels}")
+            raise DatasetError(
+                case.images[0], f"{len(case.images)} channel(s) given; the model needs {self.spec.in_channels}"
+            )
         arrays, meta = [], None
         for f in case.images:
             arr, m = read_image(f)
-            reason = nonfinite_problem(arr) or (grid_problem(m, meta, f"channel 0 ({case.images[0].name})")
-                                                if meta else None)
+            reason = nonfinite_problem(arr) or (
+                grid_problem(m, meta, f"channel 0 ({case.images[0].name})") if meta else None
+            )
             if reason:
                 raise ImageReadError(f, reason)
             meta = meta or m
             arrays.append(arr.astype(np.float32, copy=False))
         return np.stack(arrays), meta
 
-    def predict_cases(self, cases: list[Case], out_dir: str | Path, *, overwrite: bool = False,
-                      save_probabilities: bool = False, largest_component: bool = False,
-                      file_ending: str = ".nii.gz", progress: bool = True) -> list[dict]:
+    def predict_cases(
+        self,
+        cases: list[Case],
+        out_dir: str | Path,
+        *,
+        overwrite: bool = False,
+        save_probabilities: bool = False,
+        largest_component: bool = False,
+        file_ending: str = ".nii.gz",
+        progress: bool = True,
+    ) -> list[dict]:
         """Predict and write ``OUT/CASE.nii.gz``; cases already written are skipped unless overwrite."""
         from medseg.inference.postprocess import keep_largest_component
         from medseg.utils import track
@@ -166,14 +199,24 @@ class Predictor:
                 final = out_dir / f"{case.name}_probabilities.npz"
                 tmp = out_dir / f".{case.name}_probabilities.part.npz"
                 try:
-                    np.savez_compressed(tmp, probabilities=probs.astype(np.float16),
-                                        labels=np.array(sorted(self.spec.labels, key=self.spec.labels.get)))
+                    np.savez_compressed(
+                        tmp,
+                        probabilities=probs.astype(np.float16),
+                        labels=np.array(sorted(self.spec.labels, key=self.spec.labels.get)),
+                    )
                     os.replace(tmp, final)
                 except OSError as exc:
                     tmp.unlink(missing_ok=True)
                     raise OutputError(final, f"cannot write ({exc.strerror or exc})") from None
             write_image(seg, meta, target)
-            results.append({"case": case.name, "output": str(target), "skipped": False,
-                            "seconds": round(time.perf_counter() - t0, 3), "spacing": list(meta.spacing),
-                            "voxel_counts": {int(k): int(v) for k, v in zip(*np.unique(seg, return_counts=True))}})
+            results.append(
+                {
+                    "case": case.name,
+                    "output": str(target),
+                    "skipped": False,
+                    "seconds": round(time.perf_counter() - t0, 3),
+                    "spacing": list(meta.spacing),
+                    "voxel_counts": {int(k): int(v) for k, v in zip(*np.unique(seg, return_counts=True))},
+                }
+            )
         return results

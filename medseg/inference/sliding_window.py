@@ -53,10 +53,19 @@ def mirror_combinations(axes) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
-def sliding_window_predict(image: torch.Tensor, predict_tiles: Callable[[torch.Tensor], torch.Tensor],
-                           tile_size, num_classes: int, *, step: float = 0.5, gaussian: bool = True,
-                           mirror_axes=(), tile_batch: int = 1, output_device=None,
-                           progress: Callable[[int], None] | None = None) -> torch.Tensor:
+def sliding_window_predict(
+    image: torch.Tensor,
+    predict_tiles: Callable[[torch.Tensor], torch.Tensor],
+    tile_size,
+    num_classes: int,
+    *,
+    step: float = 0.5,
+    gaussian: bool = True,
+    mirror_axes=(),
+    tile_batch: int = 1,
+    output_device=None,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
     """Logits (K, *spatial) for a (C, *spatial) image.
 
     ``mirror_axes``: spatial axes for mirror test-time augmentation; the logits of all
@@ -77,10 +86,12 @@ def sliding_window_predict(image: torch.Tensor, predict_tiles: Callable[[torch.T
     logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=out_dev)
     norm = torch.zeros(padded, dtype=torch.float32, device=out_dev)
     flips = mirror_combinations(mirror_axes)
-    slicers = [tuple(slice(s, s + t) for s, t in zip(start, tile_size))
-               for start in itertools.product(*tile_starts(padded, tile_size, step))]
+    slicers = [
+        tuple(slice(s, s + t) for s, t in zip(start, tile_size))
+        for start in itertools.product(*tile_starts(padded, tile_size, step))
+    ]
     for i in range(0, len(slicers), tile_batch):
-        chunk = slicers[i:i + tile_batch]
+        chunk = slicers[i : i + tile_batch]
         batch = torch.stack([image[(slice(None), *sl)] for sl in chunk])
         pred = None
         for flip in flips:

@@ -41,22 +41,38 @@ class ModelSpec:
     description: str = ""
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "format_version": FORMAT_VERSION, "medseg_version": self.medseg_version,
-                "model": self.model, "model_kwargs": self.model_kwargs, "in_channels": self.in_channels,
-                "num_classes": self.num_classes, "labels": self.labels, "configuration": self.configuration,
-                "description": self.description, "plan": self.plan.to_json()}
+        return {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "medseg_version": self.medseg_version,
+            "model": self.model,
+            "model_kwargs": self.model_kwargs,
+            "in_channels": self.in_channels,
+            "num_classes": self.num_classes,
+            "labels": self.labels,
+            "configuration": self.configuration,
+            "description": self.description,
+            "plan": self.plan.to_json(),
+        }
 
     @classmethod
-    def from_json(cls, d: dict, source: Path) -> "ModelSpec":
+    def from_json(cls, d: dict, source: Path) -> ModelSpec:
         if d.get("format") != FORMAT:
-            raise CheckpointError(source, "not a medseg model spec (missing \"format\": \"medseg-model\")")
+            raise CheckpointError(source, 'not a medseg model spec (missing "format": "medseg-model")')
         if d.get("format_version", 0) > FORMAT_VERSION:
             raise CheckpointError(source, "model folder written by a newer medseg; upgrade medseg")
         try:
-            return cls(model=d["model"], model_kwargs=d["model_kwargs"], in_channels=int(d["in_channels"]),
-                       num_classes=int(d["num_classes"]), labels={k: int(v) for k, v in d["labels"].items()},
-                       plan=Plan.from_json(d["plan"], source), configuration=d["configuration"],
-                       medseg_version=d.get("medseg_version", "?"), description=d.get("description", ""))
+            return cls(
+                model=d["model"],
+                model_kwargs=d["model_kwargs"],
+                in_channels=int(d["in_channels"]),
+                num_classes=int(d["num_classes"]),
+                labels={k: int(v) for k, v in d["labels"].items()},
+                plan=Plan.from_json(d["plan"], source),
+                configuration=d["configuration"],
+                medseg_version=d.get("medseg_version", "?"),
+                description=d.get("description", ""),
+            )
         except KeyError as exc:
             raise CheckpointError(source, f"model spec lacks key {exc}") from None
 
@@ -109,8 +125,11 @@ def save_weights(fold_dir: Path, state_dict: dict, *, info: dict | None = None) 
 
 
 def available_folds(folder: Path) -> list[str]:
-    return sorted(p.name[len("fold_"):] for p in Path(folder).glob("fold_*") if (p / "model.safetensors").exists()
-                  or (p / "checkpoint.json").exists())
+    return sorted(
+        p.name[len("fold_") :]
+        for p in Path(folder).glob("fold_*")
+        if (p / "model.safetensors").exists() or (p / "checkpoint.json").exists()
+    )
 
 
 def load_weights(fold_dir: Path) -> dict[str, torch.Tensor]:

@@ -101,8 +101,9 @@ def _group_channels(folder: Path, ending: str) -> dict[str, dict[int, Path]]:
     return cases
 
 
-def list_cases(folder: str | Path, info: DatasetInfo | None = None, *, split: str = "Tr",
-               strict: bool = True) -> list[Case]:
+def list_cases(
+    folder: str | Path, info: DatasetInfo | None = None, *, split: str = "Tr", strict: bool = True
+) -> list[Case]:
     """Cases of ``imagesTr`` (+ ``labelsTr``) or ``imagesTs``.
 
     With ``strict`` a missing channel or label raises; otherwise the case is returned with
@@ -123,8 +124,9 @@ def list_cases(folder: str | Path, info: DatasetInfo | None = None, *, split: st
             raise DatasetError(img_dir / f"{name}_{missing[0]:04d}{info.file_ending}", "missing channel file")
         extra = sorted(i for i in chans if i >= info.num_channels)
         if extra and strict:
-            raise DatasetError(chans[extra[0]],
-                               f"unexpected channel file (dataset.json has {info.num_channels} channel(s))")
+            raise DatasetError(
+                chans[extra[0]], f"unexpected channel file (dataset.json has {info.num_channels} channel(s))"
+            )
         label = folder / f"labels{split}" / f"{name}{info.file_ending}"
         if split == "Tr" and not label.is_file():
             if strict:
@@ -147,7 +149,9 @@ def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
         raise DatasetError(path, "input not found")
     if path.is_file():
         if num_channels != 1:
-            raise DatasetError(path, f"model needs {num_channels} channels; pass a folder with CASE_0000..CASE_{num_channels - 1:04d}")
+            raise DatasetError(
+                path, f"model needs {num_channels} channels; pass a folder with CASE_0000..CASE_{num_channels - 1:04d}"
+            )
         return [Case(strip_suffix(path), (path,), None)]
     if is_dicom_folder(path):
         return [Case(path.name, (path,), None)]
@@ -157,8 +161,9 @@ def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
         m = _CHANNEL.match(strip_suffix(f))
         name, ch = (m["case"], int(m["ch"])) if m else (strip_suffix(f), 0)
         if ch in grouped.setdefault(name, {}):
-            raise DatasetError(f, f"clashes with {grouped[name][ch].name} "
-                                  f"(both would be channel {ch} of case '{name}')")
+            raise DatasetError(
+                f, f"clashes with {grouped[name][ch].name} (both would be channel {ch} of case '{name}')"
+            )
         grouped[name][ch] = f
     cases = []
     for name, chans in sorted(grouped.items()):
@@ -167,8 +172,11 @@ def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
             name, chans = strip_suffix(f), {0: f}
         if sorted(chans) != list(range(num_channels)):
             found = ", ".join(f"_{c:04d}" for c in sorted(chans))
-            raise DatasetError(path / name, f"has {len(chans)} channel file(s) ({found}); "
-                                            f"the model needs {num_channels} (_0000 to _{num_channels - 1:04d})")
+            raise DatasetError(
+                path / name,
+                f"has {len(chans)} channel file(s) ({found}); "
+                f"the model needs {num_channels} (_0000 to _{num_channels - 1:04d})",
+            )
         cases.append(Case(name, tuple(chans[i] for i in sorted(chans)), None))
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
         if is_dicom_folder(sub):
@@ -233,10 +241,11 @@ def convert_msd(msd_folder: str | Path, out_folder: str | Path) -> Path:
             copy_3d(src, dst_dir / f"{case}_0000.nii.gz")
             return
         # explicit 3D geometry from the 4D header (top-left 3x3 of the 4x4 direction), stored (z, y, x)
-        meta = ImageMeta(spacing=tuple(float(s) for s in reversed(img.GetSpacing()[:3])),
-                         origin=tuple(float(o) for o in reversed(img.GetOrigin()[:3])),
-                         direction=tuple(float(x) for x in
-                                         [v for r in range(3) for v in img.GetDirection()[4 * r: 4 * r + 3]]))
+        meta = ImageMeta(
+            spacing=tuple(float(s) for s in reversed(img.GetSpacing()[:3])),
+            origin=tuple(float(o) for o in reversed(img.GetOrigin()[:3])),
+            direction=tuple(float(x) for x in [v for r in range(3) for v in img.GetDirection()[4 * r : 4 * r + 3]]),
+        )
         arr = sitk.GetArrayFromImage(img)  # (c, z, y, x)
         for c in range(n):
             write_image(arr[c], meta, dst_dir / f"{case}_{c:04d}.nii.gz")
@@ -253,9 +262,14 @@ def convert_msd(msd_folder: str | Path, out_folder: str | Path) -> Path:
     for entry in d.get("test", []):
         img = source(entry if isinstance(entry, str) else entry["image"])
         split_channels(img, out / "imagesTs", strip_suffix(img))
-    new = {"name": d.get("name", msd.name), "description": d.get("description", ""),
-           "channel_names": channel_names, "labels": labels,
-           "numTraining": n, "file_ending": ".nii.gz",
-           "licence": d.get("licence", d.get("license", ""))}
+    new = {
+        "name": d.get("name", msd.name),
+        "description": d.get("description", ""),
+        "channel_names": channel_names,
+        "labels": labels,
+        "numTraining": n,
+        "file_ending": ".nii.gz",
+        "licence": d.get("licence", d.get("license", "")),
+    }
     write_json(out / "dataset.json", new)
     return out

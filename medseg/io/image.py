@@ -52,11 +52,15 @@ class ImageMeta:
     shape: tuple[int, int, int] = field(default=(0, 0, 0))
 
     def to_json(self) -> dict:
-        return {"spacing": list(self.spacing), "origin": list(self.origin),
-                "direction": list(self.direction), "shape": list(self.shape)}
+        return {
+            "spacing": list(self.spacing),
+            "origin": list(self.origin),
+            "direction": list(self.direction),
+            "shape": list(self.shape),
+        }
 
     @classmethod
-    def from_json(cls, d: dict) -> "ImageMeta":
+    def from_json(cls, d: dict) -> ImageMeta:
         return cls(tuple(d["spacing"]), tuple(d["origin"]), tuple(d["direction"]), tuple(d["shape"]))
 
 
@@ -107,7 +111,9 @@ def _read_sitk(path: Path):
         reader.SetFileNames(files)
         return reader.Execute()
     if image_suffix(path) is None:
-        raise ImageReadError(path, f"unsupported file type (expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder)")
+        raise ImageReadError(
+            path, f"unsupported file type (expected one of {', '.join(IMAGE_SUFFIXES)} or a DICOM folder)"
+        )
     return sitk.ReadImage(str(path))
 
 
@@ -117,10 +123,11 @@ def _read_sitk(path: Path):
 # first makes a half-copied file a half-black image; the second hides broken intensities from
 # verify. Both are checked here against the header.
 
+
 @dataclass(frozen=True)
 class _NiftiLayout:
-    data_start: int        # byte offset of the voxel data (vox_offset)
-    data_end: int          # byte offset where the voxel data end
+    data_start: int  # byte offset of the voxel data (vox_offset)
+    data_end: int  # byte offset where the voxel data end
     float_dtype: str | None  # numpy dtype of float voxels ("<f4", ">f8"); None for other types
 
 
@@ -140,7 +147,7 @@ def _nifti_layout(header: bytes) -> _NiftiLayout | None:
         if not 1 <= dim[0] <= 7 or bitpix <= 0:
             return None
         n = 1
-        for d in dim[1: dim[0] + 1]:
+        for d in dim[1 : dim[0] + 1]:
             n *= max(int(d), 1)
         kind = {16: "f4", 64: "f8"}.get(datatype)
         return _NiftiLayout(offset, offset + n * bitpix // 8, e + kind if kind else None)
@@ -242,8 +249,9 @@ def _check_nifti(path: Path, arr: np.ndarray) -> np.ndarray:
             except ValueError as exc:
                 raise ImageReadError(path, f"truncated or corrupt: {exc}") from None
             if size < layout.data_end:
-                raise ImageReadError(path, f"truncated: {size} bytes after decompression, its header needs "
-                                           f"{layout.data_end}")
+                raise ImageReadError(
+                    path, f"truncated: {size} bytes after decompression, its header needs {layout.data_end}"
+                )
     if layout.float_dtype and np.issubdtype(arr.dtype, np.floating):
         try:
             arr = _restore_nonfinite(_gzip_chunks(path) if gz else _file_chunks(path), layout, arr)
@@ -295,10 +303,14 @@ def read_image(path: str | Path, *, allow_4d: bool = False) -> tuple[np.ndarray,
     except Exception as exc:  # SimpleITK raises RuntimeError with a multi-line ITK dump
         raise ImageReadError(path, _unreadable_reason(path, str(exc))) from None
     if img.GetNumberOfComponentsPerPixel() != 1:
-        raise ImageReadError(path, f"has {img.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar 3D image")
+        raise ImageReadError(
+            path, f"has {img.GetNumberOfComponentsPerPixel()} components per voxel; expected a scalar 3D image"
+        )
     if img.GetDimension() != 3:
         if img.GetDimension() == 4 and not allow_4d:
-            raise ImageReadError(path, f"is 4D (size {img.GetSize()}); expected a 3D image (split channels into _0000, _0001, ...)")
+            raise ImageReadError(
+                path, f"is 4D (size {img.GetSize()}); expected a 3D image (split channels into _0000, _0001, ...)"
+            )
         if img.GetDimension() == 2:
             raise ImageReadError(path, f"is 2D (size {img.GetSize()}); expected a 3D image")
         if img.GetDimension() not in (3, 4):

@@ -26,8 +26,10 @@ def grid_problem(meta: ImageMeta, ref: ImageMeta, ref_name: str) -> str | None:
     if meta.shape != ref.shape:
         return f"shape {meta.shape} differs from {ref_name} {ref.shape}"
     if not np.allclose(meta.spacing, ref.spacing, rtol=SPACING_RTOL):
-        return (f"spacing {tuple(round(s, 4) for s in meta.spacing)} differs from "
-                f"{ref_name} {tuple(round(s, 4) for s in ref.spacing)}")
+        return (
+            f"spacing {tuple(round(s, 4) for s in meta.spacing)} differs from "
+            f"{ref_name} {tuple(round(s, 4) for s in ref.spacing)}"
+        )
     return None
 
 
@@ -65,12 +67,19 @@ def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
             problems.append(Problem(str(f.parent / expected), "missing channel file"))
             break
     if len(case.images) < info.num_channels and not problems:
-        problems.append(Problem(str(case.images[0].parent / f"{case.name}_{len(case.images):04d}{info.file_ending}"),
-                                "missing channel file"))
+        problems.append(
+            Problem(
+                str(case.images[0].parent / f"{case.name}_{len(case.images):04d}{info.file_ending}"),
+                "missing channel file",
+            )
+        )
     files = list(case.images) + ([case.label] if case.label else [])
     if case.label is None:
-        problems.append(Problem(str(case.images[0].parent.parent / "labelsTr" / f"{case.name}{info.file_ending}"),
-                                "missing label file"))
+        problems.append(
+            Problem(
+                str(case.images[0].parent.parent / "labelsTr" / f"{case.name}{info.file_ending}"), "missing label file"
+            )
+        )
     for f in files:
         try:
             arr, meta = read_image(f)

@@ -28,12 +28,12 @@ from torch.utils.flop_counter import FlopCounterMode
 @dataclass(frozen=True)
 class ModelCost:
     name: str
-    patch: tuple[int, ...]          # voxels (or pixels), one per spatial axis
+    patch: tuple[int, ...]  # voxels (or pixels), one per spatial axis
     in_channels: int
     num_classes: int
     params: int
-    flops: int                      # 2 x MACs, forward, batch 1
-    feature_map_elements: int       # sum of conv output elements, batch 1
+    flops: int  # 2 x MACs, forward, batch 1
+    feature_map_elements: int  # sum of conv output elements, batch 1
 
     @property
     def macs(self) -> int:
@@ -83,8 +83,15 @@ def feature_map_elements(model: nn.Module, patch: Sequence[int], in_channels: in
     return forward_cost(model, patch, in_channels)[1]
 
 
-def measure(name: str, patch: Sequence[int] = (128, 128, 128), *, in_channels: int = 1, num_classes: int = 105,
-            deep_supervision: bool = True, **kwargs) -> ModelCost:
+def measure(
+    name: str,
+    patch: Sequence[int] = (128, 128, 128),
+    *,
+    in_channels: int = 1,
+    num_classes: int = 105,
+    deep_supervision: bool = True,
+    **kwargs,
+) -> ModelCost:
     """Parameters and forward cost of registry model ``name`` at ``patch`` (default: STU-Net's setting,
     1 CT channel, 105 TotalSegmentator classes, 128^3, deep supervision on as in training)."""
     patch = tuple(int(p) for p in patch)

@@ -22,8 +22,8 @@ import torch.nn as nn
 class ModelEntry:
     name: str
     builder: Callable[..., nn.Module]
-    test_config: dict = field(default_factory=dict)   # tiny kwargs used by the generated tests
-    requires: tuple[str, ...] = ()                      # optional import names it needs
+    test_config: dict = field(default_factory=dict)  # tiny kwargs used by the generated tests
+    requires: tuple[str, ...] = ()  # optional import names it needs
     description: str = ""
 
     def available(self) -> dict[str, bool]:
@@ -34,14 +34,16 @@ _REGISTRY: dict[str, ModelEntry] = {}
 _ENTRY_POINTS_LOADED = False
 
 
-def register_model(name: str, *, test_config: dict | None = None, requires: tuple[str, ...] = (),
-                   description: str = ""):
+def register_model(
+    name: str, *, test_config: dict | None = None, requires: tuple[str, ...] = (), description: str = ""
+):
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].builder is not fn:
             raise ValueError(f"model '{name}' is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()
-        _REGISTRY[name] = ModelEntry(name, fn, dict(test_config or {}), tuple(requires),
-                                     description or (doc[0] if doc else ""))
+        _REGISTRY[name] = ModelEntry(
+            name, fn, dict(test_config or {}), tuple(requires), description or (doc[0] if doc else "")
+        )
         return fn
 
     return deco

@@ -27,20 +27,32 @@ import torch.nn as nn
 
 from medseg.models.registry import register_model
 
-ENCODER_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)   # nnU-Net's UNet_blocks_per_stage_encoder
+ENCODER_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)  # nnU-Net's UNet_blocks_per_stage_encoder
 BASE_FEATURES, MAX_FEATURES_3D, MAX_FEATURES_2D = 32, 320, 512
 
 # nnU-Net's planner presets: GPU memory target (GB) and the feature-map-element budget that fills it
 # (reference value x target / reference GB), batch 2 in 3D, 12 in 2D.
 PRESETS: dict[str, dict] = {
-    "resenc_m": {"vram_target_gb": 8, "reference_gb": 8, "reference_val_3d": 680_000_000,
-                 "reference_val_2d": 135_000_000},
-    "resenc_l": {"vram_target_gb": 24, "reference_gb": 24, "reference_val_3d": 2_100_000_000,
-                 "reference_val_2d": 380_000_000},
+    "resenc_m": {
+        "vram_target_gb": 8,
+        "reference_gb": 8,
+        "reference_val_3d": 680_000_000,
+        "reference_val_2d": 135_000_000,
+    },
+    "resenc_l": {
+        "vram_target_gb": 24,
+        "reference_gb": 24,
+        "reference_val_3d": 2_100_000_000,
+        "reference_val_2d": 380_000_000,
+    },
 }
-_TEST_CONFIG = {"features": [2, 4, 8, 8], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
-                "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]], "blocks_per_stage": [1, 2, 1, 1],
-                "spatial_dims": 3}
+_TEST_CONFIG = {
+    "features": [2, 4, 8, 8],
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+    "kernel_sizes": [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]],
+    "blocks_per_stage": [1, 2, 1, 1],
+    "spatial_dims": 3,
+}
 
 
 def _ops(dim: int):
@@ -70,8 +82,9 @@ class ConvNormAct(nn.Module):
 class StackedConvBlocks(nn.Module):
     def __init__(self, dim: int, n: int, cin: int, cout: int, kernel, stride=1):
         super().__init__()
-        self.convs = nn.Sequential(ConvNormAct(dim, cin, cout, kernel, stride),
-                                   *[ConvNormAct(dim, cout, cout, kernel) for _ in range(n - 1)])
+        self.convs = nn.Sequential(
+            ConvNormAct(dim, cin, cout, kernel, stride), *[ConvNormAct(dim, cout, cout, kernel) for _ in range(n - 1)]
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.convs(x)
@@ -100,8 +113,10 @@ class BasicBlockD(nn.Module):
 class StackedResidualBlocks(nn.Module):
     def __init__(self, dim: int, n: int, cin: int, cout: int, kernel, stride):
         super().__init__()
-        self.blocks = nn.Sequential(BasicBlockD(dim, cin, cout, kernel, stride),
-                                    *[BasicBlockD(dim, cout, cout, kernel, 1) for _ in range(n - 1)])
+        self.blocks = nn.Sequential(
+            BasicBlockD(dim, cin, cout, kernel, stride),
+            *[BasicBlockD(dim, cout, cout, kernel, 1) for _ in range(n - 1)],
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.blocks(x)
@@ -132,11 +147,14 @@ class UNetDecoder(nn.Module):
         conv, convT, _, _ = _ops(dim)
         self.deep_supervision = deep_supervision
         self.stages, self.transpconvs, self.seg_layers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
-        for i in range(len(features) - 1, 0, -1):     # from the bottleneck up
+        for i in range(len(features) - 1, 0, -1):  # from the bottleneck up
             s = strides[i]
             self.transpconvs.append(convT(features[i], features[i - 1], s, s, bias=True))
-            self.stages.append(StackedConvBlocks(dim, n_conv[len(features) - 1 - i], 2 * features[i - 1],
-                                                 features[i - 1], kernel_sizes[i - 1]))
+            self.stages.append(
+                StackedConvBlocks(
+                    dim, n_conv[len(features) - 1 - i], 2 * features[i - 1], features[i - 1], kernel_sizes[i - 1]
+                )
+            )
             self.seg_layers.append(conv(features[i - 1], num_classes, 1, 1, 0, bias=True))
 
     def forward(self, skips: list[torch.Tensor]):
@@ -152,8 +170,19 @@ class UNetDecoder(nn.Module):
 
 
 class ResEncUNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, *, features, strides, kernel_sizes, blocks_per_stage,
-                 n_conv_per_stage_decoder, spatial_dims: int = 3, deep_supervision: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        features,
+        strides,
+        kernel_sizes,
+        blocks_per_stage,
+        n_conv_per_stage_decoder,
+        spatial_dims: int = 3,
+        deep_supervision: bool = True,
+    ):
         super().__init__()
         n = len(features)
         if not (len(strides) == len(kernel_sizes) == len(blocks_per_stage) == n) or n < 2:
@@ -161,10 +190,11 @@ class ResEncUNet(nn.Module):
         if len(n_conv_per_stage_decoder) != n - 1:
             raise ValueError(f"n_conv_per_stage_decoder needs {n - 1} entries (one per decoder stage)")
         self.encoder = ResidualEncoder(spatial_dims, in_channels, features, strides, kernel_sizes, blocks_per_stage)
-        self.decoder = UNetDecoder(spatial_dims, num_classes, features, strides, kernel_sizes,
-                                   n_conv_per_stage_decoder, deep_supervision)
+        self.decoder = UNetDecoder(
+            spatial_dims, num_classes, features, strides, kernel_sizes, n_conv_per_stage_decoder, deep_supervision
+        )
         self.apply(_init_weights)
-        if hasattr(self, "register_load_state_dict_pre_hook"):   # public from torch 2.5
+        if hasattr(self, "register_load_state_dict_pre_hook"):  # public from torch 2.5
             self.register_load_state_dict_pre_hook(_drop_nnunet_aliases)
         else:
             self._register_load_state_dict_pre_hook(_drop_nnunet_aliases, with_module=True)
@@ -196,7 +226,7 @@ def _drop_nnunet_aliases(module, state_dict, prefix, *_):
     """nnU-Net state dicts repeat every conv/norm under ``all_modules.N`` and the encoder under
     ``decoder.encoder``; both are views of tensors that also appear under their canonical names."""
     for key in list(state_dict):
-        rest = key[len(prefix):] if key.startswith(prefix) else None
+        rest = key[len(prefix) :] if key.startswith(prefix) else None
         if rest is not None and (rest.startswith("decoder.encoder.") or ".all_modules." in rest):
             del state_dict[key]
 
@@ -204,15 +234,27 @@ def _drop_nnunet_aliases(module, state_dict, prefix, *_):
 def nnunet_features(n_stages: int, spatial_dims: int = 3) -> list[int]:
     """nnU-Net's widths: 32 doubling per stage, capped at 320 (3D) or 512 (2D)."""
     cap = MAX_FEATURES_3D if spatial_dims == 3 else MAX_FEATURES_2D
-    return [min(BASE_FEATURES * 2 ** i, cap) for i in range(n_stages)]
+    return [min(BASE_FEATURES * 2**i, cap) for i in range(n_stages)]
 
 
-@register_model("resenc", test_config=dict(_TEST_CONFIG),
-                description="nnU-Net v2 residual-encoder U-Net (ResEnc), topology from the plan")
-def build_resenc(in_channels: int, num_classes: int, *, spatial_dims: int = 3, deep_supervision: bool = True,
-                 features: Sequence[int] = (32, 64, 128, 256, 320, 320), strides=None, kernel_sizes=None,
-                 blocks_per_stage: Sequence[int] | None = None, n_conv_per_stage_decoder=1,
-                 n_conv_per_stage: int | None = None) -> ResEncUNet:
+@register_model(
+    "resenc",
+    test_config=dict(_TEST_CONFIG),
+    description="nnU-Net v2 residual-encoder U-Net (ResEnc), topology from the plan",
+)
+def build_resenc(
+    in_channels: int,
+    num_classes: int,
+    *,
+    spatial_dims: int = 3,
+    deep_supervision: bool = True,
+    features: Sequence[int] = (32, 64, 128, 256, 320, 320),
+    strides=None,
+    kernel_sizes=None,
+    blocks_per_stage: Sequence[int] | None = None,
+    n_conv_per_stage_decoder=1,
+    n_conv_per_stage: int | None = None,
+) -> ResEncUNet:
     """nnU-Net v2 residual-encoder U-Net; takes the plan's U-Net kwargs.
 
     ``n_conv_per_stage`` (a plain-U-Net plan key) is accepted and ignored: ResEnc's encoder depth is
@@ -225,26 +267,53 @@ def build_resenc(in_channels: int, num_classes: int, *, spatial_dims: int = 3, d
     blocks = list(blocks_per_stage or ENCODER_BLOCKS[:n])
     if len(blocks) < n and blocks_per_stage is None:
         blocks += [ENCODER_BLOCKS[-1]] * (n - len(blocks))
-    dec = [n_conv_per_stage_decoder] * (n - 1) if isinstance(n_conv_per_stage_decoder, int) \
+    dec = (
+        [n_conv_per_stage_decoder] * (n - 1)
+        if isinstance(n_conv_per_stage_decoder, int)
         else list(n_conv_per_stage_decoder)
-    return ResEncUNet(in_channels, num_classes, features=list(features), strides=[list(s) for s in strides],
-                      kernel_sizes=[list(k) for k in kernel_sizes], blocks_per_stage=blocks,
-                      n_conv_per_stage_decoder=dec, spatial_dims=spatial_dims, deep_supervision=deep_supervision)
+    )
+    return ResEncUNet(
+        in_channels,
+        num_classes,
+        features=list(features),
+        strides=[list(s) for s in strides],
+        kernel_sizes=[list(k) for k in kernel_sizes],
+        blocks_per_stage=blocks,
+        n_conv_per_stage_decoder=dec,
+        spatial_dims=spatial_dims,
+        deep_supervision=deep_supervision,
+    )
 
 
 def _register_preset(name: str, label: str):
     gb = PRESETS[name]["vram_target_gb"]
 
-    @register_model(name, test_config=dict(_TEST_CONFIG),
-                    description=f"nnU-Net ResEnc {label} preset (planned for {gb} GB VRAM)")
-    def build(in_channels: int, num_classes: int, *, spatial_dims: int = 3, deep_supervision: bool = True,
-              strides=None, kernel_sizes=None, features: Sequence[int] | None = None,
-              blocks_per_stage: Sequence[int] | None = None) -> ResEncUNet:
+    @register_model(
+        name, test_config=dict(_TEST_CONFIG), description=f"nnU-Net ResEnc {label} preset (planned for {gb} GB VRAM)"
+    )
+    def build(
+        in_channels: int,
+        num_classes: int,
+        *,
+        spatial_dims: int = 3,
+        deep_supervision: bool = True,
+        strides=None,
+        kernel_sizes=None,
+        features: Sequence[int] | None = None,
+        blocks_per_stage: Sequence[int] | None = None,
+    ) -> ResEncUNet:
         """nnU-Net's ResEnc widths for the given topology (default: 6 stages, stride 2)."""
         n = len(strides) if strides else len(features) if features else 6
-        return build_resenc(in_channels, num_classes, spatial_dims=spatial_dims, deep_supervision=deep_supervision,
-                            features=list(features or nnunet_features(n, spatial_dims)), strides=strides,
-                            kernel_sizes=kernel_sizes, blocks_per_stage=blocks_per_stage)
+        return build_resenc(
+            in_channels,
+            num_classes,
+            spatial_dims=spatial_dims,
+            deep_supervision=deep_supervision,
+            features=list(features or nnunet_features(n, spatial_dims)),
+            strides=strides,
+            kernel_sizes=kernel_sizes,
+            blocks_per_stage=blocks_per_stage,
+        )
 
     build.__name__ = build.__qualname__ = f"build_{name}"
     return build

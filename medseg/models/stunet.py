@@ -34,8 +34,12 @@ PRESETS: dict[str, dict] = {
     "stunet_l": {"features": (64, 128, 256, 512, 1024, 1024), "blocks_per_stage": (2,) * 6},
     "stunet_h": {"features": (96, 192, 384, 768, 1536, 1536), "blocks_per_stage": (3,) * 6},
 }
-_TEST_CONFIG = {"features": [2, 4, 8, 8], "blocks_per_stage": [1, 2, 1, 1],
-                "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]], "spatial_dims": 3}
+_TEST_CONFIG = {
+    "features": [2, 4, 8, 8],
+    "blocks_per_stage": [1, 2, 1, 1],
+    "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2], [1, 2, 2]],
+    "spatial_dims": 3,
+}
 
 
 def _ops(dim: int):
@@ -67,8 +71,10 @@ class BasicResBlock(nn.Module):
 
 
 def _stage(dim: int, cin: int, cout: int, kernel, stride, n_blocks: int) -> nn.Sequential:
-    return nn.Sequential(BasicResBlock(dim, cin, cout, kernel, stride, project=True),
-                         *[BasicResBlock(dim, cout, cout, kernel) for _ in range(n_blocks - 1)])
+    return nn.Sequential(
+        BasicResBlock(dim, cin, cout, kernel, stride, project=True),
+        *[BasicResBlock(dim, cout, cout, kernel) for _ in range(n_blocks - 1)],
+    )
 
 
 class UpsampleLayer(nn.Module):
@@ -84,9 +90,18 @@ class UpsampleLayer(nn.Module):
 
 
 class STUNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, *, features: Sequence[int],
-                 blocks_per_stage: Sequence[int], strides, kernel_sizes, spatial_dims: int = 3,
-                 deep_supervision: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        features: Sequence[int],
+        blocks_per_stage: Sequence[int],
+        strides,
+        kernel_sizes,
+        spatial_dims: int = 3,
+        deep_supervision: bool = True,
+    ):
         super().__init__()
         n = len(features)
         if not (len(blocks_per_stage) == len(strides) == len(kernel_sizes) == n) or n < 2:
@@ -104,10 +119,11 @@ class STUNet(nn.Module):
         self.conv_blocks_localization = nn.ModuleList()
         self.seg_outputs = nn.ModuleList()
         conv = _ops(dim)[0]
-        for i in range(n - 2, -1, -1):   # decoder runs from the bottleneck up; stage i mirrors encoder stage i
+        for i in range(n - 2, -1, -1):  # decoder runs from the bottleneck up; stage i mirrors encoder stage i
             self.upsample_layers.append(UpsampleLayer(dim, features[i + 1], features[i]))
-            self.conv_blocks_localization.append(_stage(dim, 2 * features[i], features[i], kernel_sizes[i], 1,
-                                                        blocks_per_stage[i]))
+            self.conv_blocks_localization.append(
+                _stage(dim, 2 * features[i], features[i], kernel_sizes[i], 1, blocks_per_stage[i])
+            )
             self.seg_outputs.append(conv(features[i], num_classes, kernel_size=1))
         self.apply(_init_weights)
 
@@ -119,8 +135,9 @@ class STUNet(nn.Module):
         x = self.conv_blocks_context[-1](x)
         outputs = []
         last = len(self.conv_blocks_localization) - 1
-        for u, (up, block, head) in enumerate(zip(self.upsample_layers, self.conv_blocks_localization,
-                                                  self.seg_outputs)):
+        for u, (up, block, head) in enumerate(
+            zip(self.upsample_layers, self.conv_blocks_localization, self.seg_outputs)
+        ):
             skip = skips.pop()
             x = block(torch.cat([up(x, skip.shape[2:]), skip], dim=1))
             if self.deep_supervision or u == last:
@@ -145,8 +162,18 @@ def official_strides(strides, n_stages: int, spatial_dims: int = 3) -> list[list
     return [[1] * spatial_dims] + pools
 
 
-def _build(preset: str, in_channels: int, num_classes: int, *, spatial_dims: int, deep_supervision: bool,
-           features, blocks_per_stage, strides, kernel_sizes) -> STUNet:
+def _build(
+    preset: str,
+    in_channels: int,
+    num_classes: int,
+    *,
+    spatial_dims: int,
+    deep_supervision: bool,
+    features,
+    blocks_per_stage,
+    strides,
+    kernel_sizes,
+) -> STUNet:
     p = PRESETS[preset]
     features = list(features or p["features"])
     n = len(features)
@@ -156,24 +183,47 @@ def _build(preset: str, in_channels: int, num_classes: int, *, spatial_dims: int
     elif len(strides) != n:
         strides = official_strides(strides, n, spatial_dims)
     if kernel_sizes is None or len(kernel_sizes) != n:
-        kernel_sizes = [[3] * spatial_dims] * n   # what the official trainer always uses
-    return STUNet(in_channels, num_classes, features=features, blocks_per_stage=blocks,
-                  strides=[list(s) for s in strides], kernel_sizes=[list(k) for k in kernel_sizes],
-                  spatial_dims=spatial_dims, deep_supervision=deep_supervision)
+        kernel_sizes = [[3] * spatial_dims] * n  # what the official trainer always uses
+    return STUNet(
+        in_channels,
+        num_classes,
+        features=features,
+        blocks_per_stage=blocks,
+        strides=[list(s) for s in strides],
+        kernel_sizes=[list(k) for k in kernel_sizes],
+        spatial_dims=spatial_dims,
+        deep_supervision=deep_supervision,
+    )
 
 
 def _register(preset: str, label: str):
     description = f"STU-Net-{label} residual U-Net (official widths; loads released STU-Net checkpoints)"
 
     @register_model(preset, test_config=dict(_TEST_CONFIG), description=description)
-    def build(in_channels: int, num_classes: int, *, spatial_dims: int = 3, deep_supervision: bool = True,
-              features: Sequence[int] | None = None, blocks_per_stage: Sequence[int] | None = None,
-              strides=None, kernel_sizes=None) -> STUNet:
+    def build(
+        in_channels: int,
+        num_classes: int,
+        *,
+        spatial_dims: int = 3,
+        deep_supervision: bool = True,
+        features: Sequence[int] | None = None,
+        blocks_per_stage: Sequence[int] | None = None,
+        strides=None,
+        kernel_sizes=None,
+    ) -> STUNet:
         """Official widths/depths unless overridden; strides (and kernels) planned for another stage count are
         fitted like STUNetTrainer does: pools cut or padded with stride 1, kernels 3x3x3."""
-        return _build(preset, in_channels, num_classes, spatial_dims=spatial_dims,
-                      deep_supervision=deep_supervision, features=features, blocks_per_stage=blocks_per_stage,
-                      strides=strides, kernel_sizes=kernel_sizes)
+        return _build(
+            preset,
+            in_channels,
+            num_classes,
+            spatial_dims=spatial_dims,
+            deep_supervision=deep_supervision,
+            features=features,
+            blocks_per_stage=blocks_per_stage,
+            strides=strides,
+            kernel_sizes=kernel_sizes,
+        )
 
     build.__name__ = build.__qualname__ = f"build_{preset}"
     return build

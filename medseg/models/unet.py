@@ -26,8 +26,11 @@ class ConvNormAct(nn.Sequential):
     def __init__(self, dim, cin, cout, kernel, stride=1):
         conv, _, norm = _ops(dim)
         pad = [k // 2 for k in kernel]
-        super().__init__(conv(cin, cout, kernel, stride, pad, bias=True),
-                         norm(cout, eps=1e-5, affine=True), nn.LeakyReLU(0.01, inplace=True))
+        super().__init__(
+            conv(cin, cout, kernel, stride, pad, bias=True),
+            norm(cout, eps=1e-5, affine=True),
+            nn.LeakyReLU(0.01, inplace=True),
+        )
 
 
 class Stage(nn.Sequential):
@@ -38,9 +41,19 @@ class Stage(nn.Sequential):
 
 
 class UNet(nn.Module):
-    def __init__(self, in_channels: int, num_classes: int, *, features, strides, kernel_sizes,
-                 n_conv_per_stage: int = 2, n_conv_per_stage_decoder: int | None = None,
-                 spatial_dims: int = 3, deep_supervision: bool = True):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        features,
+        strides,
+        kernel_sizes,
+        n_conv_per_stage: int = 2,
+        n_conv_per_stage_decoder: int | None = None,
+        spatial_dims: int = 3,
+        deep_supervision: bool = True,
+    ):
         super().__init__()
         n = len(features)
         if not (len(strides) == len(kernel_sizes) == n):
@@ -87,17 +100,40 @@ def _init_weights(m: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
-@register_model("unet", test_config={"features": [4, 8, 16], "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
-                                     "kernel_sizes": [[3, 3, 3]] * 3, "spatial_dims": 3},
-                description="nnU-Net plain conv U-Net (2D/3D), planned by medseg")
-def build_unet(in_channels: int, num_classes: int, *, spatial_dims: int = 3, deep_supervision: bool = True,
-               features=(32, 64, 128, 256), strides=None, kernel_sizes=None, n_conv_per_stage: int = 2,
-               n_conv_per_stage_decoder: int | None = None) -> UNet:
+@register_model(
+    "unet",
+    test_config={
+        "features": [4, 8, 16],
+        "strides": [[1, 1, 1], [2, 2, 2], [2, 2, 2]],
+        "kernel_sizes": [[3, 3, 3]] * 3,
+        "spatial_dims": 3,
+    },
+    description="nnU-Net plain conv U-Net (2D/3D), planned by medseg",
+)
+def build_unet(
+    in_channels: int,
+    num_classes: int,
+    *,
+    spatial_dims: int = 3,
+    deep_supervision: bool = True,
+    features=(32, 64, 128, 256),
+    strides=None,
+    kernel_sizes=None,
+    n_conv_per_stage: int = 2,
+    n_conv_per_stage_decoder: int | None = None,
+) -> UNet:
     """nnU-Net plain conv U-Net (2D/3D), planned by medseg."""
     n = len(features)
     strides = strides or [[1] * spatial_dims] + [[2] * spatial_dims] * (n - 1)
     kernel_sizes = kernel_sizes or [[3] * spatial_dims] * n
-    return UNet(in_channels, num_classes, features=list(features), strides=[list(s) for s in strides],
-                kernel_sizes=[list(k) for k in kernel_sizes], n_conv_per_stage=n_conv_per_stage,
-                n_conv_per_stage_decoder=n_conv_per_stage_decoder, spatial_dims=spatial_dims,
-                deep_supervision=deep_supervision)
+    return UNet(
+        in_channels,
+        num_classes,
+        features=list(features),
+        strides=[list(s) for s in strides],
+        kernel_sizes=[list(k) for k in kernel_sizes],
+        n_conv_per_stage=n_conv_per_stage,
+        n_conv_per_stage_decoder=n_conv_per_stage_decoder,
+        spatial_dims=spatial_dims,
+        deep_supervision=deep_supervision,
+    )

@@ -26,9 +26,9 @@ class Fingerprint:
     dataset_name: str
     spacings: list[list[float]]
     shapes_after_crop: list[list[int]]
-    crop_fraction: float                  # median (cropped volume / original volume)
-    intensity: list[dict]                 # per channel: mean, std, percentile_00_5, percentile_99_5, min, max
-    class_fraction: dict[str, float]      # mean fraction of voxels per label value
+    crop_fraction: float  # median (cropped volume / original volume)
+    intensity: list[dict]  # per channel: mean, std, percentile_00_5, percentile_99_5, min, max
+    class_fraction: dict[str, float]  # mean fraction of voxels per label value
     num_cases: int
 
     def save(self, path: str | Path) -> Path:
@@ -37,11 +37,11 @@ class Fingerprint:
         return write_json(path, asdict(self))
 
     @classmethod
-    def load(cls, path: str | Path) -> "Fingerprint":
+    def load(cls, path: str | Path) -> Fingerprint:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, "object"]:
+def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, object]:
     """Read all channels (C, z, y, x) and the label of a case; geometry from channel 0.
 
     Raises DatasetError naming the file if a channel or the label is off channel 0's voxel grid
@@ -80,13 +80,18 @@ def _case_stats(case: Case, seed: int) -> dict:
             vals = rng.choice(vals, SAMPLES_PER_CASE, replace=False)
         samples.append(vals.astype(np.float32))
     counts = np.bincount(label.ravel(), minlength=1) if label is not None else np.zeros(1)
-    return {"spacing": list(meta.spacing), "shape": list(image.shape[1:]),
-            "crop": float(np.prod(image.shape[1:]) / full), "samples": samples,
-            "counts": counts / max(counts.sum(), 1)}
+    return {
+        "spacing": list(meta.spacing),
+        "shape": list(image.shape[1:]),
+        "crop": float(np.prod(image.shape[1:]) / full),
+        "samples": samples,
+        "counts": counts / max(counts.sum(), 1),
+    }
 
 
-def compute_fingerprint(dataset_folder: str | Path, *, workers: int | None = None,
-                        progress: bool = True) -> Fingerprint:
+def compute_fingerprint(
+    dataset_folder: str | Path, *, workers: int | None = None, progress: bool = True
+) -> Fingerprint:
     folder = Path(dataset_folder)
     info: DatasetInfo = load_dataset_json(folder)
     cases = list_cases(folder, info)
@@ -95,10 +100,18 @@ def compute_fingerprint(dataset_folder: str | Path, *, workers: int | None = Non
     workers = workers or default_workers()
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            stats = list(track(pool.map(_case_stats, cases, range(len(cases)), chunksize=4),
-                               total=len(cases), description="fingerprint", enabled=progress))
+            stats = list(
+                track(
+                    pool.map(_case_stats, cases, range(len(cases)), chunksize=4),
+                    total=len(cases),
+                    description="fingerprint",
+                    enabled=progress,
+                )
+            )
     else:
-        stats = [_case_stats(c, i) for i, c in track(list(enumerate(cases)), description="fingerprint", enabled=progress)]
+        stats = [
+            _case_stats(c, i) for i, c in track(list(enumerate(cases)), description="fingerprint", enabled=progress)
+        ]
     allowed = set(info.labels.values())
     for case, s in zip(cases, stats):
         unknown = [int(v) for v in np.flatnonzero(s["counts"]) if int(v) not in allowed]
@@ -107,10 +120,16 @@ def compute_fingerprint(dataset_folder: str | Path, *, workers: int | None = Non
     intensity = []
     for c in range(info.num_channels):
         vals = np.concatenate([s["samples"][c] for s in stats]) if stats else np.zeros(1)
-        intensity.append({"mean": float(vals.mean()), "std": float(vals.std()),
-                          "percentile_00_5": float(np.percentile(vals, 0.5)),
-                          "percentile_99_5": float(np.percentile(vals, 99.5)),
-                          "min": float(vals.min()), "max": float(vals.max())})
+        intensity.append(
+            {
+                "mean": float(vals.mean()),
+                "std": float(vals.std()),
+                "percentile_00_5": float(np.percentile(vals, 0.5)),
+                "percentile_99_5": float(np.percentile(vals, 99.5)),
+                "min": float(vals.min()),
+                "max": float(vals.max()),
+            }
+        )
     nlab = max(len(s["counts"]) for s in stats)
     frac = np.mean([np.pad(s["counts"], (0, nlab - len(s["counts"]))) for s in stats], axis=0)
     return Fingerprint(

@@ -37,13 +37,13 @@ class Configuration:
     """One trainable configuration (2d, 3d_fullres, 3d_lowres)."""
 
     name: str
-    spacing: tuple[float, ...]          # target spacing (z, y, x) mm
-    median_shape: tuple[int, ...]        # median shape after resampling, voxels
-    patch_size: tuple[int, ...]          # network input, voxels (2 axes for 2d)
+    spacing: tuple[float, ...]  # target spacing (z, y, x) mm
+    median_shape: tuple[int, ...]  # median shape after resampling, voxels
+    patch_size: tuple[int, ...]  # network input, voxels (2 axes for 2d)
     batch_size: int
     model: str = "unet"
     model_kwargs: dict = field(default_factory=dict)
-    separate_z: bool = False             # resample the anisotropic axis separately
+    separate_z: bool = False  # resample the anisotropic axis separately
     anisotropic_axis: int | None = None
     estimated_memory_gb: float = 0.0
 
@@ -72,14 +72,14 @@ class Plan:
             raise PlanError(None, f"plan has no configuration '{name}' (has: {', '.join(self.configurations)})")
         return self.configurations[name]
 
-    def with_configuration(self, cfg: Configuration) -> "Plan":
+    def with_configuration(self, cfg: Configuration) -> Plan:
         return replace(self, configurations={**self.configurations, cfg.name: cfg})
 
     def to_json(self) -> dict:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict, source: str | Path | None = None) -> "Plan":
+    def from_json(cls, d: dict, source: str | Path | None = None) -> Plan:
         try:
             version = d.get("schema_version", 0)
             if version > SCHEMA_VERSION:
@@ -111,7 +111,7 @@ class Plan:
         return write_json(path, self.to_json())
 
     @classmethod
-    def load(cls, path: str | Path) -> "Plan":
+    def load(cls, path: str | Path) -> Plan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(path, "plan file not found (run `medseg plan` first)")

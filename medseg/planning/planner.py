@@ -17,13 +17,13 @@ from medseg.planning.plan import Configuration, Normalization, Plan
 from medseg.preprocessing.resampling import ANISOTROPY_THRESHOLD
 
 MIN_FEATURE_MAP = 4
-MAX_BATCH_FRACTION = 0.05   # a batch never covers more than 5 % of the dataset's voxels
+MAX_BATCH_FRACTION = 0.05  # a batch never covers more than 5 % of the dataset's voxels
 
 
 @dataclass(frozen=True)
 class Budget:
     name: str
-    memory_gb: float           # activation memory available for one training step
+    memory_gb: float  # activation memory available for one training step
     base_features: int
     max_features_3d: int
     max_features_2d: int
@@ -48,8 +48,9 @@ def target_spacing(spacings: np.ndarray, shapes: np.ndarray) -> np.ndarray:
     shape = np.median(shapes, axis=0)
     worst = int(np.argmax(target))
     others = [i for i in range(len(target)) if i != worst]
-    if target[worst] > ANISOTROPY_THRESHOLD * max(target[others]) and \
-            shape[worst] * ANISOTROPY_THRESHOLD < min(shape[others]):
+    if target[worst] > ANISOTROPY_THRESHOLD * max(target[others]) and shape[worst] * ANISOTROPY_THRESHOLD < min(
+        shape[others]
+    ):
         t = np.percentile(spacings[:, worst], 10)
         target[worst] = max(t, max(target[others]) * 1.00001)
     return target
@@ -87,14 +88,14 @@ def pool_and_conv_props(spacing, patch_size, max_pools: int = 5):
         strides.append(stride)
         kernels.append(list(kernel))
     kernels.append([3] * dim)  # bottleneck convs
-    divisor = [2 ** p for p in pools]
+    divisor = [2**p for p in pools]
     padded = [int(np.ceil(s / d) * d) for s, d in zip(patch_size, divisor)]
     return strides, kernels, padded, divisor
 
 
 def features_per_stage(n_stages: int, budget: Budget, dim: int) -> list[int]:
     cap = budget.max_features_3d if dim == 3 else budget.max_features_2d
-    return [min(budget.base_features * 2 ** i, cap) for i in range(n_stages)]
+    return [min(budget.base_features * 2**i, cap) for i in range(n_stages)]
 
 
 def estimate_memory_gb(patch_size, strides, features, batch_size: int, budget: Budget, n_conv: int = 2) -> float:
@@ -104,11 +105,20 @@ def estimate_memory_gb(patch_size, strides, features, batch_size: int, budget: B
     for stride, feat in zip(strides, features):
         size = np.ceil(size / np.array(stride))
         elems += n_conv * feat * np.prod(size) * 2  # encoder stage + matching decoder stage
-    return float(elems * batch_size * budget.bytes_per_activation / 1024 ** 3)
+    return float(elems * batch_size * budget.bytes_per_activation / 1024**3)
 
 
-def plan_configuration(name: str, spacing, median_shape, num_cases: int, num_channels: int,
-                       budget: Budget, *, anisotropic_axis=None, dataset_voxels: float | None = None) -> Configuration:
+def plan_configuration(
+    name: str,
+    spacing,
+    median_shape,
+    num_cases: int,
+    num_channels: int,
+    budget: Budget,
+    *,
+    anisotropic_axis=None,
+    dataset_voxels: float | None = None,
+) -> Configuration:
     """Fit patch size, topology and batch size for one configuration to the budget.
 
     ``dataset_voxels``: voxels in the whole (resampled) dataset, for the 5 % batch cap; defaults to
@@ -119,7 +129,7 @@ def plan_configuration(name: str, spacing, median_shape, num_cases: int, num_cha
     median_shape = np.asarray(median_shape, float)
     dim = len(spacing)
     # initial patch: isotropic in mm, 256^3 (3d) / 2048^2 (2d) voxels, clipped to the median shape
-    ref = 256 ** 3 if dim == 3 else 2048 ** 2
+    ref = 256**3 if dim == 3 else 2048**2
     inv = 1.0 / spacing
     patch = np.round(inv * (ref / np.prod(inv)) ** (1 / dim))
     patch = np.minimum(patch, median_shape).astype(int)
@@ -146,13 +156,25 @@ def plan_configuration(name: str, spacing, median_shape, num_cases: int, num_cha
     cap = budget.max_batch_3d if dim == 3 else budget.max_batch_2d
     batch = int(max(2, min(batch, max_by_data, cap)))
     mem = estimate_memory_gb(padded, strides, feats, batch, budget)
-    kwargs = {"features": feats, "strides": strides, "kernel_sizes": kernels, "n_conv_per_stage": 2,
-              "spatial_dims": dim}
-    return Configuration(name=name, spacing=tuple(float(s) for s in spacing),
-                         median_shape=tuple(int(s) for s in median_shape), patch_size=tuple(int(p) for p in padded),
-                         batch_size=batch, model="unet", model_kwargs=kwargs,
-                         separate_z=anisotropic_axis is not None, anisotropic_axis=anisotropic_axis,
-                         estimated_memory_gb=round(mem, 3))
+    kwargs = {
+        "features": feats,
+        "strides": strides,
+        "kernel_sizes": kernels,
+        "n_conv_per_stage": 2,
+        "spatial_dims": dim,
+    }
+    return Configuration(
+        name=name,
+        spacing=tuple(float(s) for s in spacing),
+        median_shape=tuple(int(s) for s in median_shape),
+        patch_size=tuple(int(p) for p in padded),
+        batch_size=batch,
+        model="unet",
+        model_kwargs=kwargs,
+        separate_z=anisotropic_axis is not None,
+        anisotropic_axis=anisotropic_axis,
+        estimated_memory_gb=round(mem, 3),
+    )
 
 
 def plan_normalization(info: DatasetInfo, fp: Fingerprint) -> tuple[Normalization, ...]:
@@ -185,12 +207,20 @@ def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu") -> Plan:
 
     aniso = anisotropic_axis(tsp)
     configs = {}
-    full = plan_configuration("3d_fullres", tsp, median, fp.num_cases, len(info.channel_names), b,
-                              anisotropic_axis=aniso)
+    full = plan_configuration(
+        "3d_fullres", tsp, median, fp.num_cases, len(info.channel_names), b, anisotropic_axis=aniso
+    )
     configs["3d_fullres"] = full
     # 2d: slices along the first (z) axis, in-plane spacing/shape
-    configs["2d"] = plan_configuration("2d", tsp[1:], median[1:], fp.num_cases, len(info.channel_names), b,
-                                       dataset_voxels=fp.num_cases * float(np.prod(median)))
+    configs["2d"] = plan_configuration(
+        "2d",
+        tsp[1:],
+        median[1:],
+        fp.num_cases,
+        len(info.channel_names),
+        b,
+        dataset_voxels=fp.num_cases * float(np.prod(median)),
+    )
     configs["2d"] = Configuration(**{**configs["2d"].__dict__, "spacing": tuple(float(s) for s in tsp)})
     # 3d_lowres: only when the full-resolution patch covers less than a quarter of the median case
     if np.prod(full.patch_size) / np.prod(median) < 0.25:
@@ -198,9 +228,22 @@ def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu") -> Plan:
         while np.prod(low.patch_size) / np.prod(median / factor) < 0.25 and factor < 8:
             factor *= 1.03
             sp_low = tsp * factor
-            low = plan_configuration("3d_lowres", sp_low, median / factor, fp.num_cases,
-                                     len(info.channel_names), b, anisotropic_axis=anisotropic_axis(sp_low))
+            low = plan_configuration(
+                "3d_lowres",
+                sp_low,
+                median / factor,
+                fp.num_cases,
+                len(info.channel_names),
+                b,
+                anisotropic_axis=anisotropic_axis(sp_low),
+            )
         configs["3d_lowres"] = low
-    return Plan(dataset_name=info.name, channel_names=info.channel_names, labels=dict(info.labels),
-                normalization=plan_normalization(info, fp), configurations=configs, budget=budget,
-                file_ending=info.file_ending)
+    return Plan(
+        dataset_name=info.name,
+        channel_names=info.channel_names,
+        labels=dict(info.labels),
+        normalization=plan_normalization(info, fp),
+        configurations=configs,
+        budget=budget,
+        file_ending=info.file_ending,
+    )

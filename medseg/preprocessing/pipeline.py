@@ -26,8 +26,9 @@ from medseg.preprocessing.resampling import anisotropic_axis, resample_image, re
 FG_SAMPLES_PER_CLASS = 10_000
 
 
-def preprocess_array(image: np.ndarray, meta: ImageMeta, plan: Plan, config: Configuration,
-                     label: np.ndarray | None = None):
+def preprocess_array(
+    image: np.ndarray, meta: ImageMeta, plan: Plan, config: Configuration, label: np.ndarray | None = None
+):
     """Crop to non-zero -> normalise -> resample. Returns (data, seg, properties)."""
     original_shape = image.shape[1:]
     image, label, bbox, mask = crop_to_nonzero(image, label)
@@ -40,11 +41,17 @@ def preprocess_array(image: np.ndarray, meta: ImageMeta, plan: Plan, config: Con
     data = resample_image(data, spacing, target, separate_z_axis=axis)
     seg = None
     if label is not None:
-        seg = resample_label(label, spacing, target, shape=data.shape[1:], num_classes=plan.num_classes,
-                             separate_z_axis=axis)
-    props = {"meta": meta.to_json(), "original_shape": list(original_shape), "bbox": [list(b) for b in bbox],
-             "shape_after_crop": list(image.shape[1:]), "shape_after_resampling": list(data.shape[1:]),
-             "separate_z_axis": axis}
+        seg = resample_label(
+            label, spacing, target, shape=data.shape[1:], num_classes=plan.num_classes, separate_z_axis=axis
+        )
+    props = {
+        "meta": meta.to_json(),
+        "original_shape": list(original_shape),
+        "bbox": [list(b) for b in bbox],
+        "shape_after_crop": list(image.shape[1:]),
+        "shape_after_resampling": list(data.shape[1:]),
+        "separate_z_axis": axis,
+    }
     return data.astype(np.float32, copy=False), seg, props
 
 
@@ -86,8 +93,16 @@ def cache_folder(preprocessed_dir: Path, config: Configuration) -> Path:
     return preprocessed_dir / ("data_" + "x".join(f"{s:.4g}" for s in config.spacing))
 
 
-def preprocess_dataset(dataset_folder: str | Path, plan: Plan, config_name: str, preprocessed_dir: str | Path,
-                       *, workers: int | None = None, progress: bool = True, overwrite: bool = False) -> Path:
+def preprocess_dataset(
+    dataset_folder: str | Path,
+    plan: Plan,
+    config_name: str,
+    preprocessed_dir: str | Path,
+    *,
+    workers: int | None = None,
+    progress: bool = True,
+    overwrite: bool = False,
+) -> Path:
     from medseg.utils import default_workers, track
 
     folder = Path(dataset_folder)
@@ -101,8 +116,12 @@ def preprocess_dataset(dataset_folder: str | Path, plan: Plan, config_name: str,
     workers = min(workers or default_workers(), max(len(jobs), 1))
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for _ in track(pool.map(_preprocess_one, jobs, chunksize=2), total=len(jobs),
-                           description=f"preprocess {config_name}", enabled=progress):
+            for _ in track(
+                pool.map(_preprocess_one, jobs, chunksize=2),
+                total=len(jobs),
+                description=f"preprocess {config_name}",
+                enabled=progress,
+            ):
                 pass
     else:
         for job in track(jobs, description=f"preprocess {config_name}", enabled=progress):

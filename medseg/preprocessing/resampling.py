@@ -44,8 +44,16 @@ def _resample_channel(x, shape, order, axis, order_z):
     return _zoom(tmp, shape, order_z)
 
 
-def resample_image(image: np.ndarray, spacing, target_spacing, *, shape=None, order: int = 3,
-                   separate_z_axis: int | None = None, order_z: int = 0) -> np.ndarray:
+def resample_image(
+    image: np.ndarray,
+    spacing,
+    target_spacing,
+    *,
+    shape=None,
+    order: int = 3,
+    separate_z_axis: int | None = None,
+    order_z: int = 0,
+) -> np.ndarray:
     """Resample a (C, *spatial) float image to ``target_spacing`` (or an explicit ``shape``)."""
     shape = tuple(shape) if shape is not None else new_shape(image.shape[1:], spacing, target_spacing)
     if tuple(image.shape[1:]) == shape:
@@ -53,8 +61,15 @@ def resample_image(image: np.ndarray, spacing, target_spacing, *, shape=None, or
     return np.stack([_resample_channel(c.astype(np.float32), shape, order, separate_z_axis, order_z) for c in image])
 
 
-def resample_label(label: np.ndarray, spacing, target_spacing, *, shape=None, num_classes: int | None = None,
-                   separate_z_axis: int | None = None) -> np.ndarray:
+def resample_label(
+    label: np.ndarray,
+    spacing,
+    target_spacing,
+    *,
+    shape=None,
+    num_classes: int | None = None,
+    separate_z_axis: int | None = None,
+) -> np.ndarray:
     """Resample an integer label map with linear interpolation of each one-hot channel."""
     shape = tuple(shape) if shape is not None else new_shape(label.shape, spacing, target_spacing)
     if tuple(label.shape) == shape:

@@ -11,27 +11,27 @@ from medseg.augment.transforms import NO_AUGMENTATION, AugmentConfig
 class TrainingConfig:
     epochs: int = 1000
     iterations_per_epoch: int = 250
-    val_iterations: int = 20            # patch batches for the per-epoch pseudo-Dice
-    batch_size: int | None = None       # None: the plan's batch size
+    val_iterations: int = 20  # patch batches for the per-epoch pseudo-Dice
+    batch_size: int | None = None  # None: the plan's batch size
     initial_lr: float = 1e-2
     weight_decay: float = 3e-5
     momentum: float = 0.99
     poly_exponent: float = 0.9
-    warmup_epochs: int = 0              # linear LR warm-up (useful when fine-tuning)
+    warmup_epochs: int = 0  # linear LR warm-up (useful when fine-tuning)
     grad_clip: float = 12.0
     oversample_foreground: float = 0.33
-    augmentation: str = "default"      # "default" (nnU-Net set) or "none"
+    augmentation: str = "default"  # "default" (nnU-Net set) or "none"
     deep_supervision: bool = True
     batch_dice: bool = True
-    checkpoint_every: int = 10          # epochs between resumable checkpoints
+    checkpoint_every: int = 10  # epochs between resumable checkpoints
     seed: int = 0
-    device: str = "auto"                # auto | cpu | cuda | cuda:N
-    amp: bool | None = None             # None: on for CUDA, off for CPU
-    num_threads: int | None = None      # torch CPU threads; None: all cores
-    final_validation: bool = True       # predict the fold's validation cases in native space
-    model: str | None = None            # registry name; None: the plan's model
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool | None = None  # None: on for CUDA, off for CPU
+    num_threads: int | None = None  # torch CPU threads; None: all cores
+    final_validation: bool = True  # predict the fold's validation cases in native space
+    model: str | None = None  # registry name; None: the plan's model
     model_kwargs: dict = field(default_factory=dict)  # overrides of the plan's model kwargs
-    pretrained: str | None = None       # model folder or safetensors to initialise from
+    pretrained: str | None = None  # model folder or safetensors to initialise from
 
     def augment_config(self, spatial_dims: int, anisotropic: bool) -> AugmentConfig:
         if self.augmentation == "none":

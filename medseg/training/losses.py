@@ -6,8 +6,9 @@ import torch
 import torch.nn.functional as F
 
 
-def soft_dice_loss(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: bool = True,
-                   smooth: float = 1e-5) -> torch.Tensor:
+def soft_dice_loss(
+    logits: torch.Tensor, target: torch.Tensor, *, batch_dice: bool = True, smooth: float = 1e-5
+) -> torch.Tensor:
     """1 - mean soft Dice over foreground classes. target: (B, 1, *spatial) integer labels."""
     probs = torch.softmax(logits, 1)
     onehot = torch.zeros_like(probs).scatter_(1, target.long(), 1.0)
@@ -26,7 +27,7 @@ def dice_ce_loss(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: bool
 
 def deep_supervision_weights(n: int) -> list[float]:
     """1, 1/2, 1/4, ... with the lowest resolution switched off, normalised to sum 1."""
-    w = [1 / 2 ** i for i in range(n)]
+    w = [1 / 2**i for i in range(n)]
     if n > 1:
         w[-1] = 0.0
     s = sum(w)

@@ -54,8 +54,19 @@ def planned_kwargs(conf, config: TrainingConfig) -> dict:
 
 
 class Trainer:
-    def __init__(self, plan: Plan, configuration: str, cache_dir: Path, preprocessed_dir: Path, output_dir: Path,
-                 fold: int | str, config: TrainingConfig, *, raw_folder: Path | None = None, log=print):
+    def __init__(
+        self,
+        plan: Plan,
+        configuration: str,
+        cache_dir: Path,
+        preprocessed_dir: Path,
+        output_dir: Path,
+        fold: int | str,
+        config: TrainingConfig,
+        *,
+        raw_folder: Path | None = None,
+        log=print,
+    ):
         self.plan, self.cfg = plan, config
         self.conf = plan.configuration(configuration)
         self.cache_dir, self.output_dir = Path(cache_dir), Path(output_dir)
@@ -79,8 +90,12 @@ class Trainer:
         self.spec = ModelSpec(
             model=config.model or self.conf.model,
             model_kwargs=planned_kwargs(self.conf, config),
-            in_channels=len(plan.channel_names), num_classes=plan.num_classes, labels=dict(plan.labels),
-            plan=plan, configuration=configuration)
+            in_channels=len(plan.channel_names),
+            num_classes=plan.num_classes,
+            labels=dict(plan.labels),
+            plan=plan,
+            configuration=configuration,
+        )
         torch.manual_seed(config.seed)  # same seed -> same initial weights on every rank
         self.model = self.spec.build(deep_supervision=config.deep_supervision).to(self.device)
         if config.pretrained:
@@ -88,8 +103,13 @@ class Trainer:
 
             report = load_pretrained(self.model, config.pretrained)
             self.log(f"pretrained: loaded {report['loaded']} tensors, re-initialised {len(report['skipped'])}")
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=config.initial_lr, momentum=config.momentum,
-                                         nesterov=True, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(),
+            lr=config.initial_lr,
+            momentum=config.momentum,
+            nesterov=True,
+            weight_decay=config.weight_decay,
+        )
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
         self.ddp_model = self.model
         if self.dist.enabled:
@@ -111,9 +131,14 @@ class Trainer:
             return
         self.fold_dir.mkdir(parents=True, exist_ok=True)
         save_spec(self.output_dir, self.spec)
-        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                 "scaler": self.scaler.state_dict(), "epoch": epoch,
-                 "history": json.dumps(self.history), "config": json.dumps(self.cfg.to_json())}
+        state = {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "epoch": epoch,
+            "history": json.dumps(self.history),
+            "config": json.dumps(self.cfg.to_json()),
+        }
         tmp = self.fold_dir / f".{STATE_FILE}.part"
         torch.save(state, tmp)
         os.replace(tmp, self.fold_dir / STATE_FILE)
@@ -219,35 +244,53 @@ class Trainer:
             self.log(f"note: {self.fold_dir} already has a checkpoint; starting over (use --resume to continue)")
         self._rewrite_log()
         if self.start_epoch >= self.cfg.epochs:
-            self.log(f"fold {self.fold}: already trained for {self.start_epoch} epochs; "
-                     "pass a larger --epochs to extend")
+            self.log(
+                f"fold {self.fold}: already trained for {self.start_epoch} epochs; pass a larger --epochs to extend"
+            )
             distributed.teardown(self.dist)
             previous = self.fold_dir / "validation" / "summary.json"
             return json.loads(previous.read_text()) if previous.is_file() and self.dist.is_main else {}
         train_cases = self._load_cases(self.train_names)
         margin = self.augment.region_margin
-        sampler = PatchSampler(train_cases, self.conf.patch_size, self.batch_size, margin=margin,
-                               oversample_foreground=self.cfg.oversample_foreground)
+        sampler = PatchSampler(
+            train_cases,
+            self.conf.patch_size,
+            self.batch_size,
+            margin=margin,
+            oversample_foreground=self.cfg.oversample_foreground,
+        )
         val_sampler = None
         if self.val_names:
-            val_sampler = PatchSampler(self._load_cases(self.val_names), self.conf.patch_size, self.batch_size,
-                                       oversample_foreground=self.cfg.oversample_foreground)
-        self.log(f"training {self.spec.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params) "
-                 f"config {self.conf.name} fold {self.fold}: patch {list(self.conf.patch_size)}, batch "
-                 f"{self.batch_size}x{self.dist.world_size}, {len(self.train_names)} train / {len(self.val_names)} val "
-                 f"cases, device {self.device}{' (AMP)' if self.amp else ''}")
+            val_sampler = PatchSampler(
+                self._load_cases(self.val_names),
+                self.conf.patch_size,
+                self.batch_size,
+                oversample_foreground=self.cfg.oversample_foreground,
+            )
+        self.log(
+            f"training {self.spec.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params) "
+            f"config {self.conf.name} fold {self.fold}: patch {list(self.conf.patch_size)}, batch "
+            f"{self.batch_size}x{self.dist.world_size}, {len(self.train_names)} train / {len(self.val_names)} val "
+            f"cases, device {self.device}{' (AMP)' if self.amp else ''}"
+        )
         for epoch in range(self.start_epoch, self.cfg.epochs):
             t0 = time.time()
             train_loss = self.train_epoch(epoch, sampler)
             val_loss, dice = self.pseudo_dice(epoch, val_sampler)
-            rec = {"epoch": epoch, "train_loss": round(train_loss, 5),
-                   "val_loss": None if math.isnan(val_loss) else round(val_loss, 5),
-                   "pseudo_dice": [round(d, 4) for d in dice],
-                   "mean_pseudo_dice": round(float(np.mean(dice)), 4) if dice else None,
-                   "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(time.time() - t0, 2)}
+            rec = {
+                "epoch": epoch,
+                "train_loss": round(train_loss, 5),
+                "val_loss": None if math.isnan(val_loss) else round(val_loss, 5),
+                "pseudo_dice": [round(d, 4) for d in dice],
+                "mean_pseudo_dice": round(float(np.mean(dice)), 4) if dice else None,
+                "lr": self.optimizer.param_groups[0]["lr"],
+                "seconds": round(time.time() - t0, 2),
+            }
             self.history.append(rec)
-            self.log(f"epoch {epoch + 1}/{self.cfg.epochs}  loss {train_loss:.4f}  val {rec['val_loss']}  "
-                     f"pseudo-Dice {rec['pseudo_dice']}  lr {rec['lr']:.5f}  {rec['seconds']:.1f}s")
+            self.log(
+                f"epoch {epoch + 1}/{self.cfg.epochs}  loss {train_loss:.4f}  val {rec['val_loss']}  "
+                f"pseudo-Dice {rec['pseudo_dice']}  lr {rec['lr']:.5f}  {rec['seconds']:.1f}s"
+            )
             if self.dist.is_main:
                 self.fold_dir.mkdir(parents=True, exist_ok=True)
                 with open(self.fold_dir / "training_log.jsonl", "a") as fh:
@@ -269,14 +312,18 @@ class Trainer:
 
         cases = {c.name: c for c in list_cases(self.raw_folder)}
         out = self.fold_dir / "validation"
-        predictor = Predictor(load_spec(self.output_dir), {str(self.fold): load_weights(self.fold_dir)},
-                              device=str(self.device))
+        predictor = Predictor(
+            load_spec(self.output_dir), {str(self.fold): load_weights(self.fold_dir)}, device=str(self.device)
+        )
         val_cases = [cases[n] for n in self.val_names if n in cases]
         predictor.predict_cases(val_cases, out, overwrite=True)
-        summary = evaluate_folder(out, self.raw_folder / "labelsTr", self.plan.labels, names=self.val_names,
-                                  output=out / "summary.json")
-        self.log(f"final validation (fold {self.fold}, {len(val_cases)} cases, native space): "
-                 + ", ".join(f"{k} Dice {v['dice']:.4f}" for k, v in summary["mean"].items()))
+        summary = evaluate_folder(
+            out, self.raw_folder / "labelsTr", self.plan.labels, names=self.val_names, output=out / "summary.json"
+        )
+        self.log(
+            f"final validation (fold {self.fold}, {len(val_cases)} cases, native space): "
+            + ", ".join(f"{k} Dice {v['dice']:.4f}" for k, v in summary["mean"].items())
+        )
         return summary
 
 

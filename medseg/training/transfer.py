@@ -16,8 +16,8 @@ from medseg.errors import CheckpointError
 
 def read_pretrained_weights(source: str | Path) -> dict[str, torch.Tensor]:
     """A medseg model folder (its first fold), a fold folder, or a .safetensors file."""
-    from medseg.io.checkpoint import available_folds, load_weights
     from medseg.inference.predictor import resolve_model
+    from medseg.io.checkpoint import available_folds, load_weights
 
     p = Path(source)
     if p.is_file():
