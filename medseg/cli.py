@@ -215,6 +215,39 @@ def export_model(
     print(f"model folder written: {out}")
 
 
+@app.command("ct-stats")
+def ct_stats(
+    image: Path = typer.Option(..., "--image", help="CT image (NIfTI, NRRD, MHA or a DICOM series folder)."),
+    seg: Path = typer.Option(..., "--seg", help="Label map on the same grid."),
+    output: Path = typer.Option(..., "-o", "--output", help="JSON to write (medseg format: CSV beside it)."),
+    class_map: str = typer.Option("total", "--class-map", help="total | total_v1 | total_mr | a JSON file."),
+    fmt: str = typer.Option("medseg", "--format", help="medseg | totalsegmentator (its statistics.json)."),
+    erode_mm: float = typer.Option(0.0, "--erode-mm", help="Also report HU inside the mask eroded by this radius."),
+    include_incomplete: bool = typer.Option(
+        False, "--include-incomplete", help="totalsegmentator format: keep structures touching the border."
+    ),
+    metric: str = typer.Option("mean", "--metric", help="totalsegmentator format: mean | median."),
+):
+    """Per-structure volume (mm3, mL) and attenuation (HU) of a CT label map."""
+    from medseg.apps.ct_stats import FORMATS, ct_statistics_files
+
+    if fmt not in FORMATS:
+        _fail(f"--format: expected one of {', '.join(FORMATS)}, got {fmt!r}")
+    if metric not in ("mean", "median"):
+        _fail(f"--metric: expected mean or median, got {metric!r}")
+    stats = ct_statistics_files(image, seg, output, class_map=class_map, fmt=fmt, erode_mm=erode_mm,
+                                exclude_masks_at_border=not include_incomplete, metric=metric)
+    if fmt == "totalsegmentator":
+        present = sum(1 for v in stats.values() if v["volume"] > 0)
+        print(f"{present} of {len(stats)} structures with statistics -> {output}")
+        return
+    present = {k: v for k, v in stats.items() if v["voxels"]}
+    for name, row in present.items():
+        flag = "  (touches border)" if row["touches_border"] else ""
+        print(f"{name:32s} {row['volume_ml']:10.2f} mL  {row['hu_mean']:8.1f} HU{flag}")
+    print(f"{len(present)} of {len(stats)} structures present -> {output} (+ {output.with_suffix('.csv').name})")
+
+
 @app.command("convert-msd")
 def convert_msd(msd_folder: Path, output: Path):
     """Convert a Medical Segmentation Decathlon task to the nnU-Net v2 raw layout."""

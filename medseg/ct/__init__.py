@@ -1,0 +1,1 @@
+"""Whole-body CT tools (TotalSegmentator-class): class maps, per-structure statistics."""
