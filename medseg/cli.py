@@ -248,6 +248,23 @@ def ct_stats(
     print(f"{len(present)} of {len(stats)} structures present -> {output} (+ {output.with_suffix('.csv').name})")
 
 
+@app.command("dicom-seg")
+def dicom_seg(
+    series: Path = typer.Option(..., "--series", help="DICOM series folder the label map was made on."),
+    seg: Path = typer.Option(..., "--seg", help="Label map on the series' grid (NIfTI, NRRD, MHA)."),
+    out: Path = typer.Option(..., "--out", help="DICOM-SEG file to write."),
+    class_map: str = typer.Option(
+        "total", "--class-map", help="Segment names: total | total_v1 | total_mr | a JSON file (dataset.json, model.json)."
+    ),
+):
+    """Convert a label map into a DICOM-SEG (highdicom); segment numbers equal label values."""
+    from medseg.ct.class_maps import load_class_map
+    from medseg.io.dicom_seg import dicom_seg_from_files
+
+    path = dicom_seg_from_files(series, seg, out, load_class_map(class_map))
+    print(f"DICOM-SEG written: {path}")
+
+
 @app.command("convert-msd")
 def convert_msd(msd_folder: Path, output: Path):
     """Convert a Medical Segmentation Decathlon task to the nnU-Net v2 raw layout."""
