@@ -265,6 +265,59 @@ def dicom_seg(
     print(f"DICOM-SEG written: {path}")
 
 
+@app.command()
+def cohort(
+    input: Path = typer.Option(..., "-i", "--input", help="Folder of scans, or a CSV: path[,case][,seg],covariates..."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder (resumable: done cases are skipped)."),
+    model: str | None = typer.Option(None, "-m", "--model", help="Model folder or shipped name (segments the scans)."),
+    segmentations: Path | None = typer.Option(None, "--segmentations", help="Folder of existing label maps CASE.nii.gz."),
+    class_map: str | None = typer.Option(None, "--class-map", help="Default: the model's labels, else 'total'."),
+    workers: int = typer.Option(1, "--workers", help="Parallel workers, one model each."),
+    backend: str = typer.Option("local", "--backend", help="local | ray (optional extra)."),
+    ray_address: str | None = typer.Option(None, "--ray-address", help="Ray cluster address (default: local Ray)."),
+    erode_mm: float = typer.Option(0.0, "--erode-mm", help="Also measure HU inside masks eroded by this radius."),
+    no_tta: bool = typer.Option(False, "--no-tta"),
+    device: str = typer.Option("auto"),
+    analyse: list[str] = typer.Option([], "--analyse", help="Covariate column(s) to correlate with, e.g. age."),
+):
+    """Per-structure volume and attenuation for a whole cohort -> cohort.csv/.parquet (+ correlations)."""
+    from medseg.apps.cohort import run_cohort
+
+    if backend not in ("local", "ray"):
+        _fail(f"--backend: expected local or ray, got {backend!r}")
+    res = run_cohort(input, output, model=model, segmentations=segmentations, class_map=class_map, workers=workers,
+                     backend=backend, ray_address=ray_address, device=device, tta=not no_tta, erode_mm=erode_mm,
+                     echo=_err)
+    for cov in analyse:
+        _print_analysis(res["rows"], cov, output)
+    if res["failed"]:
+        _fail(f"{len(res['failed'])} case(s) failed (listed in {output / 'failed.json'}); rerun to retry them", 1)
+
+
+def _print_analysis(rows, covariate: str, output: Path) -> None:
+    from medseg.apps.cohort_analysis import analyse_cohort
+
+    res = analyse_cohort(rows, covariate, output)
+    sig = [r for r in res["results"] if r["significant_fdr"]]
+    for r in sig[:20]:
+        print(f"{r['structure']:28s} {r['measure']:10s} r={r['pearson_r']:+.2f} rho={r['spearman_rho']:+.2f} "
+              f"q={r['pearson_p_fdr']:.2g} n={r['n']}")
+    print(f"{covariate}: {len(res['results'])} tests, {len(sig)} significant at FDR 5 % -> {res['table']}, "
+          f"{len(res['plots'])} plots")
+
+
+@app.command("cohort-analyse")
+def cohort_analyse(
+    table: Path = typer.Argument(..., help="cohort.csv written by `medseg cohort`."),
+    covariate: str = typer.Option(..., "--covariate", help="Column to correlate with, e.g. age."),
+    output: Path = typer.Option(..., "-o", "--output", help="Folder for the correlation table and plots."),
+):
+    """Pearson/Spearman of each structure's volume and HU with a covariate, FDR-corrected, with plots."""
+    from medseg.apps.cohort_analysis import read_table
+
+    _print_analysis(read_table(table), covariate, output)
+
+
 @app.command("convert-msd")
 def convert_msd(msd_folder: Path, output: Path):
     """Convert a Medical Segmentation Decathlon task to the nnU-Net v2 raw layout."""
