@@ -147,6 +147,8 @@ def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
     path = Path(path)
     if not path.exists():
         raise DatasetError(path, "input not found")
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return [Case(path.stem, (path,), None)]
     if path.is_file():
         if num_channels != 1:
             raise DatasetError(
@@ -181,6 +183,8 @@ def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
     for sub in sorted(p for p in path.iterdir() if p.is_dir()):
         if is_dicom_folder(sub):
             cases.append(Case(sub.name, (sub,), None))
+    if num_channels == 1:
+        cases += [Case(z.stem, (z,), None) for z in sorted(path.glob("*.zip")) if not z.name.startswith(".")]
     if not cases:
         raise DatasetError(path, "folder holds no images")
     return cases

@@ -107,6 +107,9 @@ def _read_sitk(path: Path):
         if len(series) > 1:
             raise ImageReadError(path, f"folder holds {len(series)} DICOM series; pass one series folder")
         files = sitk.ImageSeriesReader.GetGDCMSeriesFileNames(str(path), series[0])
+        from medseg.io.dicom_series import check_series
+
+        check_series(path, list(files))
         reader = sitk.ImageSeriesReader()
         reader.SetFileNames(files)
         return reader.Execute()
@@ -295,6 +298,8 @@ def read_image(path: str | Path, *, allow_4d: bool = False) -> tuple[np.ndarray,
         raise ImageReadError(path, "file not found")
     if path.is_file() and path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty")
+    if path.is_file() and path.suffix.lower() == ".zip":
+        return _read_zip(path, allow_4d=allow_4d)
     try:
         with quiet_native_stderr():
             img = _read_sitk(path)
@@ -328,6 +333,34 @@ def read_image(path: str | Path, *, allow_4d: bool = False) -> tuple[np.ndarray,
         direction=tuple(float(d) for d in np.array(img.GetDirection()).reshape(img.GetDimension(), -1)[:3, :3].ravel()),
         shape=tuple(int(s) for s in arr.shape[-3:]),
     )
+    return arr, meta
+
+
+def _read_zip(path: Path, *, allow_4d: bool) -> tuple[np.ndarray, ImageMeta]:
+    """A zip holding one DICOM series (any folder depth) or one image file."""
+    import shutil
+
+    from medseg.io.dicom_series import series_in_folder, unpack_zip
+
+    folder = unpack_zip(path)
+    try:
+        series = series_in_folder(folder)
+        if len(series) > 1:
+            raise ImageReadError(path, f"zip holds {len(series)} DICOM series; pass a zip of one series")
+        if series:
+            (files,) = series.values()
+            arr, meta = read_image(Path(files[0]).parent, allow_4d=allow_4d)
+        else:
+            images = [p for p in folder.rglob("*") if p.is_file() and image_suffix(p)]
+            if len(images) != 1:
+                raise ImageReadError(path, f"zip holds no DICOM series and {len(images)} image files; expected one")
+            arr, meta = read_image(images[0], allow_4d=allow_4d)
+    except ImageReadError as exc:
+        if exc.path and exc.path.startswith(str(folder)):  # name the zip, not the temporary folder
+            raise ImageReadError(path, exc.reason) from None
+        raise
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
     return arr, meta
 
 
