@@ -9,6 +9,7 @@ reason naming the folder. :func:`unpack_zip` extracts a zip of one series safely
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -86,17 +87,21 @@ def unpack_zip(path: Path) -> Path:
     except (zipfile.BadZipFile, OSError) as exc:
         raise ImageReadError(path, f"not a readable zip file ({exc})") from None
     target = Path(tempfile.mkdtemp(prefix="medseg_zip_"))
-    with archive:
-        for info in archive.infolist():
-            name = Path(info.filename)
-            if name.is_absolute() or ".." in name.parts:
-                raise ImageReadError(path, f"zip member {info.filename!r} points outside the archive; refused")
-            if info.is_dir() or name.name.startswith(".") or "__MACOSX" in name.parts:
-                continue
-            dest = target / name
-            dest.parent.mkdir(parents=True, exist_ok=True)
-            with archive.open(info) as src, open(dest, "wb") as dst:
-                dst.write(src.read())
+    try:
+        with archive:
+            for info in archive.infolist():
+                name = Path(info.filename)
+                if name.is_absolute() or ".." in name.parts:
+                    raise ImageReadError(path, f"zip member {info.filename!r} points outside the archive; refused")
+                if info.is_dir() or name.name.startswith(".") or "__MACOSX" in name.parts:
+                    continue
+                dest = target / name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with archive.open(info) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except BaseException:
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     return target
 
 
