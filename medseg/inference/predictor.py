@@ -16,12 +16,14 @@ import torch
 from medseg.errors import CheckpointError
 from medseg.inference.export import segmentation_from_logits
 from medseg.inference.sliding_window import sliding_window_predict
+from medseg.inference.streaming import streaming_segmentation
 from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_weights
 from medseg.io.dataset import Case
 from medseg.io.image import ImageMeta, ensure_writable_dir, read_image, write_image
 from medseg.preprocessing.pipeline import preprocess_array
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
+STREAMING_BYTES = 2 * 1024**3  # native-space probabilities above this: stream along z instead
 
 
 def resolve_model(model: str | Path) -> Path:
@@ -127,15 +129,39 @@ class Predictor:
         return y[:, :, None] if squeeze else y
 
     @torch.inference_mode()
-    def predict_array(self, image: np.ndarray, meta: ImageMeta, *, return_probabilities: bool = False):
-        """(C, z, y, x) image in its native geometry -> (label map, probabilities or None)."""
+    def predict_array(
+        self,
+        image: np.ndarray,
+        meta: ImageMeta,
+        *,
+        return_probabilities: bool = False,
+        streaming: bool | None = None,
+    ):
+        """(C, z, y, x) image in its native geometry -> (label map, probabilities or None).
+
+        ``streaming`` (default: automatic for outputs over ``STREAMING_BYTES`` of probabilities)
+        predicts and exports slab by slab along z so memory stays bounded for very large scans;
+        probabilities are not available then.
+        """
         data, _, props = preprocess_array(image, meta, self.plan, self.conf)
         x = torch.from_numpy(data).to(self.device)
+        k = self.spec.num_classes
+        if streaming is None:
+            native_bytes = 4 * k * float(np.prod(props["original_shape"]))
+            streaming = not return_probabilities and native_bytes > STREAMING_BYTES
+        if streaming and self.conf.spatial_dims == 3 and props.get("separate_z_axis") in (None, 0):
+            if return_probabilities:
+                raise ValueError("streaming prediction does not keep probabilities")
+            seg = streaming_segmentation(
+                x, self._predict_tiles, self.tile, k, props, step=self.step,
+                mirror_axes=self.mirror_axes if self.tta else (), tile_batch=self.tile_batch,
+            )  # fmt: skip
+            return seg, None
         logits = sliding_window_predict(
             x,
             self._predict_tiles,
             self.tile,
-            self.spec.num_classes,
+            k,
             step=self.step,
             mirror_axes=self.mirror_axes if self.tta else (),
             tile_batch=self.tile_batch,
