@@ -215,6 +215,33 @@ def export_model(
     print(f"model folder written: {out}")
 
 
+@app.command()
+def ct(
+    input: Path = typer.Option(..., "-i", "--input", help="CT: NIfTI/NRRD/MHA file, DICOM series folder or zip."),
+    output: Path = typer.Option(..., "-o", "--output", help="Output folder (or a .nii.gz file with --multilabel)."),
+    model: str = typer.Option(..., "-m", "--model", help="Model folder (medseg, or imported with import-nnunet)."),
+    fast: bool = typer.Option(False, "--fast", help="Use the model's lower-resolution variant (MODEL/fast)."),
+    roi_subset: list[str] | None = typer.Option(None, "--roi-subset", help="Only these structures (repeatable)."),
+    multilabel: bool = typer.Option(False, "--multilabel", help="One label map instead of one file per structure."),
+    statistics: bool = typer.Option(False, "--statistics", help="Volume and HU per structure (statistics.json)."),
+    stats_format: str = typer.Option("medseg", "--stats-format", help="medseg | totalsegmentator."),
+    preview: bool = typer.Option(False, "--preview", help="PNG overlay: axial, coronal, sagittal."),
+    dicom_seg: bool = typer.Option(False, "--dicom-seg", help="Also write a DICOM-SEG (DICOM input only)."),
+    class_map: str | None = typer.Option(None, "--class-map", help="Structure names (default: the model's)."),
+    device: str = typer.Option("auto", "--device"),
+    no_tta: bool = typer.Option(False, "--no-tta"),
+):
+    """Segment a CT into named structures, with statistics, previews and DICOM-SEG on request."""
+    from medseg.apps.ct_stats import FORMATS
+    from medseg.apps.ct_tool import segment_ct
+
+    if stats_format not in FORMATS:
+        _fail(f"--stats-format: expected one of {', '.join(FORMATS)}, got {stats_format!r}")
+    segment_ct(input, output, model, fast=fast, roi_subset=roi_subset or None, multilabel=multilabel,
+               statistics=statistics, stats_format=stats_format, preview=preview, dicom_seg=dicom_seg,
+               class_map=class_map, device=device, tta=not no_tta)
+
+
 @app.command("ct-stats")
 def ct_stats(
     image: Path = typer.Option(..., "--image", help="CT image (NIfTI, NRRD, MHA or a DICOM series folder)."),

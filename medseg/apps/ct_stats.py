@@ -30,10 +30,8 @@ def ct_statistics_files(
     ``fmt="totalsegmentator"`` writes TotalSegmentator's ``statistics.json`` layout exactly.
     """
     from medseg.ct.class_maps import load_class_map
-    from medseg.ct.statistics import structure_statistics, totalsegmentator_statistics
     from medseg.errors import DatasetError
     from medseg.io.image import check_writable_dir, read_image
-    from medseg.io.jsonio import write_text_atomic
 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, not {fmt!r}")
@@ -48,24 +46,51 @@ def ct_statistics_files(
         raise DatasetError(seg, f"label spacing {lab_meta.spacing} differs from the image's {ct_meta.spacing}")
     if lab.dtype.kind == "f" and not np.array_equal(lab, np.round(lab)):
         raise DatasetError(seg, "label map holds non-integer values")
-    lab = lab.astype(np.int64, copy=False)
-    unknown = sorted(set(np.unique(lab).tolist()) - {0} - set(labels.values()))
+    return write_statistics(
+        ct,
+        lab,
+        ct_meta.spacing,
+        labels,
+        output,
+        fmt=fmt,
+        erode_mm=erode_mm,
+        exclude_masks_at_border=exclude_masks_at_border,
+        metric=metric,
+        sources={"image": str(image), "seg": str(seg)},
+        seg_name=str(seg),
+    )
+
+
+def write_statistics(
+    ct: np.ndarray,
+    seg: np.ndarray,
+    spacing,
+    labels: dict[str, int],
+    output: Path,
+    *,
+    fmt: str = "medseg",
+    erode_mm: float = 0.0,
+    exclude_masks_at_border: bool = True,
+    metric: str = "mean",
+    sources: dict | None = None,
+    seg_name: str = "label map",
+) -> dict:
+    """Statistics of arrays already in memory, written as ``fmt`` (see :func:`ct_statistics_files`)."""
+    from medseg.ct.statistics import structure_statistics, totalsegmentator_statistics
+    from medseg.io.jsonio import write_text_atomic
+
+    seg = seg.astype(np.int64, copy=False)
+    unknown = sorted(set(np.unique(seg).tolist()) - {0} - set(labels.values()))
     if unknown:
-        print(f"medseg: warning: {seg}: label values {unknown} are not in the class map; ignored", file=sys.stderr)
+        print(f"medseg: warning: {seg_name}: label values {unknown} are not in the class map; ignored", file=sys.stderr)
     if fmt == "totalsegmentator":
         stats = totalsegmentator_statistics(
-            ct, lab, ct_meta.spacing, labels, exclude_masks_at_border=exclude_masks_at_border, metric=metric
+            ct, seg, spacing, labels, exclude_masks_at_border=exclude_masks_at_border, metric=metric
         )
         write_text_atomic(output, json.dumps(stats, indent=4))
         return stats
-    stats = structure_statistics(ct, lab, ct_meta.spacing, labels, erode_mm=erode_mm)
-    doc = {
-        "image": str(image),
-        "seg": str(seg),
-        "spacing_zyx_mm": list(ct_meta.spacing),
-        "erode_mm": erode_mm,
-        "structures": stats,
-    }
+    stats = structure_statistics(ct, seg, spacing, labels, erode_mm=erode_mm)
+    doc = {**(sources or {}), "spacing_zyx_mm": list(spacing), "erode_mm": erode_mm, "structures": stats}
     write_text_atomic(output, json.dumps(doc, indent=2) + "\n")
     buf = io.StringIO()
     fields = ["structure"] + list(next(iter(stats.values())).keys()) if stats else ["structure"]
