@@ -31,15 +31,18 @@ def verify(dataset: str | Path):
     return verify_dataset(dataset)
 
 
-def plan(dataset: str | Path, workspace=None, *, budget: str = "cpu", progress: bool = True) -> Plan:
-    """Fingerprint the dataset and write ``plan.json`` (+ fingerprint.json) into the workspace."""
+def plan(dataset: str | Path, workspace=None, *, budget: str = "cpu", presets=(), progress: bool = True) -> Plan:
+    """Fingerprint the dataset and write ``plan.json`` (+ fingerprint.json) into the workspace.
+
+    ``presets``: ResEnc presets (``resenc_m``, ``resenc_l``) planned as extra ``3d_fullres_<preset>``
+    configurations with nnU-Net's ResEnc planner and the preset's own GPU budget."""
     from medseg.planning.fingerprint import compute_fingerprint
     from medseg.planning.planner import make_plan
 
     ws = _ws(workspace)
     info = load_dataset_json(dataset)
     fp = compute_fingerprint(dataset, progress=progress)
-    p = make_plan(info, fp, budget)
+    p = make_plan(info, fp, budget, presets=tuple(presets))
     fp.save(ws.fingerprint_path(info.name))
     p.save(ws.plan_path(info.name))
     write_json(ws.preprocessed(info.name) / "dataset_info.json", {"raw_folder": str(Path(dataset).resolve())})
@@ -87,6 +90,11 @@ def train(
     p = load_plan(dataset, ws)
     conf = p.configuration(configuration)
     model_name = config.model or conf.model
+    if config.pretrained and not config.model:  # fine-tuning adopts the pretrained architecture
+        from medseg.training.transfer import pretrained_spec
+
+        spec = pretrained_spec(config.pretrained)
+        model_name = spec.model if spec else model_name
     out = Path(output) if output else ws.results(info.name, configuration, model_name)
     pre = ws.preprocessed(info.name)
     trainer = Trainer(
@@ -108,12 +116,15 @@ def predict(
     largest_component: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    label_map=None,
 ) -> list[dict]:
+    """``label_map``: a JSON file or dict mapping the model's labels onto another label set
+    (direct inference; see medseg.inference.label_map)."""
     from medseg.inference.predictor import Predictor
     from medseg.io.image import ensure_writable_dir
 
     ensure_writable_dir(output)
-    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step)
+    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map)
     cases = cases_from_input(input, predictor.spec.in_channels)
     return predictor.predict_cases(
         cases,

@@ -49,19 +49,30 @@ def plan(
     dataset: Path,
     workspace: Path | None = typer.Option(None, "-w", "--workspace", help=WS_HELP),
     budget: str = typer.Option("cpu", help="Memory/compute budget to fit the network to: cpu | gpu."),
+    preset: list[str] = typer.Option(
+        [],
+        "--preset",
+        help="Also plan a ResEnc preset (resenc_m: 8 GB, resenc_l: 24 GB, nnU-Net's ResEnc planners) as "
+        "configuration 3d_fullres_<preset>; repeatable. Its GPU budget applies whatever --budget says.",
+    ),
 ):
     """Fingerprint the dataset and write a plan (typed, editable JSON)."""
     from medseg import api
     from medseg.io.image import check_writable_dir
+    from medseg.models.resenc import PRESETS
     from medseg.workspace import Workspace
 
+    unknown = [p for p in preset if p not in PRESETS]
+    if unknown:
+        _fail(f"--preset: unknown {', '.join(unknown)} (choose from {', '.join(PRESETS)})")
     ws = Workspace.resolve(workspace)
     check_writable_dir(ws.root)  # fail before fingerprinting, not after
-    p = api.plan(dataset, workspace, budget=budget)
+    p = api.plan(dataset, workspace, budget=budget, presets=preset)
     for name, c in p.configurations.items():
+        model = "" if c.model == "unet" else f"  model {c.model}"
         print(
             f"{name:11s} spacing {[round(s, 3) for s in c.spacing]}  patch {list(c.patch_size)}  batch {c.batch_size}"
-            f"  features {c.model_kwargs['features']}  ~{c.estimated_memory_gb} GB"
+            f"  features {c.model_kwargs['features']}  ~{c.estimated_memory_gb} GB{model}"
         )
     print(f"normalisation: {[n.scheme + ('(masked)' if n.use_mask else '') for n in p.normalization]}")
     print(f"plan written to {ws.plan_path(p.dataset_name)}")
@@ -98,13 +109,20 @@ def train(
     val_iterations: int = typer.Option(20),
     batch_size: int | None = typer.Option(None),
     lr: float = typer.Option(1e-2, "--lr"),
-    warmup_epochs: int = typer.Option(0),
+    warmup_epochs: int = typer.Option(0, help="Linear LR warm-up over the first N epochs (fine-tuning)."),
+    freeze_encoder_epochs: int = typer.Option(
+        0, help="Fine-tuning: keep the pretrained encoder frozen for the first N epochs."
+    ),
     checkpoint_every: int = typer.Option(10, help="Epochs between resumable checkpoints."),
     augmentation: str = typer.Option("default", help="default | none"),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     threads: int | None = typer.Option(None, help="CPU threads for torch."),
-    pretrained: Path | None = typer.Option(None, help="Initialise from a model folder."),
+    pretrained: str | None = typer.Option(
+        None,
+        help="Fine-tune from a model folder, fold folder, shipped model name or .safetensors: the network is "
+        "the pretrained one (heads re-initialised for this dataset's classes) unless --model names another.",
+    ),
     no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full-volume validation."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (also to extend)."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Model folder (default: in workspace)."),
@@ -113,6 +131,11 @@ def train(
     from medseg import api
     from medseg.training.config import TrainingConfig
 
+    if model is not None:
+        from medseg.models import list_models
+
+        if model not in list_models():
+            _fail(f"--model: unknown model '{model}' (registered: {', '.join(list_models())})")
     overrides = {}
     if model_kwargs:
         try:
@@ -128,6 +151,7 @@ def train(
         batch_size=batch_size,
         initial_lr=lr,
         warmup_epochs=warmup_epochs,
+        freeze_encoder_epochs=freeze_encoder_epochs,
         checkpoint_every=checkpoint_every,
         augmentation=augmentation,
         device=device,
@@ -136,7 +160,7 @@ def train(
         final_validation=not no_validation,
         model=model,
         model_kwargs=overrides,
-        pretrained=str(pretrained) if pretrained else None,
+        pretrained=pretrained,
     )
     summary = api.train(
         dataset, workspace, configuration=configuration, fold=fold, config=cfg, resume=resume, output=output, log=_err
@@ -160,6 +184,12 @@ def predict(
     ),
     overlay: bool = typer.Option(False, "--overlay", help="Write a PNG overlay per case."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases already in OUTPUT."),
+    label_map: Path | None = typer.Option(
+        None,
+        "--label-map",
+        help='JSON mapping the model\'s labels onto another label set, e.g. {"Anterior": "hippocampus", '
+        '"Posterior": "hippocampus"}; unmapped classes become background (docs/transfer.md).',
+    ),
 ):
     """Segment images with a trained model; writes label maps, volumes.csv and optional overlays."""
     from medseg.apps.segment import run_predict
@@ -176,6 +206,7 @@ def predict(
         largest_component=largest_component,
         overlay=overlay,
         overwrite=overwrite,
+        label_map=label_map,
         echo=print,
     )
 
@@ -213,6 +244,28 @@ def export_model(
 
     out = api.package_model(source, destination, folds=folds, overwrite=overwrite)
     print(f"model folder written: {out}")
+
+
+@app.command("import-nnunet")
+def import_nnunet(
+    results_folder: Path = typer.Argument(
+        ..., help="nnU-Net v2 results folder TRAINER__PLANS__CONFIGURATION (dataset.json, plans.json, fold_K/)."
+    ),
+    output: Path = typer.Argument(..., help="medseg model folder to write."),
+    checkpoint: str = typer.Option("final", "--checkpoint", help="final (checkpoint_final.pth) | best."),
+    folds: list[str] | None = typer.Option(None, "-f", "--fold", help="Folds to import (default: all found)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+):
+    """Convert a trained nnU-Net v2 model into a medseg model folder (weights read with weights_only=True)."""
+    from medseg.interop.nnunet import import_nnunet as _import
+
+    r = _import(results_folder, output, checkpoint=checkpoint, folds=folds, overwrite=overwrite)
+    tta = "mirror TTA on axes " + ",".join(map(str, r.mirror_axes)) if r.mirror_axes else "no mirror TTA"
+    print(f"imported {r.trainer} / {r.plans_name} / {r.configuration} ({r.checkpoint}, folds {', '.join(r.folds)})")
+    print(f"model '{r.model}', {tta}")
+    for note in r.notes:
+        print(f"note: {note}")
+    print(f"model folder written: {r.output}")
 
 
 @app.command()
@@ -363,9 +416,12 @@ def models(
     ),
     cost: bool = typer.Option(True, "--cost/--no-cost", help="Measure parameters and FLOPs (meta device)."),
 ):
-    """List registered model architectures: parameters, GFLOPs (2 x MACs, batch 1) and optional dependencies."""
+    """List registered model architectures: parameters, GFLOPs (2 x MACs, batch 1) and optional dependencies.
+
+    Each network is measured with its builder's default topology; where that cannot take PATCH (a
+    total stride that does not divide it), with the topology the planner gives PATCH at 1 mm spacing.
+    """
     from medseg.models import count_parameters, create_model, get_entry, list_models
-    from medseg.models.flops import measure
 
     rows = []
     for name in list_models():
@@ -382,32 +438,53 @@ def models(
             "params": None,
             "flops": None,
             "macs": None,
+            "topology": None,
             "test_config_params": None,
             "error": None,
         }
         if row["available"]:
             try:
-                row["test_config_params"] = count_parameters(create_model(name, 1, 2, **e.test_config))
+                tiny = {k: v for k, v in e.test_config.items() if k != "input_size"}
+                row["test_config_params"] = count_parameters(create_model(name, 1, 2, **tiny))
                 if cost:
-                    c = measure(name, patch, in_channels=in_channels, num_classes=num_classes)
+                    c, row["topology"] = _measure_at_patch(name, patch, in_channels, num_classes)
                     row.update(params=c.params, flops=c.flops, macs=c.macs)
             except Exception as exc:  # one model that cannot be built on meta must not hide the others
-                row["error"] = f"{type(exc).__name__}: {exc}"
+                row["error"] = " ".join(f"{type(exc).__name__}: {exc}".split())
         rows.append(row)
     if json_out:
         print(json.dumps(rows, indent=1))
         return
+    deps = {r["name"]: ", ".join(f"{m} {'ok' if ok else 'MISSING'}" for m, ok in r["requires"].items()) or "-"
+            for r in rows}  # fmt: skip
+    width = max(8, *map(len, deps.values()))
     print(
-        f"{'name':14s} {'params':>10s} {'GFLOPs':>9s}  deps  description  "
+        f"{'name':14s} {'params':>10s} {'GFLOPs':>9s}  {'requires':{width}s}  description  "
         f"(patch {'x'.join(map(str, patch))}, {in_channels} -> {num_classes} classes, GFLOPs = 2 x MACs)"
     )
     for r in rows:
         params = f"{r['params'] / 1e6:.2f}M" if r["params"] is not None else "n/a"
         gflops = f"{r['flops'] / 1e9:.1f}" if r["flops"] is not None else "n/a"
-        deps = "ok" if r["available"] else "no"
-        missing = [m for m, ok in r["requires"].items() if not ok]
-        note = f"  [missing: {', '.join(missing)}]" if missing else f"  [{r['error']}]" if r["error"] else ""
-        print(f"{r['name']:14s} {params:>10s} {gflops:>9s}  {deps:4s}  {r['description']}{note}")
+        note = " [topology planned for the patch]" if r["topology"] == "planned" else ""
+        note += f"  [{r['error']}]" if r["error"] else ""
+        print(f"{r['name']:14s} {params:>10s} {gflops:>9s}  {deps[r['name']]:{width}s}  {r['description']}{note}")
+
+
+def _measure_at_patch(name: str, patch, in_channels: int, num_classes: int):
+    """(cost, "default" | "planned"): the builder's default network, or, if its total stride does not
+    divide ``patch``, the network with the topology the planner gives ``patch`` at 1 mm spacing."""
+    from medseg.models.flops import measure
+    from medseg.models.registry import accepted_kwargs
+    from medseg.planning.planner import pool_and_conv_props
+
+    try:
+        return measure(name, patch, in_channels=in_channels, num_classes=num_classes), "default"
+    except Exception:
+        strides, kernels, padded, _ = pool_and_conv_props([1.0] * len(patch), patch)
+        if accepted_kwargs(name, ("strides",)) != {"strides"} or list(padded) != list(patch):
+            raise
+    kw = {"strides": strides, **({"kernel_sizes": kernels} if accepted_kwargs(name, ("kernel_sizes",)) else {})}
+    return measure(name, patch, in_channels=in_channels, num_classes=num_classes, **kw), "planned"
 
 
 def main() -> None:

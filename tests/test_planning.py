@@ -281,3 +281,67 @@ def test_plan_errors(tmp_path):
     (tmp_path / "bad_cfg.json").write_text(json.dumps(bad_cfg))
     with pytest.raises(PlanError):
         Plan.load(tmp_path / "bad_cfg.json")
+
+
+# ----------------------------------------------------------------------------- ResEnc M/L presets
+def _resenc_elements(cfg: Configuration, num_classes: int = 3) -> int:
+    """nnU-Net's VRAM proxy for the planned network: conv feature-map elements at batch 1."""
+    from medseg.models.flops import build_meta, feature_map_elements
+
+    return feature_map_elements(build_meta(cfg.model, 1, num_classes, **cfg.model_kwargs), cfg.patch_size, 1)
+
+
+def _check_resenc_config(cfg: Configuration, preset: str) -> int:
+    from medseg.models.flops import build_meta
+    from medseg.models.resenc import ENCODER_BLOCKS, PRESETS, ResEncUNet, nnunet_features
+
+    kw, n = cfg.model_kwargs, len(cfg.model_kwargs["strides"])
+    assert cfg.model == preset and isinstance(build_meta(cfg.model, 1, 3, **kw), ResEncUNet)
+    assert kw["features"] == nnunet_features(n) and kw["blocks_per_stage"] == list(ENCODER_BLOCKS[:n])
+    p = PRESETS[preset]
+    elements = _resenc_elements(cfg)
+    assert elements <= p["reference_val_3d"]  # the patch fits the preset's own budget (its VRAM target)
+    assert cfg.batch_size >= 2
+    assert cfg.estimated_memory_gb == pytest.approx(
+        p["reference_gb"] * elements * cfg.batch_size / (2 * p["reference_val_3d"]), abs=1e-3
+    )
+    return elements
+
+
+def test_resenc_presets_on_the_real_hippocampus_fingerprint(no_hang):
+    """nnUNetPlannerResEncM/L on MSD hippocampus: ResEnc networks, L's patch >= M's, L's batch larger."""
+    from conftest import HIPPO, require
+
+    from medseg.io.dataset import load_dataset_json
+    from medseg.planning.fingerprint import compute_fingerprint
+
+    require(HIPPO)
+    fp = compute_fingerprint(HIPPO, progress=False, workers=1)
+    dinfo = load_dataset_json(HIPPO)
+    plan = make_plan(dinfo, fp, "cpu", presets=("resenc_m", "resenc_l"))
+    full, m, l_ = (plan.configuration(f"3d_fullres{s}") for s in ("", "_resenc_m", "_resenc_l"))
+    assert full == make_plan(dinfo, fp, "cpu").configuration("3d_fullres")  # the U-Net plan is untouched
+    for cfg in (m, l_):
+        assert cfg.spacing == full.spacing and cfg.median_shape == full.median_shape  # shares its data
+    _check_resenc_config(m, "resenc_m")
+    _check_resenc_config(l_, "resenc_l")
+    assert all(a >= b for a, b in zip(l_.patch_size, m.patch_size))
+    assert l_.batch_size * np.prod(l_.patch_size) > m.batch_size * np.prod(m.patch_size)
+    # small cases: both take the whole median case; the budget goes into the batch (nnU-Net caps it only at
+    # the whole dataset for these presets, not at 5 %)
+    assert m.patch_size == (40, 56, 40) and m.model_kwargs["strides"] == full.model_kwargs["strides"]
+    assert m.batch_size > plan.configuration("3d_fullres").batch_size
+
+
+def test_resenc_l_plans_a_larger_patch_than_m_on_large_cases(no_hang):
+    fp = fingerprint([[1, 1, 1]] * 10, [[160, 160, 160]] * 10)
+    plan = make_plan(info(), fp, "gpu", presets=("resenc_l", "resenc_m"))
+    m, l_ = plan.configuration("3d_fullres_resenc_m"), plan.configuration("3d_fullres_resenc_l")
+    assert m.patch_size == (128, 128, 128) and l_.patch_size == (160, 160, 160)  # 8 GB vs 24 GB
+    assert _check_resenc_config(l_, "resenc_l") > _check_resenc_config(m, "resenc_m")
+    assert plan.to_json()["configurations"]["3d_fullres_resenc_l"]["model"] == "resenc_l"
+
+
+def test_unknown_resenc_preset():
+    with pytest.raises(ValueError, match="resenc_xl"):
+        make_plan(info(), fingerprint([[1, 1, 1]] * 2, [[20, 20, 20]] * 2), "cpu", presets=("resenc_xl",))

@@ -18,6 +18,7 @@ def run_predict(
     largest_component=False,
     overlay=False,
     overwrite=False,
+    label_map=None,
     echo=print,
 ) -> list[dict]:
     from medseg.evaluation.report import overlay_png, structure_volumes, write_volumes_table
@@ -28,12 +29,12 @@ def run_predict(
 
     t0 = time.perf_counter()
     output = check_writable_dir(output)  # created only once a case is predicted
-    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step)
+    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map)
     cases = cases_from_input(input, predictor.spec.in_channels)
     results = predictor.predict_cases(
         cases, output, overwrite=overwrite, save_probabilities=probabilities, largest_component=largest_component
     )
-    labels = predictor.spec.labels
+    labels = predictor.labels  # the label map's target labels when one is given
     rows = []
     for case, res in zip(cases, results):
         seg, meta = read_image(res["output"])
@@ -57,6 +58,7 @@ def run_predict(
             "folds": predictor.folds,
             "tta": tta,
             "step": step,
+            **({"label_map": {"file": str(label_map), "labels": labels}} if label_map is not None else {}),
             "device": str(predictor.device),
             "seconds": round(elapsed, 2),
             "cases": results,

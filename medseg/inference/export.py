@@ -33,10 +33,20 @@ def probabilities_to_native(probs: torch.Tensor, props: dict) -> np.ndarray:
     return out
 
 
-def segmentation_from_logits(logits: torch.Tensor, props: dict, *, return_probabilities: bool = False):
-    """Native-space label map (uint8/int16) and optionally probabilities (float32)."""
-    probs = torch.softmax(logits.float(), 0)
-    native = probabilities_to_native(probs, props)
+def segmentation_from_logits(
+    logits: torch.Tensor, props: dict, *, return_probabilities: bool = False, interpolate: str = "probabilities"
+):
+    """Native-space label map (uint8/int16) and optionally probabilities (float32).
+
+    ``interpolate="logits"`` resamples the logits and applies the softmax afterwards (nnU-Net v2's
+    export); the default resamples probabilities. Outside the crop both give background.
+    """
+    if interpolate == "logits":
+        native = probabilities_to_native(logits.float(), props)  # outside the crop: (1, 0, ...) -> background
+        inside = (slice(None), *(slice(a, b) for a, b in props["bbox"]))
+        native[inside] = torch.softmax(torch.from_numpy(native[inside]), 0).numpy()
+    else:
+        native = probabilities_to_native(torch.softmax(logits.float(), 0), props)
     seg = native.argmax(0)
     dtype = np.uint8 if native.shape[0] < 256 else np.int16
     return seg.astype(dtype), (native if return_probabilities else None)

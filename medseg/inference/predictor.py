@@ -54,6 +54,18 @@ def _state_dict_mismatch(exc: RuntimeError) -> str:
     return first[:160]
 
 
+def _label_mapping(label_map, model_labels: dict[str, int]):
+    if label_map is None:
+        return None
+    from medseg.inference.label_map import LabelMapping, build_label_mapping, load_label_mapping
+
+    if isinstance(label_map, LabelMapping):
+        return label_map
+    if isinstance(label_map, dict):
+        return build_label_mapping(label_map, model_labels)
+    return load_label_mapping(label_map, model_labels)
+
+
 class Predictor:
     def __init__(
         self,
@@ -66,11 +78,15 @@ class Predictor:
         tile_batch: int | None = None,
         num_threads: int | None = None,
         source: str | Path | None = None,
+        label_map=None,
     ):
-        """``source``: the model folder, so that errors name the file at fault."""
+        """``source``: the model folder, so that errors name the file at fault. ``label_map``: a JSON
+        file, dict or :class:`~medseg.inference.label_map.LabelMapping` mapping the model's labels onto
+        another label set (direct inference); outputs then use the target labels."""
         from medseg.training.trainer import resolve_device
 
         self.spec = spec
+        self.mapping = _label_mapping(label_map, spec.labels)
         self.plan = spec.plan
         self.conf = spec.plan.configuration(spec.configuration)
         self.device = resolve_device(device)
@@ -108,6 +124,15 @@ class Predictor:
         # a 2d configuration slides a (1, h, w) tile through the volume
         self.tile = tuple(self.conf.patch_size) if dims == 3 else (1, *self.conf.patch_size)
         self.mirror_axes = (0, 1, 2) if dims == 3 else (1, 2)
+        if self.conf.mirror_axes is not None:  # the model's own choice (e.g. imported from nnU-Net)
+            self.mirror_axes = tuple(self.conf.mirror_axes)
+        if self.conf.numerics not in ("medseg", "nnunet"):
+            raise CheckpointError(root / "model.json", f"unknown numerics '{self.conf.numerics}' (medseg or nnunet)")
+
+    @property
+    def labels(self) -> dict[str, int]:
+        """The label set of the written label maps: the model's, or the label map's targets."""
+        return self.mapping.labels if self.mapping is not None else self.spec.labels
 
     @classmethod
     def from_folder(cls, model: str | Path, folds=None, **kwargs) -> Predictor:
@@ -155,8 +180,9 @@ class Predictor:
             seg = streaming_segmentation(
                 x, self._predict_tiles, self.tile, k, props, step=self.step,
                 mirror_axes=self.mirror_axes if self.tta else (), tile_batch=self.tile_batch,
+                numerics=self.conf.numerics,
             )  # fmt: skip
-            return seg, None
+            return self._mapped(seg, None)
         logits = sliding_window_predict(
             x,
             self._predict_tiles,
@@ -165,8 +191,21 @@ class Predictor:
             step=self.step,
             mirror_axes=self.mirror_axes if self.tta else (),
             tile_batch=self.tile_batch,
+            numerics=self.conf.numerics,
         )
-        return segmentation_from_logits(logits, props, return_probabilities=return_probabilities)
+        interpolate = "logits" if self.conf.numerics == "nnunet" else "probabilities"
+        seg, probs = segmentation_from_logits(
+            logits, props, return_probabilities=return_probabilities, interpolate=interpolate
+        )
+        return self._mapped(seg, probs)
+
+    def _mapped(self, seg: np.ndarray, probs):
+        """Apply the label map, if any (labels voxel-wise; probabilities summed per target class)."""
+        if self.mapping is None:
+            return seg, probs
+        from medseg.inference.label_map import apply_label_mapping, map_probabilities
+
+        return apply_label_mapping(seg, self.mapping), None if probs is None else map_probabilities(probs, self.mapping)
 
     def read_case(self, case: Case) -> tuple[np.ndarray, ImageMeta]:
         """All channels of a case as (C, z, y, x) float32; refuses NaN/Inf and channels off the
@@ -228,7 +267,7 @@ class Predictor:
                     np.savez_compressed(
                         tmp,
                         probabilities=probs.astype(np.float16),
-                        labels=np.array(sorted(self.spec.labels, key=self.spec.labels.get)),
+                        labels=np.array(sorted(self.labels, key=self.labels.get)),
                     )
                     os.replace(tmp, final)
                 except OSError as exc:

@@ -48,6 +48,32 @@ def gaussian_weights(tile_size, sigma_scale: float = 1 / 8, device="cpu") -> tor
     return torch.tensor(_gaussian_np(tuple(int(t) for t in tile_size), float(sigma_scale)), device=device)
 
 
+@lru_cache(maxsize=8)
+def _nnunet_gaussian_np(tile_size: tuple[int, ...], sigma_scale: float) -> np.ndarray:
+    from scipy.ndimage import gaussian_filter
+
+    impulse = np.zeros(tile_size)
+    impulse[tuple(t // 2 for t in tile_size)] = 1
+    g = gaussian_filter(impulse, [t * sigma_scale for t in tile_size], 0, mode="constant", cval=0)
+    g /= g.max()
+    g[g == 0] = g[g > 0].min()
+    return g.astype(np.float32)
+
+
+def nnunet_gaussian_weights(tile_size, sigma_scale: float = 1 / 8, device="cpu") -> torch.Tensor:
+    """nnU-Net v2's importance map (``compute_gaussian``): an impulse at ``size // 2`` smoothed by scipy's
+    truncated Gaussian filter. It differs from :func:`gaussian_weights` by half a voxel at even tile sizes
+    and in the tails, which moves blended logits where overlapping tiles disagree."""
+    return torch.tensor(_nnunet_gaussian_np(tuple(int(t) for t in tile_size), float(sigma_scale)), device=device)
+
+
+def importance_weights(tile_size, numerics: str = "medseg", device="cpu") -> torch.Tensor:
+    """The Gaussian tile weights of a configuration's ``numerics`` ("medseg" or "nnunet")."""
+    if numerics == "nnunet":
+        return nnunet_gaussian_weights(tile_size, device=device)
+    return gaussian_weights(tile_size, device=device)
+
+
 def mirror_combinations(axes) -> list[tuple[int, ...]]:
     axes = tuple(axes)
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
@@ -65,11 +91,13 @@ def sliding_window_predict(
     tile_batch: int = 1,
     output_device=None,
     progress: Callable[[int], None] | None = None,
+    numerics: str = "medseg",
 ) -> torch.Tensor:
     """Logits (K, *spatial) for a (C, *spatial) image.
 
     ``mirror_axes``: spatial axes for mirror test-time augmentation; the logits of all
     2^n flips are averaged (nnU-Net's TTA). The image is zero-padded to at least one tile.
+    ``numerics="nnunet"`` uses nnU-Net v2's Gaussian (:func:`nnunet_gaussian_weights`).
     """
     device = image.device
     out_dev = output_device or device
@@ -82,7 +110,9 @@ def sliding_window_predict(
             pads += [p // 2, p - p // 2]
         image = F.pad(image, pads)
     padded = image.shape[1:]
-    weights = gaussian_weights(tile_size, device=out_dev) if gaussian else torch.ones(tile_size, device=out_dev)
+    weights = (
+        importance_weights(tile_size, numerics, device=out_dev) if gaussian else torch.ones(tile_size, device=out_dev)
+    )
     logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=out_dev)
     norm = torch.zeros(padded, dtype=torch.float32, device=out_dev)
     flips = mirror_combinations(mirror_axes)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.inference.sliding_window import gaussian_weights, mirror_combinations, tile_starts
+from medseg.inference.sliding_window import importance_weights, mirror_combinations, tile_starts
 
 
 class _NativeExporter:
@@ -75,8 +75,12 @@ def streaming_segmentation(
     mirror_axes=(),
     tile_batch: int = 1,
     progress: Callable[[int], None] | None = None,
+    numerics: str = "medseg",
 ) -> np.ndarray:
-    """Native-geometry label map for a preprocessed (C, z, y, x) image, streamed along z."""
+    """Native-geometry label map for a preprocessed (C, z, y, x) image, streamed along z.
+
+    ``numerics="nnunet"``: nnU-Net's Gaussian, and logits (not probabilities) are resampled to the
+    native grid before the argmax, as nnU-Net v2 exports."""
     axis = props.get("separate_z_axis")
     if axis not in (None, 0):
         raise ValueError("streaming export supports thick slices only along the first axis")
@@ -91,7 +95,7 @@ def streaming_segmentation(
         image = F.pad(image, pads)
     padded = image.shape[1:]
     offset = [p // 2 for p in pad]  # padded coordinate of preprocessed voxel 0
-    weights = gaussian_weights(tile, device=device)
+    weights = importance_weights(tile, numerics, device=device)
     flips = mirror_combinations(mirror_axes)
     zs, ys, xs = tile_starts(padded, tile, step)
     exporter = _NativeExporter(props, num_classes, device, "nearest" if axis == 0 else "linear")
@@ -129,7 +133,7 @@ def streaming_segmentation(
                     buf[:, d, ylo : ylo + spatial[1], xlo : xlo + spatial[2]]
                     / norm[d, ylo : ylo + spatial[1], xlo : xlo + spatial[2]]
                 )
-                exporter.push(zp, torch.softmax(logits, 0))
+                exporter.push(zp, logits if numerics == "nnunet" else torch.softmax(logits, 0))
         buf = torch.cat([buf[:, n:], torch.zeros_like(buf[:, :n])], 1)
         norm = torch.cat([norm[n:], torch.zeros_like(norm[:n])], 0)
         base = final_to

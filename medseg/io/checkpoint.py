@@ -39,8 +39,10 @@ class ModelSpec:
     configuration: str
     medseg_version: str = __version__
     description: str = ""
+    pretrained: dict | None = None  # fine-tuned models: {"source", "weights", "sha256"} of the initialisation
 
     def to_json(self) -> dict:
+        extra = {"pretrained": self.pretrained} if self.pretrained else {}
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -53,6 +55,7 @@ class ModelSpec:
             "configuration": self.configuration,
             "description": self.description,
             "plan": self.plan.to_json(),
+            **extra,
         }
 
     @classmethod
@@ -72,6 +75,7 @@ class ModelSpec:
                 configuration=d["configuration"],
                 medseg_version=d.get("medseg_version", "?"),
                 description=d.get("description", ""),
+                pretrained=d.get("pretrained"),
             )
         except KeyError as exc:
             raise CheckpointError(source, f"model spec lacks key {exc}") from None

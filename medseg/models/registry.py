@@ -5,13 +5,17 @@ Every architecture joins with one decorator::
     @register_model("unet", test_config={...}, requires=())
     def build_unet(in_channels, num_classes, *, spatial_dims=3, deep_supervision=True, **arch): ...
 
-Other packages add models through the ``medseg.models`` entry-point group; each entry point
-is imported lazily the first time the registry is listed.
+Other packages add models through the ``medseg.models`` entry-point group (``name = package.module``
+in their ``entry_points.txt`` / ``[project.entry-points."medseg.models"]``); each entry point is imported
+lazily the first time the registry is listed, and one that fails to import is reported on stderr in one
+line and skipped.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -61,7 +65,13 @@ def _load_builtin_and_plugins() -> None:
     from importlib.metadata import entry_points
 
     for ep in entry_points(group="medseg.models"):
-        ep.load()
+        try:
+            ep.load()  # importing the module runs its @register_model decorators
+        except Exception as exc:  # a broken plugin must not hide the built-ins and the other plugins
+            dist = getattr(getattr(ep, "dist", None), "name", None)
+            where = f"'{ep.name} = {ep.value}'" + (f" from {dist}" if dist else "")
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())
+            print(f"medseg: warning: model plugin {where} failed to load ({reason}); skipped", file=sys.stderr)
 
 
 def list_models() -> list[str]:
@@ -79,6 +89,14 @@ def get_entry(name: str) -> ModelEntry:
 def create_model(name: str, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
     """Build a registered model. kwargs are architecture arguments (saved in checkpoints)."""
     return get_entry(name).builder(in_channels, num_classes, **kwargs)
+
+
+def accepted_kwargs(name: str, keys) -> set[str]:
+    """Which of ``keys`` the builder of model ``name`` takes (all of them if it has ``**kwargs``)."""
+    params = inspect.signature(get_entry(name).builder).parameters.values()
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return set(keys)
+    return set(keys) & {p.name for p in params}
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -26,6 +26,7 @@ import torch
 import torch.nn as nn
 
 from medseg.models.registry import register_model
+from medseg.models.unet import check_transpose, permute_spatial, unpermute_spatial
 
 ENCODER_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)  # nnU-Net's UNet_blocks_per_stage_encoder
 BASE_FEATURES, MAX_FEATURES_3D, MAX_FEATURES_2D = 32, 320, 512
@@ -66,13 +67,13 @@ def _ops(dim: int):
 class ConvNormAct(nn.Module):
     """nnU-Net's ConvDropoutNormReLU (no dropout): names ``conv``, ``norm``, ``nonlin``."""
 
-    def __init__(self, dim: int, cin: int, cout: int, kernel, stride=1, *, bias: bool = True, act: bool = True):
+    def __init__(self, dim: int, cin: int, cout: int, kernel, stride=1, *, bias=True, act=True, eps=1e-5, slope=0.01):
         super().__init__()
         conv, _, norm, _ = _ops(dim)
         kernel = [kernel] * dim if isinstance(kernel, int) else list(kernel)
         self.conv = conv(cin, cout, kernel, stride, padding=[(k - 1) // 2 for k in kernel], bias=bias)
-        self.norm = norm(cout, eps=1e-5, affine=True)
-        self.nonlin = nn.LeakyReLU(0.01, inplace=True) if act else None
+        self.norm = norm(cout, eps=eps, affine=True)
+        self.nonlin = nn.LeakyReLU(slope, inplace=True) if act else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.norm(self.conv(x))
@@ -80,10 +81,11 @@ class ConvNormAct(nn.Module):
 
 
 class StackedConvBlocks(nn.Module):
-    def __init__(self, dim: int, n: int, cin: int, cout: int, kernel, stride=1):
+    def __init__(self, dim: int, n: int, cin: int, cout: int, kernel, stride=1, **opts):
         super().__init__()
         self.convs = nn.Sequential(
-            ConvNormAct(dim, cin, cout, kernel, stride), *[ConvNormAct(dim, cout, cout, kernel) for _ in range(n - 1)]
+            ConvNormAct(dim, cin, cout, kernel, stride, **opts),
+            *[ConvNormAct(dim, cout, cout, kernel, **opts) for _ in range(n - 1)],
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -93,17 +95,17 @@ class StackedConvBlocks(nn.Module):
 class BasicBlockD(nn.Module):
     """ResNet-D basic block: the skip avg-pools before its 1x1 conv instead of striding it."""
 
-    def __init__(self, dim: int, cin: int, cout: int, kernel, stride):
+    def __init__(self, dim: int, cin: int, cout: int, kernel, stride, *, bias=True, eps=1e-5, slope=0.01):
         super().__init__()
         stride = [stride] * dim if isinstance(stride, int) else list(stride)
-        self.conv1 = ConvNormAct(dim, cin, cout, kernel, stride)
-        self.conv2 = ConvNormAct(dim, cout, cout, kernel, act=False)
-        self.nonlin2 = nn.LeakyReLU(0.01, inplace=True)
+        self.conv1 = ConvNormAct(dim, cin, cout, kernel, stride, bias=bias, eps=eps, slope=slope)
+        self.conv2 = ConvNormAct(dim, cout, cout, kernel, bias=bias, act=False, eps=eps)
+        self.nonlin2 = nn.LeakyReLU(slope, inplace=True)
         skip = []
         if any(s != 1 for s in stride):
             skip.append(_ops(dim)[3](stride, stride))
         if cin != cout:
-            skip.append(ConvNormAct(dim, cin, cout, 1, bias=False, act=False))
+            skip.append(ConvNormAct(dim, cin, cout, 1, bias=False, act=False, eps=eps))
         self.skip = nn.Sequential(*skip) if skip else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -111,11 +113,11 @@ class BasicBlockD(nn.Module):
 
 
 class StackedResidualBlocks(nn.Module):
-    def __init__(self, dim: int, n: int, cin: int, cout: int, kernel, stride):
+    def __init__(self, dim: int, n: int, cin: int, cout: int, kernel, stride, **opts):
         super().__init__()
         self.blocks = nn.Sequential(
-            BasicBlockD(dim, cin, cout, kernel, stride),
-            *[BasicBlockD(dim, cout, cout, kernel, 1) for _ in range(n - 1)],
+            BasicBlockD(dim, cin, cout, kernel, stride, **opts),
+            *[BasicBlockD(dim, cout, cout, kernel, 1, **opts) for _ in range(n - 1)],
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -123,12 +125,12 @@ class StackedResidualBlocks(nn.Module):
 
 
 class ResidualEncoder(nn.Module):
-    def __init__(self, dim: int, in_channels: int, features, strides, kernel_sizes, blocks_per_stage):
+    def __init__(self, dim: int, in_channels: int, features, strides, kernel_sizes, blocks_per_stage, **opts):
         super().__init__()
-        self.stem = StackedConvBlocks(dim, 1, in_channels, features[0], kernel_sizes[0])
+        self.stem = StackedConvBlocks(dim, 1, in_channels, features[0], kernel_sizes[0], **opts)
         cin, stages = features[0], []
         for f, s, k, b in zip(features, strides, kernel_sizes, blocks_per_stage):
-            stages.append(StackedResidualBlocks(dim, b, cin, f, k, s))
+            stages.append(StackedResidualBlocks(dim, b, cin, f, k, s, **opts))
             cin = f
         self.stages = nn.Sequential(*stages)
 
@@ -142,17 +144,22 @@ class ResidualEncoder(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    def __init__(self, dim: int, num_classes: int, features, strides, kernel_sizes, n_conv, deep_supervision):
+    def __init__(self, dim: int, num_classes: int, features, strides, kernel_sizes, n_conv, deep_supervision, **opts):
         super().__init__()
         conv, convT, _, _ = _ops(dim)
         self.deep_supervision = deep_supervision
         self.stages, self.transpconvs, self.seg_layers = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for i in range(len(features) - 1, 0, -1):  # from the bottleneck up
             s = strides[i]
-            self.transpconvs.append(convT(features[i], features[i - 1], s, s, bias=True))
+            self.transpconvs.append(convT(features[i], features[i - 1], s, s, bias=opts.get("bias", True)))
             self.stages.append(
                 StackedConvBlocks(
-                    dim, n_conv[len(features) - 1 - i], 2 * features[i - 1], features[i - 1], kernel_sizes[i - 1]
+                    dim,
+                    n_conv[len(features) - 1 - i],
+                    2 * features[i - 1],
+                    features[i - 1],
+                    kernel_sizes[i - 1],
+                    **opts,
                 )
             )
             self.seg_layers.append(conv(features[i - 1], num_classes, 1, 1, 0, bias=True))
@@ -182,17 +189,26 @@ class ResEncUNet(nn.Module):
         n_conv_per_stage_decoder,
         spatial_dims: int = 3,
         deep_supervision: bool = True,
+        conv_bias: bool = True,
+        norm_eps: float = 1e-5,
+        negative_slope: float = 0.01,
+        transpose=None,
     ):
         super().__init__()
         n = len(features)
+        opts = {"bias": conv_bias, "eps": norm_eps, "slope": negative_slope}
+        self.transpose = check_transpose(transpose, spatial_dims)
         if not (len(strides) == len(kernel_sizes) == len(blocks_per_stage) == n) or n < 2:
             raise ValueError("features, strides, kernel_sizes and blocks_per_stage need one entry per stage (>= 2)")
         if len(n_conv_per_stage_decoder) != n - 1:
             raise ValueError(f"n_conv_per_stage_decoder needs {n - 1} entries (one per decoder stage)")
-        self.encoder = ResidualEncoder(spatial_dims, in_channels, features, strides, kernel_sizes, blocks_per_stage)
-        self.decoder = UNetDecoder(
-            spatial_dims, num_classes, features, strides, kernel_sizes, n_conv_per_stage_decoder, deep_supervision
+        self.encoder = ResidualEncoder(
+            spatial_dims, in_channels, features, strides, kernel_sizes, blocks_per_stage, **opts
         )
+        self.decoder = UNetDecoder(
+            spatial_dims, num_classes, features, strides, kernel_sizes, n_conv_per_stage_decoder, deep_supervision,
+            **opts,
+        )  # fmt: skip
         self.apply(_init_weights)
         if hasattr(self, "register_load_state_dict_pre_hook"):  # public from torch 2.5
             self.register_load_state_dict_pre_hook(_drop_nnunet_aliases)
@@ -208,6 +224,9 @@ class ResEncUNet(nn.Module):
         self.decoder.deep_supervision = value
 
     def forward(self, x: torch.Tensor):
+        if self.transpose is not None:
+            x = permute_spatial(x, self.transpose)
+            return unpermute_spatial(self.decoder(self.encoder(x)), self.transpose)
         return self.decoder(self.encoder(x))
 
 
@@ -248,19 +267,27 @@ def build_resenc(
     *,
     spatial_dims: int = 3,
     deep_supervision: bool = True,
-    features: Sequence[int] = (32, 64, 128, 256, 320, 320),
+    features: Sequence[int] | None = None,
     strides=None,
     kernel_sizes=None,
     blocks_per_stage: Sequence[int] | None = None,
     n_conv_per_stage_decoder=1,
     n_conv_per_stage: int | None = None,
+    conv_bias: bool = True,
+    norm_eps: float = 1e-5,
+    negative_slope: float = 0.01,
+    transpose=None,
 ) -> ResEncUNet:
     """nnU-Net v2 residual-encoder U-Net; takes the plan's U-Net kwargs.
 
     ``n_conv_per_stage`` (a plain-U-Net plan key) is accepted and ignored: ResEnc's encoder depth is
     ``blocks_per_stage`` (default nnU-Net's 1, 3, 4, 6, 6, ...), its decoder ``n_conv_per_stage_decoder``.
+    ``conv_bias``, ``norm_eps``, ``negative_slope`` and ``transpose`` (spatial axis order inside the network,
+    nnU-Net's ``transpose_forward``) reproduce imported nnU-Net plans exactly; the defaults are nnU-Net's.
+    Without ``features``: nnU-Net's widths for the stages of ``strides`` (default 6 stages).
     """
     del n_conv_per_stage
+    features = features or nnunet_features(len(strides) if strides else 6, spatial_dims)
     n = len(features)
     strides = strides or [[1] * spatial_dims] + [[2] * spatial_dims] * (n - 1)
     kernel_sizes = kernel_sizes or [[3] * spatial_dims] * n
@@ -282,6 +309,10 @@ def build_resenc(
         n_conv_per_stage_decoder=dec,
         spatial_dims=spatial_dims,
         deep_supervision=deep_supervision,
+        conv_bias=conv_bias,
+        norm_eps=norm_eps,
+        negative_slope=negative_slope,
+        transpose=transpose,
     )
 
 

@@ -23,21 +23,44 @@ def _ops(dim: int):
 
 
 class ConvNormAct(nn.Sequential):
-    def __init__(self, dim, cin, cout, kernel, stride=1):
+    def __init__(self, dim, cin, cout, kernel, stride=1, *, bias=True, eps=1e-5, slope=0.01):
         conv, _, norm = _ops(dim)
         pad = [k // 2 for k in kernel]
         super().__init__(
-            conv(cin, cout, kernel, stride, pad, bias=True),
-            norm(cout, eps=1e-5, affine=True),
-            nn.LeakyReLU(0.01, inplace=True),
+            conv(cin, cout, kernel, stride, pad, bias=bias),
+            norm(cout, eps=eps, affine=True),
+            nn.LeakyReLU(slope, inplace=True),
         )
 
 
 class Stage(nn.Sequential):
-    def __init__(self, dim, cin, cout, kernel, stride, n_conv):
-        layers = [ConvNormAct(dim, cin, cout, kernel, stride)]
-        layers += [ConvNormAct(dim, cout, cout, kernel) for _ in range(n_conv - 1)]
+    def __init__(self, dim, cin, cout, kernel, stride, n_conv, **opts):
+        layers = [ConvNormAct(dim, cin, cout, kernel, stride, **opts)]
+        layers += [ConvNormAct(dim, cout, cout, kernel, **opts) for _ in range(n_conv - 1)]
         super().__init__(*layers)
+
+
+def check_transpose(transpose, spatial_dims: int) -> list[int] | None:
+    """A permutation of the spatial axes, or None (identity)."""
+    if transpose is None:
+        return None
+    order = [int(a) for a in transpose]
+    if sorted(order) != list(range(spatial_dims)):
+        raise ValueError(f"transpose must be a permutation of 0..{spatial_dims - 1}, got {list(transpose)}")
+    return None if order == sorted(order) else order
+
+
+def permute_spatial(x: torch.Tensor, order) -> torch.Tensor:
+    """(B, C, *spatial) with the spatial axes in ``order``."""
+    return x.permute(0, 1, *(2 + a for a in order))
+
+
+def unpermute_spatial(y, order):
+    """Undo :func:`permute_spatial` on a tensor or a list of tensors (deep supervision)."""
+    back = [order.index(i) for i in range(len(order))]
+    if isinstance(y, (list, tuple)):
+        return [permute_spatial(t, back) for t in y]
+    return permute_spatial(y, back)
 
 
 class UNet(nn.Module):
@@ -49,11 +72,19 @@ class UNet(nn.Module):
         features,
         strides,
         kernel_sizes,
-        n_conv_per_stage: int = 2,
-        n_conv_per_stage_decoder: int | None = None,
+        n_conv_per_stage=2,
+        n_conv_per_stage_decoder=None,
         spatial_dims: int = 3,
         deep_supervision: bool = True,
+        conv_bias: bool = True,
+        norm_eps: float = 1e-5,
+        negative_slope: float = 0.01,
+        transpose=None,
     ):
+        """``n_conv_per_stage``: an int or one entry per stage; ``n_conv_per_stage_decoder``: an int or one
+        entry per decoder stage, from the bottleneck up (default: the encoder's). ``transpose``: the spatial
+        axis order the network works in (nnU-Net's ``transpose_forward``); inputs are permuted to it and
+        outputs back, so callers keep their own axis order."""
         super().__init__()
         n = len(features)
         if not (len(strides) == len(kernel_sizes) == n):
@@ -61,24 +92,39 @@ class UNet(nn.Module):
         dim = spatial_dims
         _, convT, _ = _ops(dim)
         conv = _ops(dim)[0]
-        n_dec = n_conv_per_stage_decoder or n_conv_per_stage
+        n_enc = [n_conv_per_stage] * n if isinstance(n_conv_per_stage, int) else list(n_conv_per_stage)
+        n_dec = n_conv_per_stage_decoder or (n_enc[0] if isinstance(n_conv_per_stage, int) else n_enc[-2::-1])
+        n_dec = [n_dec] * (n - 1) if isinstance(n_dec, int) else list(n_dec)
+        if len(n_enc) != n or len(n_dec) != n - 1:
+            raise ValueError(
+                "n_conv_per_stage needs one entry per stage, n_conv_per_stage_decoder one per decoder stage"
+            )
+        opts = {"bias": conv_bias, "eps": norm_eps, "slope": negative_slope}
+        self.transpose = check_transpose(transpose, dim)
         self.deep_supervision = deep_supervision
         self.encoder = nn.ModuleList()
         cin = in_channels
-        for f, s, k in zip(features, strides, kernel_sizes):
-            self.encoder.append(Stage(dim, cin, f, k, s, n_conv_per_stage))
+        for f, s, k, nc in zip(features, strides, kernel_sizes, n_enc):
+            self.encoder.append(Stage(dim, cin, f, k, s, nc, **opts))
             cin = f
         self.upsample = nn.ModuleList()
         self.decoder = nn.ModuleList()
         self.heads = nn.ModuleList()
         for i in range(n - 1, 0, -1):
             s = strides[i]
-            self.upsample.append(convT(features[i], features[i - 1], s, s, bias=True))
-            self.decoder.append(Stage(dim, 2 * features[i - 1], features[i - 1], kernel_sizes[i - 1], 1, n_dec))
+            self.upsample.append(convT(features[i], features[i - 1], s, s, bias=conv_bias))
+            self.decoder.append(
+                Stage(dim, 2 * features[i - 1], features[i - 1], kernel_sizes[i - 1], 1, n_dec[n - 1 - i], **opts)
+            )
             self.heads.append(conv(features[i - 1], num_classes, 1, 1, 0, bias=True))
         self.apply(_init_weights)
 
     def forward(self, x: torch.Tensor):
+        if self.transpose is not None:
+            return unpermute_spatial(self._forward(permute_spatial(x, self.transpose)), self.transpose)
+        return self._forward(x)
+
+    def _forward(self, x: torch.Tensor):
         skips = []
         for stage in self.encoder:
             x = stage(x)
@@ -116,13 +162,26 @@ def build_unet(
     *,
     spatial_dims: int = 3,
     deep_supervision: bool = True,
-    features=(32, 64, 128, 256),
+    features=None,
     strides=None,
     kernel_sizes=None,
-    n_conv_per_stage: int = 2,
-    n_conv_per_stage_decoder: int | None = None,
+    n_conv_per_stage=2,
+    n_conv_per_stage_decoder=None,
+    conv_bias: bool = True,
+    norm_eps: float = 1e-5,
+    negative_slope: float = 0.01,
+    transpose=None,
 ) -> UNet:
-    """nnU-Net plain conv U-Net (2D/3D), planned by medseg."""
+    """nnU-Net plain conv U-Net (2D/3D), planned by medseg.
+
+    ``conv_bias``, ``norm_eps``, ``negative_slope`` and ``transpose`` (spatial axis order inside the
+    network) reproduce imported nnU-Net plans exactly; the defaults are nnU-Net's. Without ``features``:
+    nnU-Net's widths (32 doubling, capped at 320 in 3D / 512 in 2D), one per stage of ``strides``
+    (4 stages when neither is given).
+    """
+    if features is None:
+        cap = 320 if spatial_dims == 3 else 512
+        features = [min(32 * 2**i, cap) for i in range(len(strides) if strides else 4)]
     n = len(features)
     strides = strides or [[1] * spatial_dims] + [[2] * spatial_dims] * (n - 1)
     kernel_sizes = kernel_sizes or [[3] * spatial_dims] * n
@@ -136,4 +195,8 @@ def build_unet(
         n_conv_per_stage_decoder=n_conv_per_stage_decoder,
         spatial_dims=spatial_dims,
         deep_supervision=deep_supervision,
+        conv_bias=conv_bias,
+        norm_eps=norm_eps,
+        negative_slope=negative_slope,
+        transpose=transpose,
     )

@@ -46,6 +46,13 @@ class Configuration:
     separate_z: bool = False  # resample the anisotropic axis separately
     anisotropic_axis: int | None = None
     estimated_memory_gb: float = 0.0
+    # spatial axes (z, y, x = 0, 1, 2) that mirror test-time augmentation flips; None: all of them
+    # (an imported nnU-Net model keeps its trainer's choice, e.g. none for nnUNetTrainerNoMirroring)
+    mirror_axes: tuple[int, ...] | None = None
+    # "medseg", or "nnunet": reproduce nnU-Net v2's inference numerics for an imported model (cubic image
+    # resampling clipped to the input's range, nnU-Net's Gaussian tile weights, logits rather than
+    # probabilities resampled back to the native grid); see docs/nnunet_import.md
+    numerics: str = "medseg"
 
     @property
     def spatial_dims(self) -> int:
@@ -89,6 +96,8 @@ class Plan:
                 c = dict(c)
                 for key in ("spacing", "median_shape", "patch_size"):
                     c[key] = tuple(c[key])
+                if c.get("mirror_axes") is not None:
+                    c["mirror_axes"] = tuple(int(a) for a in c["mirror_axes"])
                 configs[name] = Configuration(**c)
             return cls(
                 dataset_name=d["dataset_name"],

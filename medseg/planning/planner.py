@@ -3,6 +3,11 @@
 Budgets: ``gpu`` sizes the network like nnU-Net v2 for an 8 GiB GPU (base 32 features, AMP);
 ``cpu`` keeps nnU-Net's patch and topology rules but halves the widths (base 16) and caps the
 batch so one training iteration stays around a second on a 2-core machine.
+
+ResEnc presets (``make_plan(..., presets=("resenc_m", "resenc_l"))``, ``medseg plan --preset``) add a
+``3d_fullres_<preset>`` configuration planned like nnU-Net's nnUNetPlannerResEncM/L: the same patch and
+topology rules, but the patch is shrunk until the residual-encoder network's conv feature-map elements
+(measured on the meta device) fit the preset's own GPU budget, whatever ``budget`` says.
 """
 
 from __future__ import annotations
@@ -108,6 +113,36 @@ def estimate_memory_gb(patch_size, strides, features, batch_size: int, budget: B
     return float(elems * batch_size * budget.bytes_per_activation / 1024**3)
 
 
+def initial_patch(spacing, median_shape) -> np.ndarray:
+    """Isotropic in mm, 256^3 (3d) / 2048^2 (2d) voxels, clipped to the median shape."""
+    dim = len(spacing)
+    ref = 256**3 if dim == 3 else 2048**2
+    inv = 1.0 / np.asarray(spacing, float)
+    patch = np.round(inv * (ref / np.prod(inv)) ** (1 / dim))
+    return np.minimum(patch, median_shape).astype(int)
+
+
+def fit_patch(spacing, median_shape, cost, limit: float):
+    """Shrink the initial patch until ``cost(padded_patch, strides, kernels) <= limit``.
+
+    Each step takes one divisor step off the axis that is largest relative to the median shape, and
+    the topology is re-planned for the new patch. Returns (strides, kernels, padded, divisor, cost).
+    """
+    dim = len(spacing)
+    patch = initial_patch(spacing, median_shape)
+    while True:
+        strides, kernels, padded, divisor = pool_and_conv_props(spacing, patch)
+        value = cost(padded, strides, kernels)
+        if value <= limit or np.prod(patch) <= np.prod([2 * MIN_FEATURE_MAP] * dim):
+            return strides, kernels, padded, divisor, value
+        ratio = np.array(padded) / median_shape
+        ratio[patch <= 2 * MIN_FEATURE_MAP] = -np.inf  # axes already at the minimum cannot shrink
+        if not np.isfinite(ratio).any():
+            return strides, kernels, padded, divisor, value
+        axis = int(np.argmax(ratio))
+        patch[axis] = max(int(patch[axis]) - max(divisor[axis], 1), 2 * MIN_FEATURE_MAP)
+
+
 def plan_configuration(
     name: str,
     spacing,
@@ -128,26 +163,13 @@ def plan_configuration(
     spacing = np.asarray(spacing, float)
     median_shape = np.asarray(median_shape, float)
     dim = len(spacing)
-    # initial patch: isotropic in mm, 256^3 (3d) / 2048^2 (2d) voxels, clipped to the median shape
-    ref = 256**3 if dim == 3 else 2048**2
-    inv = 1.0 / spacing
-    patch = np.round(inv * (ref / np.prod(inv)) ** (1 / dim))
-    patch = np.minimum(patch, median_shape).astype(int)
     ref_batch = 2 if dim == 3 else 12
-    while True:
-        strides, kernels, padded, divisor = pool_and_conv_props(spacing, patch)
-        feats = features_per_stage(len(strides), budget, dim)
-        mem = estimate_memory_gb(padded, strides, feats, ref_batch, budget)
-        if mem <= budget.memory_gb or np.prod(patch) <= np.prod([2 * MIN_FEATURE_MAP] * dim):
-            break
-        # shrink the axis that is largest relative to the median shape, by one divisor step
-        ratio = np.array(padded) / median_shape
-        ratio[patch <= 2 * MIN_FEATURE_MAP] = -np.inf  # axes already at the minimum cannot shrink
-        if not np.isfinite(ratio).any():
-            break
-        axis = int(np.argmax(ratio))
-        step = max(divisor[axis], 1)
-        patch[axis] = max(int(patch[axis]) - step, 2 * MIN_FEATURE_MAP)
+
+    def memory(padded, strides, _kernels):
+        return estimate_memory_gb(padded, strides, features_per_stage(len(strides), budget, dim), ref_batch, budget)
+
+    strides, kernels, padded, _, mem = fit_patch(spacing, median_shape, memory, budget.memory_gb)
+    feats = features_per_stage(len(strides), budget, dim)
     # batch: as many as the budget allows, but at most 5 % of the dataset's voxels
     batch = int(np.floor(ref_batch * budget.memory_gb / max(mem, 1e-9)))
     if dataset_voxels is None:
@@ -177,6 +199,68 @@ def plan_configuration(
     )
 
 
+def plan_resenc_configuration(
+    name: str,
+    preset: str,
+    spacing,
+    median_shape,
+    num_channels: int,
+    num_classes: int,
+    *,
+    dataset_voxels: float,
+    anisotropic_axis=None,
+) -> Configuration:
+    """nnU-Net's ResEncUNetPlanner for ``preset`` (``resenc_m`` | ``resenc_l``, medseg.models.resenc.PRESETS).
+
+    The cost of a patch is the ResEnc network's conv feature-map elements at batch 1 (nnU-Net's
+    ``compute_conv_feature_map_size``), the limit the preset's reference value scaled to its VRAM target;
+    the batch then fills the budget (reference batch 2 in 3d, 12 in 2d), capped only at the whole dataset
+    (nnU-Net's ``max_dataset_covered = 1`` for these presets), never below 2.
+    """
+    from medseg.models.flops import build_meta, feature_map_elements
+    from medseg.models.resenc import ENCODER_BLOCKS, PRESETS, nnunet_features
+
+    if preset not in PRESETS:
+        raise ValueError(f"unknown ResEnc preset {preset!r}; choose from {', '.join(PRESETS)}")
+    p = PRESETS[preset]
+    spacing = np.asarray(spacing, float)
+    median_shape = np.asarray(median_shape, float)
+    dim = len(spacing)
+    ref_val, ref_batch = p[f"reference_val_{dim}d"], (2 if dim == 3 else 12)
+    reference = ref_val * p["vram_target_gb"] / p["reference_gb"]
+
+    def arch(strides, kernels) -> dict:
+        n = len(strides)
+        blocks = list(ENCODER_BLOCKS[:n]) + [ENCODER_BLOCKS[-1]] * max(0, n - len(ENCODER_BLOCKS))
+        feats = nnunet_features(n, dim)
+        return {"features": feats, "strides": strides, "kernel_sizes": kernels, "blocks_per_stage": blocks}
+
+    cache: dict[str, int] = {}
+
+    def elements(padded, strides, kernels) -> int:
+        key = f"{list(padded)}_{strides}_{kernels}"
+        if key not in cache:
+            net = build_meta(preset, num_channels, num_classes, spatial_dims=dim, **arch(strides, kernels))
+            cache[key] = feature_map_elements(net, padded, num_channels)
+        return cache[key]
+
+    strides, kernels, padded, _, estimate = fit_patch(spacing, median_shape, elements, reference)
+    batch = round(reference / estimate * ref_batch)
+    batch = int(max(min(batch, round(dataset_voxels / np.prod(padded, dtype=np.float64))), 2))
+    return Configuration(
+        name=name,
+        spacing=tuple(float(s) for s in spacing),
+        median_shape=tuple(int(s) for s in median_shape),
+        patch_size=tuple(int(v) for v in padded),
+        batch_size=batch,
+        model=preset,
+        model_kwargs={**arch(strides, kernels), "spatial_dims": dim},
+        separate_z=anisotropic_axis is not None,
+        anisotropic_axis=anisotropic_axis,
+        estimated_memory_gb=round(p["reference_gb"] * estimate * batch / (ref_batch * ref_val), 3),
+    )
+
+
 def plan_normalization(info: DatasetInfo, fp: Fingerprint) -> tuple[Normalization, ...]:
     """CT channels: dataset-wide 0.5/99.5 percentile clip + z-score. Others: per-case z-score,
     masked to the non-zero region when cropping removed at least a quarter of the volume."""
@@ -193,9 +277,15 @@ def plan_normalization(info: DatasetInfo, fp: Fingerprint) -> tuple[Normalizatio
     return tuple(out)
 
 
-def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu") -> Plan:
+def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu", presets=()) -> Plan:
+    """``presets``: ResEnc presets (``resenc_m``, ``resenc_l``) to add as ``3d_fullres_<preset>``."""
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
+    from medseg.models.resenc import PRESETS
+
+    unknown = [p for p in presets if p not in PRESETS]
+    if unknown:
+        raise ValueError(f"unknown ResEnc preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
     b = BUDGETS[budget]
     spacings = np.array(fp.spacings, float)
     shapes = np.array(fp.shapes_after_crop, float)
@@ -211,6 +301,18 @@ def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu") -> Plan:
         "3d_fullres", tsp, median, fp.num_cases, len(info.channel_names), b, anisotropic_axis=aniso
     )
     configs["3d_fullres"] = full
+    labels = dict(info.labels)
+    for preset in dict.fromkeys(presets):  # same spacing as 3d_fullres: it shares its preprocessed data
+        configs[f"3d_fullres_{preset}"] = plan_resenc_configuration(
+            f"3d_fullres_{preset}",
+            preset,
+            tsp,
+            median,
+            len(info.channel_names),
+            max(labels.values()) + 1,
+            dataset_voxels=fp.num_cases * float(np.prod(median)),
+            anisotropic_axis=aniso,
+        )
     # 2d: slices along the first (z) axis, in-plane spacing/shape
     configs["2d"] = plan_configuration(
         "2d",

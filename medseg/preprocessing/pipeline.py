@@ -38,7 +38,7 @@ def preprocess_array(
     axis = anisotropic_axis(spacing)  # thick slices in the input: never interpolate across them cubically
     if axis is None and config.separate_z:
         axis = config.anisotropic_axis
-    data = resample_image(data, spacing, target, separate_z_axis=axis)
+    data = resample_image(data, spacing, target, separate_z_axis=axis, clip=config.numerics == "nnunet")
     seg = None
     if label is not None:
         seg = resample_label(

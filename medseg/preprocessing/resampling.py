@@ -35,12 +35,18 @@ def _zoom(x: np.ndarray, shape, order: int) -> np.ndarray:
     return ndimage.zoom(x, factors, order=order, mode="nearest", grid_mode=True, prefilter=order > 1)
 
 
-def _resample_channel(x, shape, order, axis, order_z):
+def _resample_channel(x, shape, order, axis, order_z, clip=False):
+    """``clip``: limit the result to the input's range (per slice along ``axis`` for the in-plane pass),
+    as nnU-Net's ``skimage.transform.resize`` does; cubic splines otherwise overshoot at sharp edges."""
     if axis is None:
-        return _zoom(x, shape, order)
+        out = _zoom(x, shape, order)
+        return np.clip(out, x.min(), x.max(), out=out) if clip and out is not x else out
     inplane = list(shape)
     inplane[axis] = x.shape[axis]
     tmp = _zoom(x, inplane, order)
+    if clip and tmp is not x:
+        other = tuple(a for a in range(x.ndim) if a != axis)
+        tmp = np.clip(tmp, x.min(axis=other, keepdims=True), x.max(axis=other, keepdims=True))
     return _zoom(tmp, shape, order_z)
 
 
@@ -53,12 +59,17 @@ def resample_image(
     order: int = 3,
     separate_z_axis: int | None = None,
     order_z: int = 0,
+    clip: bool = False,
 ) -> np.ndarray:
-    """Resample a (C, *spatial) float image to ``target_spacing`` (or an explicit ``shape``)."""
+    """Resample a (C, *spatial) float image to ``target_spacing`` (or an explicit ``shape``).
+
+    ``clip``: keep each channel within its input range (nnU-Net's resampling does)."""
     shape = tuple(shape) if shape is not None else new_shape(image.shape[1:], spacing, target_spacing)
     if tuple(image.shape[1:]) == shape:
         return image.astype(np.float32, copy=False)
-    return np.stack([_resample_channel(c.astype(np.float32), shape, order, separate_z_axis, order_z) for c in image])
+    return np.stack(
+        [_resample_channel(c.astype(np.float32), shape, order, separate_z_axis, order_z, clip) for c in image]
+    )
 
 
 def resample_label(

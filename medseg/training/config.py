@@ -18,6 +18,7 @@ class TrainingConfig:
     momentum: float = 0.99
     poly_exponent: float = 0.9
     warmup_epochs: int = 0  # linear LR warm-up (useful when fine-tuning)
+    freeze_encoder_epochs: int = 0  # fine-tuning: encoder frozen for the first N epochs
     grad_clip: float = 12.0
     oversample_foreground: float = 0.33
     augmentation: str = "default"  # "default" (nnU-Net set) or "none"

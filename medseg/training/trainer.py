@@ -45,9 +45,13 @@ TOPOLOGY_KEYS = ("strides", "kernel_sizes", "spatial_dims")
 
 def planned_kwargs(conf, config: TrainingConfig) -> dict:
     """The plan's model kwargs for the plan's model; for another registry model only the planned
-    topology (strides, kernels, dims) is passed, so presets keep their own widths."""
+    topology (strides, kernels, dims) is passed, so presets keep their own widths, and of it only the
+    keys its builder takes (a model with a fixed topology gets none of them)."""
     if config.model and config.model != conf.model:
-        base = {k: v for k, v in conf.model_kwargs.items() if k in TOPOLOGY_KEYS}
+        from medseg.models.registry import accepted_kwargs
+
+        keys = accepted_kwargs(config.model, TOPOLOGY_KEYS)
+        base = {k: v for k, v in conf.model_kwargs.items() if k in keys}
     else:
         base = dict(conf.model_kwargs)
     return {**base, **config.model_kwargs}
@@ -87,22 +91,39 @@ class Trainer:
             get_split(Path(preprocessed_dir), names, fold)
         distributed.barrier(self.dist)
         self.train_names, self.val_names = get_split(Path(preprocessed_dir), names, fold, write=False)
+        model_name, model_kwargs = config.model or self.conf.model, planned_kwargs(self.conf, config)
+        pretrained = None
+        if config.pretrained:
+            from medseg.training.transfer import resolve_pretrained
+
+            pretrained = resolve_pretrained(config.pretrained)
+            model_name, model_kwargs = self._adopt_pretrained(pretrained, model_name, model_kwargs)
+        self._fit_patch_to(model_kwargs, configuration)
+        plan = self.plan
         self.spec = ModelSpec(
-            model=config.model or self.conf.model,
-            model_kwargs=planned_kwargs(self.conf, config),
+            model=model_name,
+            model_kwargs=model_kwargs,
             in_channels=len(plan.channel_names),
             num_classes=plan.num_classes,
             labels=dict(plan.labels),
             plan=plan,
             configuration=configuration,
+            pretrained=pretrained.record() if pretrained else None,
         )
         torch.manual_seed(config.seed)  # same seed -> same initial weights on every rank
         self.model = self.spec.build(deep_supervision=config.deep_supervision).to(self.device)
-        if config.pretrained:
-            from medseg.training.transfer import load_pretrained
+        if pretrained:
+            self._load_pretrained(pretrained)
+        self._encoder = None
+        if config.freeze_encoder_epochs > 0:
+            from medseg.errors import MedsegError
+            from medseg.training.transfer import encoder_parameters
 
-            report = load_pretrained(self.model, config.pretrained)
-            self.log(f"pretrained: loaded {report['loaded']} tensors, re-initialised {len(report['skipped'])}")
+            try:
+                self._encoder = encoder_parameters(self.model)
+            except ValueError as exc:
+                raise MedsegError(None, f"--freeze-encoder-epochs: {exc}") from None
+        self._drop_encoder_grads = False
         self.optimizer = torch.optim.SGD(
             self.model.parameters(),
             lr=config.initial_lr,
@@ -120,6 +141,92 @@ class Trainer:
         aniso = self.conf.anisotropic_axis is not None
         self.augment = config.augment_config(self.conf.spatial_dims, aniso)
         self.batch_size = max(1, (config.batch_size or self.conf.batch_size) // self.dist.world_size)
+
+    # ---------------------------------------------------------------- transfer learning
+    def _adopt_pretrained(self, pretrained, model_name: str, model_kwargs: dict) -> tuple[str, dict]:
+        """STU-Net-style fine-tuning: the network is the pretrained one (registry name and kwargs,
+        with --model-kwargs on top); only the class count comes from this dataset. With --model naming
+        another architecture, or a bare .safetensors file, the planned network is kept."""
+        from medseg.errors import CheckpointError
+        from medseg.training.transfer import adopted_kwargs
+
+        spec = pretrained.spec
+        if spec is None:
+            self.log(f"pretrained: {pretrained.source} has no model.json; keeping the planned {model_name} network")
+            return model_name, model_kwargs
+        n_in = len(self.plan.channel_names)
+        if spec.in_channels != n_in:
+            raise CheckpointError(
+                pretrained.spec_path,
+                f"the pretrained model takes {spec.in_channels} input channel(s); "
+                f"dataset '{self.plan.dataset_name}' has {n_in}",
+            )
+        adopted = adopted_kwargs(spec, self.cfg.model, self.cfg.model_kwargs)
+        if adopted is None:
+            self.log(
+                f"pretrained: --model {self.cfg.model} differs from the pretrained '{spec.model}'; "
+                "building the planned network and copying the tensors that match"
+            )
+            return model_name, model_kwargs
+        name, kwargs = adopted
+        dims = int(kwargs.get("spatial_dims", 3))
+        if dims != self.conf.spatial_dims:
+            raise CheckpointError(
+                pretrained.spec_path,
+                f"the pretrained model is {dims}D; configuration '{self.conf.name}' is {self.conf.spatial_dims}D",
+            )
+        shown = {k: kwargs[k] for k in ("features", "blocks_per_stage", "n_conv_per_stage") if k in kwargs}
+        self.log(
+            f"pretrained: adopting the '{name}' architecture of {pretrained.spec_path} {shown}"
+            f"{' with --model-kwargs ' + str(self.cfg.model_kwargs) if self.cfg.model_kwargs else ''}; "
+            f"{self.plan.num_classes} classes from this dataset (pretrained: {spec.num_classes})"
+        )
+        return name, kwargs
+
+    def _fit_patch_to(self, model_kwargs: dict, configuration: str) -> None:
+        """Round the patch up to a multiple of the network's total stride per axis (logged)."""
+        from dataclasses import replace
+
+        from medseg.training.transfer import fit_patch, patch_divisor
+
+        divisor = patch_divisor(model_kwargs, self.conf.spatial_dims)
+        patch = tuple(self.conf.patch_size)
+        if divisor is None or not any(p % d for p, d in zip(patch, divisor)):
+            return
+        fitted = fit_patch(patch, divisor)
+        self.log(
+            f"patch {list(patch)} is not a multiple of the network's total stride {list(divisor)} per axis; "
+            f"using patch {list(fitted)}"
+        )
+        self.conf = replace(self.conf, patch_size=fitted)
+        self.plan = replace(self.plan, configurations={**self.plan.configurations, configuration: self.conf})
+
+    def _load_pretrained(self, pretrained) -> None:
+        from medseg.errors import CheckpointError
+        from medseg.training.transfer import load_pretrained, read_pretrained_weights
+
+        report = load_pretrained(self.model, read_pretrained_weights(pretrained.weights))
+        if report["loaded"] == 0:
+            raise CheckpointError(pretrained.weights, "no tensor matches the network's names and shapes")
+        skipped = report["skipped"]
+        prefixes = sorted({n.rsplit(".", 2)[0] for n in skipped})
+        detail = f" ({', '.join(prefixes[:6])}{', ...' if len(prefixes) > 6 else ''})" if skipped else ""
+        self.log(
+            f"pretrained {pretrained.source} (sha256 {pretrained.sha256[:12]}): loaded {report['loaded']} of "
+            f"{report['loaded'] + len(skipped)} tensors, re-initialised {len(skipped)}{detail}"
+        )
+
+    def _set_encoder_frozen(self, frozen: bool) -> None:
+        """--freeze-encoder-epochs: without DDP the encoder stops requiring gradients (no backward
+        through it); under DDP, whose gradient hooks are fixed at construction, its gradients are dropped
+        before the optimizer step. Either way SGD skips the parameters (no update, no weight decay)."""
+        if self._encoder is None:
+            return
+        if self.dist.enabled:
+            self._drop_encoder_grads = frozen
+        else:
+            for p in self._encoder:
+                p.requires_grad_(not frozen)
 
     # ---------------------------------------------------------------- state
     def _load_cases(self, names):
@@ -142,7 +249,10 @@ class Trainer:
         tmp = self.fold_dir / f".{STATE_FILE}.part"
         torch.save(state, tmp)
         os.replace(tmp, self.fold_dir / STATE_FILE)
-        save_weights(self.fold_dir, self.model.state_dict(), info={"epoch": epoch, "fold": str(self.fold)})
+        info = {"epoch": epoch, "fold": str(self.fold)}
+        if self.spec.pretrained:
+            info["pretrained"] = self.spec.pretrained
+        save_weights(self.fold_dir, self.model.state_dict(), info=info)
 
     def try_resume(self) -> bool:
         path = self.fold_dir / STATE_FILE
@@ -189,6 +299,12 @@ class Trainer:
         g = torch.Generator().manual_seed(self._rng_seed(epoch, 2))
         total_steps = self.cfg.epochs * self.cfg.iterations_per_epoch
         warm = self.cfg.warmup_epochs * self.cfg.iterations_per_epoch
+        frozen = epoch < self.cfg.freeze_encoder_epochs
+        self._set_encoder_frozen(frozen)
+        if self._encoder is not None and epoch == self.start_epoch and frozen:
+            self.log(f"encoder frozen until epoch {self.cfg.freeze_encoder_epochs}")
+        elif self._encoder is not None and epoch == self.cfg.freeze_encoder_epochs:
+            self.log(f"epoch {epoch + 1}: encoder unfrozen")
         losses = []
         from medseg.utils import track
 
@@ -202,6 +318,9 @@ class Trainer:
             _, loss = self._forward_loss(img, seg)
             self.scaler.scale(loss).backward()
             self.scaler.unscale_(self.optimizer)
+            if self._drop_encoder_grads:
+                for p in self._encoder:
+                    p.grad = None
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()

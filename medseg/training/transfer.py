@@ -3,21 +3,95 @@
 Every tensor whose name and shape match is copied (encoder, decoder, and heads when the class
 count agrees); the rest keep their fresh initialisation and are reported, so a pretrained
 model can be fine-tuned on a dataset with another label set.
+
+:func:`resolve_pretrained` finds the weights (and, for a model folder, its ``model.json``) so the
+trainer can adopt the pretrained architecture (STU-Net-style fine-tuning: the network is the
+pretrained one, only the class count comes from the target dataset).
 """
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from medseg.errors import CheckpointError
 
+# parameter-name prefixes of the encoder in the registry's models (unet/resenc: ``encoder``;
+# STU-Net: ``conv_blocks_context``), for --freeze-encoder-epochs
+ENCODER_PREFIXES = ("encoder.", "conv_blocks_context.")
+
+
+@dataclass
+class PretrainedSource:
+    """Where pretrained weights come from: the safetensors file, its sha256, and the model spec
+    (None for a bare .safetensors file, whose architecture is unknown)."""
+
+    source: str
+    weights: Path
+    sha256: str
+    spec: object | None = None  # medseg.io.checkpoint.ModelSpec
+    spec_path: Path | None = None
+
+    def record(self) -> dict:
+        """What a fine-tuned model stores about its initialisation."""
+        return {"source": self.source, "weights": str(self.weights), "sha256": self.sha256}
+
+
+def resolve_pretrained(source: str | Path) -> PretrainedSource:
+    """A medseg model folder (its first fold), a fold folder, a shipped model name, or a .safetensors file."""
+    from medseg.inference.predictor import resolve_model
+    from medseg.io.checkpoint import available_folds, load_spec, sha256
+
+    p = Path(source)
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise CheckpointError(p, "pretrained weights must be a .safetensors file or a medseg model folder")
+        spec_path = p.parent.parent / "model.json" if (p.parent / "checkpoint.json").is_file() else None
+        spec = load_spec(spec_path.parent) if spec_path is not None and spec_path.is_file() else None
+        return PretrainedSource(str(source), p, sha256(p), spec, spec_path if spec else None)
+    if (p / "checkpoint.json").is_file():  # a fold folder
+        fold_dir, folder = p, p.parent
+    else:
+        folder = resolve_model(source)
+        folds = available_folds(folder)
+        if not folds:
+            raise CheckpointError(folder, "model folder holds no fold_*/ weights")
+        fold_dir = folder / f"fold_{folds[0]}"
+    spec = load_spec(folder) if (folder / "model.json").is_file() else None
+    weights = fold_dir / "model.safetensors"
+    return PretrainedSource(str(source), weights, _recorded_sha256(fold_dir), spec, folder / "model.json")
+
+
+def pretrained_spec(source: str | Path):
+    """The model spec of a pretrained source without reading its weights (None for a bare .safetensors)."""
+    from medseg.inference.predictor import resolve_model
+    from medseg.io.checkpoint import load_spec
+
+    p = Path(source)
+    if p.is_file():
+        folder = p.parent.parent if (p.parent / "checkpoint.json").is_file() else None
+    elif (p / "checkpoint.json").is_file():
+        folder = p.parent
+    else:
+        folder = resolve_model(source)
+    return load_spec(folder) if folder is not None and (folder / "model.json").is_file() else None
+
+
+def _recorded_sha256(fold_dir: Path) -> str:
+    from medseg.io.checkpoint import load_weights
+
+    load_weights(fold_dir)  # verifies the hash record (and refuses a tampered file)
+    import json
+
+    return json.loads((fold_dir / "checkpoint.json").read_text())["sha256"]
+
 
 def read_pretrained_weights(source: str | Path) -> dict[str, torch.Tensor]:
     """A medseg model folder (its first fold), a fold folder, or a .safetensors file."""
-    from medseg.inference.predictor import resolve_model
-    from medseg.io.checkpoint import available_folds, load_weights
+    from medseg.io.checkpoint import load_weights
 
     p = Path(source)
     if p.is_file():
@@ -25,18 +99,16 @@ def read_pretrained_weights(source: str | Path) -> dict[str, torch.Tensor]:
             raise CheckpointError(p, "pretrained weights must be a .safetensors file or a medseg model folder")
         from safetensors.torch import load_file
 
-        return load_file(str(p))
-    if (p / "checkpoint.json").is_file():
-        return load_weights(p)
-    folder = resolve_model(source)
-    folds = available_folds(folder)
-    if not folds:
-        raise CheckpointError(folder, "model folder holds no fold_*/ weights")
-    return load_weights(folder / f"fold_{folds[0]}")
+        try:
+            return load_file(str(p))
+        except Exception as exc:  # safetensors raises SafetensorError
+            raise CheckpointError(p, f"cannot read safetensors ({exc})") from None
+    return load_weights(resolve_pretrained(source).weights.parent)
 
 
-def load_pretrained(model: torch.nn.Module, source: str | Path) -> dict:
-    src = read_pretrained_weights(source)
+def load_pretrained(model: torch.nn.Module, source: str | Path | dict) -> dict:
+    """Copy every tensor of ``source`` whose name and shape match; report loaded count and skipped names."""
+    src = source if isinstance(source, dict) else read_pretrained_weights(source)
     own = model.state_dict()
     loaded, skipped = 0, []
     for name, tensor in own.items():
@@ -46,4 +118,46 @@ def load_pretrained(model: torch.nn.Module, source: str | Path) -> dict:
         else:
             skipped.append(name)
     model.load_state_dict(own)
-    return {"loaded": loaded, "skipped": skipped}
+    return {"loaded": loaded, "skipped": skipped, "unused": sorted(set(src) - set(own))}
+
+
+# ---------------------------------------------------------------- architecture adoption
+def adopted_kwargs(pretrained_spec, user_model: str | None, user_kwargs: dict) -> tuple[str, dict] | None:
+    """The registry name and kwargs of a fine-tuned model: the pretrained network's, with the user's
+    ``--model-kwargs`` on top. None when the user asked for another registry model (then the plan's
+    topology is used and only matching tensors are copied)."""
+    if user_model and user_model != pretrained_spec.model:
+        return None
+    base = {k: v for k, v in pretrained_spec.model_kwargs.items() if k != "deep_supervision"}
+    return pretrained_spec.model, {**base, **user_kwargs}
+
+
+def patch_divisor(model_kwargs: dict, spatial_dims: int) -> tuple[int, ...] | None:
+    """Per spatial axis (caller's axis order), the product of the network's strides: the patch must
+    be a multiple of it. None when the kwargs do not give strides."""
+    strides = model_kwargs.get("strides")
+    if not strides:
+        return None
+    prod = [math.prod(int(s[a]) for s in strides) for a in range(spatial_dims)]
+    order = model_kwargs.get("transpose")
+    if order is not None and list(order) != sorted(order):
+        caller = [1] * spatial_dims
+        for i, a in enumerate(order):  # network axis i is caller axis order[i]
+            caller[int(a)] = prod[i]
+        prod = caller
+    return tuple(prod)
+
+
+def fit_patch(patch, divisor) -> tuple[int, ...]:
+    """``patch`` rounded up, per axis, to a multiple of ``divisor``."""
+    return tuple(int(math.ceil(p / d) * d) for p, d in zip(patch, divisor))
+
+
+def encoder_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    params = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
+    if not params:
+        raise ValueError(
+            f"{type(model).__name__} has no parameters named {' or '.join(p + '*' for p in ENCODER_PREFIXES)}; "
+            "--freeze-encoder-epochs cannot tell its encoder"
+        )
+    return params
