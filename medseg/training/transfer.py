@@ -21,7 +21,7 @@ from medseg.errors import CheckpointError
 
 # parameter-name prefixes of the encoder in the registry's models (unet/resenc: ``encoder``;
 # STU-Net: ``conv_blocks_context``), for --freeze-encoder-epochs
-ENCODER_PREFIXES = ("encoder.", "conv_blocks_context.")
+ENCODER_PREFIXES = ("encoder.", "conv_blocks_context.", "convInit.", "down_layers.")  # LightM-UNet: the last two
 
 
 @dataclass
