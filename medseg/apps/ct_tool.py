@@ -97,8 +97,12 @@ def segment_ct(
     region = None
     if subset and not fast and fast_folder is not None:
         locator = Predictor.from_folder(fast_folder, device=device, tta=False)
-        coarse, _ = locator.predict_array(image, meta)
-        region = _roi_box(coarse, list(subset.values()), meta.spacing, ROI_MARGIN_MM)
+        # by name: the fast model may number its classes differently (e.g. a 117-class 3 mm model
+        # locating structures for a 24-class part model)
+        located = [locator.labels[n] for n in subset if locator.labels.get(n)]
+        if located:
+            coarse, _ = locator.predict_array(image, meta)
+            region = _roi_box(coarse, located, meta.spacing, ROI_MARGIN_MM)
         if region is None:
             _warn(f"{input}: the fast model found none of {', '.join(subset)}; running on the whole scan")
     seg = np.zeros(ct.shape, dtype=np.uint8 if main.spec.num_classes < 256 else np.int16)
