@@ -4,7 +4,8 @@ Builds CTs of 512x512xZ voxels (Z up to 900) from the real 20-slice CT series in
 ../shared/data/totalsegmentator_examples/dicom (the series stacked, alternately mirrored, so every
 slice is real CT), then predicts them with a 118-output network (117 TotalSegmentator classes +
 background, as TotalSegmentator's `total` models) at 3 mm (TotalSegmentator's --fast spacing): the
-CT fixture's plan and U-Net topology with its head widened to 118 classes and seeded random
+CT fixture's plan and U-Net topology (the nnU-Net v2 CT fixture, imported with
+`medseg import-nnunet`) with its head widened to 118 classes and seeded random
 weights, since memory does not depend on the weights. Wall time and peak RSS of the whole process
 tree are recorded. The whole-volume path (all class probabilities in native
 space) is measured where it fits and extrapolated where it would not.
@@ -24,7 +25,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common as C  # noqa: E402
 
-MODEL = C.REPO / "tests" / "fixtures" / "ct_total_tiny_model"
+FIXTURE = (
+    C.REPO / "tests" / "fixtures" / "nnunet_v2_ct_tiny" / "Dataset906_CTFixture12"
+    / "nnUNetTrainer_MedsegCTFixture__nnUNetPlans__3d_fullres"
+)  # fmt: skip
 SERIES = C.default_data_root() / "totalsegmentator_examples" / "dicom" / "example_ct_dicom"
 
 MAKE_CT = """
@@ -69,6 +73,9 @@ def main() -> None:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     py = C.medseg_python()
     info = C.machine_info()
+    model = work / "model"
+    if not model.exists():
+        C.run_measured([py, "-m", "medseg", "import-nnunet", FIXTURE, model], log_file=work / "logs" / "import.log")
     results = []
     for z in sorted({int(s) for s in args.sizes.split(",")} | {int(s) for s in args.whole_sizes.split(",")}):
         ct = work / f"ct_512x512x{z}.nii.gz"
@@ -81,7 +88,7 @@ def main() -> None:
             C.log(f"Z={z} {mode}")
             out = work / f"seg_{z}_{mode}.nii.gz"
             r = C.run_measured(
-                [py, "-c", WHOLE, MODEL, ct, out, mode], log_file=work / "logs" / f"{z}_{mode}.log", check=False
+                [py, "-c", WHOLE, model, ct, out, mode], log_file=work / "logs" / f"{z}_{mode}.log", check=False
             )
             results.append({"z": z, "mode": mode, **r})
     (work / "results.json").write_text(json.dumps(results, indent=1))

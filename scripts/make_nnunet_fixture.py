@@ -90,6 +90,24 @@ def run(cmd: list[str], env: dict, log: Path) -> float:
     return time.perf_counter() - t0
 
 
+def nnunet_folders(work: Path) -> tuple[Path, Path, Path, dict]:
+    """nnUNet_raw / _preprocessed / _results under ``work`` (created) and the environment naming them."""
+    raw, pre, res = work / "nnUNet_raw", work / "nnUNet_preprocessed", work / "nnUNet_results"
+    for p in (raw, pre, res):
+        p.mkdir(parents=True, exist_ok=True)
+    env = {
+        **os.environ,
+        "nnUNet_raw": str(raw),
+        "nnUNet_preprocessed": str(pre),
+        "nnUNet_results": str(res),
+        "nnUNet_n_proc_DA": "1",
+        "nnUNet_def_n_proc": "1",
+        "nnUNet_compile": "f",
+        "PYTHONHASHSEED": "0",
+    }
+    return raw, pre, res, env
+
+
 def install_trainer() -> None:
     site = next((VENV / "lib").glob("python*/site-packages/nnunetv2"))
     # top level of the trainer package: nnU-Net's class lookup imports the modules there first, before it
@@ -162,19 +180,7 @@ def main() -> None:
     args = ap.parse_args()
     kinds = args.only or sorted(MODELS)
     work = args.work.resolve()
-    raw, pre, res = work / "nnUNet_raw", work / "nnUNet_preprocessed", work / "nnUNet_results"
-    for p in (raw, pre, res):
-        p.mkdir(parents=True, exist_ok=True)
-    env = {
-        **os.environ,
-        "nnUNet_raw": str(raw),
-        "nnUNet_preprocessed": str(pre),
-        "nnUNet_results": str(res),
-        "nnUNet_n_proc_DA": "1",
-        "nnUNet_def_n_proc": "1",
-        "nnUNet_compile": "f",
-        "PYTHONHASHSEED": "0",
-    }
+    raw, pre, res, env = nnunet_folders(work)
     log = work / "log.txt"
     install_trainer()
     make_raw(raw)
