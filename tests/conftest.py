@@ -64,3 +64,22 @@ def copy_dataset(src: Path, dst: Path) -> Path:
 @pytest.fixture
 def rng():
     return np.random.default_rng(0)
+
+
+class TrainingInterrupted(Exception):
+    """Raised by :func:`crash_training_at` in place of a killed process."""
+
+
+def crash_training_at(monkeypatch, epoch: int):
+    """Make ``Trainer.train_epoch`` raise TrainingInterrupted at ``epoch``; returns a function that undoes it."""
+    from medseg.training.trainer import Trainer
+
+    original = Trainer.train_epoch
+
+    def crashing(self, e, sampler):
+        if e == epoch:
+            raise TrainingInterrupted
+        return original(self, e, sampler)
+
+    monkeypatch.setattr(Trainer, "train_epoch", crashing)
+    return lambda: monkeypatch.setattr(Trainer, "train_epoch", original)

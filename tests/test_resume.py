@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TrainingInterrupted, crash_training_at
 
 from medseg import api
 from medseg.errors import DatasetError
@@ -59,30 +60,19 @@ def assert_same_weights(a: dict, b: dict) -> None:
         assert torch.equal(a[k], b[k]), f"{k} differs"
 
 
-class Interrupted(Exception):
-    pass
-
-
 def test_resume_is_exact(prepared, tmp_path, monkeypatch):
     cfg = replace(TINY, epochs=4, checkpoint_every=2)
     train(prepared, tmp_path / "straight", cfg)
 
     # same run, killed at the start of epoch 4 (index 3): the last checkpoint is after epoch 2,
     # so epoch 3 (index 2) was done and logged but must be replayed identically on resume
-    original = Trainer.train_epoch
-
-    def crash_at_epoch_3(self, epoch, sampler):
-        if epoch == 3:
-            raise Interrupted
-        return original(self, epoch, sampler)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_at_epoch_3)
-    with pytest.raises(Interrupted):
+    restore = crash_training_at(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted):
         train(prepared, tmp_path / "resumed", cfg)
     fold = tmp_path / "resumed" / "fold_0"
     assert json.loads((fold / "checkpoint.json").read_text())["epoch"] == 2
     assert [r["epoch"] for r in log_records(fold)] == [0, 1, 2]
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    restore()
 
     train(prepared, tmp_path / "resumed", cfg, resume=True)
     assert_same_weights(load_weights(tmp_path / "straight" / "fold_0"), load_weights(fold))

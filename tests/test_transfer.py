@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import HIPPO_CASES, REPO, copy_hippo_cases
+from conftest import HIPPO_CASES, REPO, TrainingInterrupted, copy_hippo_cases, crash_training_at
 
 from medseg import api
 from medseg.errors import CheckpointError, DatasetError
@@ -191,18 +191,10 @@ def test_finetune_schedule_metadata_and_exact_resume(binary, tmp_path, monkeypat
     assert load_spec(tmp_path / "straight").pretrained["sha256"] == sha
     assert Predictor.from_folder(tmp_path / "straight", device="cpu").tile == (40, 56, 40)
 
-    class Interrupted(Exception):
-        pass
-
-    def crash_at_epoch_3(self, epoch, sampler):
-        if epoch == 3:
-            raise Interrupted
-        return original(self, epoch, sampler)
-
-    monkeypatch.setattr(Trainer, "train_epoch", crash_at_epoch_3)
-    with pytest.raises(Interrupted):
+    restore = crash_training_at(monkeypatch, 3)
+    with pytest.raises(TrainingInterrupted):
         make_trainer(binary, tmp_path / "resumed", cfg).fit()
-    monkeypatch.setattr(Trainer, "train_epoch", original)
+    restore()
     make_trainer(binary, tmp_path / "resumed", cfg).fit(resume=True)
     resumed = load_weights(tmp_path / "resumed" / "fold_0")
     assert final.keys() == resumed.keys()
