@@ -22,7 +22,6 @@ naming the refused global -- never a fallback to ``weights_only=False``.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import pickle
 import re
@@ -35,6 +34,7 @@ import torch
 
 from medseg.errors import CheckpointError
 from medseg.interop.nnunet_plans import _load_json, plan_from_nnunet
+from medseg.io.checkpoint import sha256
 
 CHECKPOINT_FILES = {"final": "checkpoint_final.pth", "best": "checkpoint_best.pth"}
 
@@ -201,14 +201,6 @@ def find_results_folder(folder: str | Path) -> Path:
     )
 
 
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def import_nnunet(
     results_folder: str | Path,
     output: str | Path,
@@ -304,7 +296,7 @@ def import_nnunet(
                 info={
                     "fold": f,
                     "epoch": int(epoch) if isinstance(epoch, int) else None,
-                    "source": {"framework": "nnU-Net v2", "file": str(source), "sha256": _file_sha256(source)},
+                    "source": {"framework": "nnU-Net v2", "file": str(source), "sha256": sha256(source)},
                 },
             )
         (tmp / "nnunet").mkdir()
