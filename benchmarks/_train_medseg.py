@@ -27,6 +27,7 @@ def main() -> None:
     p.add_argument("--iters", type=int, default=30)
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--output", type=Path, required=True)
+    p.add_argument("--precision", choices=("auto", "fp32"), default="auto", help="auto: medseg's default (amp=None)")
     p.add_argument("--result", required=True)
     args = p.parse_args()
 
@@ -52,6 +53,7 @@ def main() -> None:
         batch_size=args.batch,
         model_kwargs={"features": list(args.features)},
         device="cpu",
+        amp=None if args.precision == "auto" else False,
         num_threads=args.threads,
         final_validation=False,
         checkpoint_every=10**9,
@@ -102,6 +104,7 @@ def main() -> None:
         "patch": list(conf.patch_size),
         "features": list(args.features),
         "da_processes": 0,
+        "precision": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp else "float32",
         "torch_threads": torch.get_num_threads(),
         "planned": planned,
         "setup_s": setup_s,

@@ -2,7 +2,8 @@
 """Inference, side by side: the same trained nnU-Net v2 model run by nnUNetv2_predict and by medseg.
 
 peer:   nnUNetv2_predict -i CASES -o OUT -d 4 -c 3d_fullres -tr TRAINER -f 0 -device cpu [--disable_tta]
-medseg: medseg predict -m MODEL -i CASES -o OUT [--no-tta]     (MODEL = medseg import-nnunet RESULTS)
+medseg: medseg predict -m MODEL -i CASES -o OUT [--no-tta] [--fp32]   (MODEL = medseg import-nnunet RESULTS)
+        run twice: with its default precision (bf16 autocast on CPUs with native bf16) and --fp32
 
 The model is nnU-Net's own default 3d_fullres plan for MSD hippocampus (PlainConvUNet
 [32, 64, 128, 256], patch 40x56x40, as nnUNetv2_plan_and_preprocess plans it), trained by
@@ -39,6 +40,8 @@ from bench_preprocess import NNUNET_CHECK, make_raw  # noqa: E402
 
 NAME = "inference"
 DS_ID, DS_NAME = 4, "Hippocampus"
+# medseg's default (bf16 autocast on CPUs with native bf16, else fp32) and forced fp32 (--fp32)
+MEDSEG_VARIANTS = {"medseg": "default (auto)", "medseg_fp32": "fp32 (`--fp32`)"}
 TRAINER = "nnUNetTrainer_MedsegBench"
 TRAINER_SOURCE = '''"""Written by medseg's benchmarks/bench_inference.py: nnUNetTrainer with a short schedule."""
 import os
@@ -134,7 +137,7 @@ def commands(tool: str, tta: bool, prep: dict, out: Path, nn_py: Path) -> list:
                "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"]  # fmt: skip
         return cmd + ([] if tta else ["--disable_tta"])
     cmd = [C.medseg_python().parent / "medseg", "predict", "-m", prep["model"], "-i", prep["cases_dir"], "-o", out]
-    return cmd + ([] if tta else ["--no-tta"])
+    return cmd + ([] if tta else ["--no-tta"]) + (["--fp32"] if tool == "medseg_fp32" else [])
 
 
 def main() -> None:
@@ -158,7 +161,7 @@ def main() -> None:
     runs: dict[tuple[str, bool], list[dict]] = {}
     for rep in range(args.repeats):
         for tta in (True, False):
-            tools = ("nnunet", "medseg") if rep % 2 == 0 else ("medseg", "nnunet")
+            tools = ("nnunet", "medseg", "medseg_fp32") if rep % 2 == 0 else ("medseg_fp32", "medseg", "nnunet")
             for tool in tools:
                 out = args.workdir / f"pred_{tool}_{'tta' if tta else 'notta'}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -167,15 +170,22 @@ def main() -> None:
                                    log_file=args.workdir / "logs" / f"{tool}.log")  # fmt: skip
                 runs.setdefault((tool, tta), []).append(r)
     agreement = {}
-    for tta in (True, False):
-        tag = "tta" if tta else "notta"
-        proc = subprocess.run(
-            [str(C.medseg_python()), "-c", AGREEMENT, str(args.workdir / f"pred_nnunet_{tag}"),
-             str(args.workdir / f"pred_medseg_{tag}")], capture_output=True, text=True, check=True,
-        )  # fmt: skip
-        agreement[tta] = json.loads(proc.stdout)
+    for tool in MEDSEG_VARIANTS:
+        for tta in (True, False):
+            tag = "tta" if tta else "notta"
+            proc = subprocess.run(
+                [str(C.medseg_python()), "-c", AGREEMENT, str(args.workdir / f"pred_nnunet_{tag}"),
+                 str(args.workdir / f"pred_{tool}_{tag}")], capture_output=True, text=True, check=True,
+            )  # fmt: skip
+            agreement[(tool, tta)] = json.loads(proc.stdout)
     (args.workdir / "results.json").write_text(
-        json.dumps({"runs": {f"{t}_{tta}": v for (t, tta), v in runs.items()}, "agreement": agreement}, indent=1)
+        json.dumps(
+            {
+                "runs": {f"{t}_{tta}": v for (t, tta), v in runs.items()},
+                "agreement": {f"{t}_{tta}": v for (t, tta), v in agreement.items()},
+            },
+            indent=1,
+        )
     )
     versions = {
         "nnunetv2 env": C.package_versions(nn_py, ["nnunetv2", "torch"]),
@@ -190,19 +200,19 @@ def main() -> None:
         f"* {prep['n']} other hippocampus cases, one process per (tool, TTA) over all of them, {args.repeats} "
         "repeat(s); medians",
         "",
-        "| TTA | nnU-Net s/case | medseg s/case | speed-up | nnU-Net peak RSS (GiB) | medseg peak RSS (GiB) "
-        "| memory ratio | min / mean Dice agreement | identical cases |",
-        "|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| TTA | medseg precision | nnU-Net s/case | medseg s/case | speed-up | nnU-Net peak RSS (GiB) "
+        "| medseg peak RSS (GiB) | memory ratio | min / mean Dice agreement | identical cases |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
-    for tta in (True, False):
-        nn, ms = runs[("nnunet", tta)], runs[("medseg", tta)]
+    for tool, tta in [(t, tta) for tta in (True, False) for t in MEDSEG_VARIANTS]:
+        nn, ms = runs[("nnunet", tta)], runs[(tool, tta)]
         t_nn, t_ms = C.median([r["wall_s"] for r in nn]) / prep["n"], C.median([r["wall_s"] for r in ms]) / prep["n"]
         m_nn = C.median([r["tree_rss_mb"] for r in nn]) / 1024
         m_ms = C.median([r["tree_rss_mb"] for r in ms]) / 1024
-        dices = [d for case in agreement[tta].values() for d in case["dice"].values()]
-        same = sum(case["identical"] for case in agreement[tta].values())
+        dices = [d for case in agreement[(tool, tta)].values() for d in case["dice"].values()]
+        same = sum(case["identical"] for case in agreement[(tool, tta)].values())
         lines.append(
-            f"| {'on' if tta else 'off'} | {t_nn:.2f} | {t_ms:.2f} | {t_nn / t_ms:.2f}x | {m_nn:.2f} | {m_ms:.2f} | "
+            f"| {'on' if tta else 'off'} | {MEDSEG_VARIANTS[tool]} | {t_nn:.2f} | {t_ms:.2f} | {t_nn / t_ms:.2f}x | {m_nn:.2f} | {m_ms:.2f} | "
             f"{m_ms / m_nn:.2f} | {min(dices):.4f} / {sum(dices) / len(dices):.4f} | {same}/{prep['n']} |"
         )
     C.write_results(NAME, lines, args.quick, args.out)

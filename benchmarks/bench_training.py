@@ -147,7 +147,8 @@ def main() -> None:
 
     runs: dict[tuple, list[dict]] = {}
     for key, (label, feats, batch) in settings.items():
-        variants = [("medseg", None)] + [("nnU-Net", da) for da in da_variants]
+        # medseg at its default precision (bf16 autocast on CPUs with native bf16) and forced fp32
+        variants = [("medseg", "auto"), ("medseg", "fp32")] + [("nnU-Net", da) for da in da_variants]
         for r in range(args.repeats):
             order = variants if r % 2 == 0 else list(reversed(variants))
             for fw, da in order:
@@ -179,6 +180,8 @@ def main() -> None:
                         prep["ms_pre"],
                         "--output",
                         out,
+                        "--precision",
+                        da,
                         *common,
                     ]
                     env = None
@@ -195,7 +198,7 @@ def main() -> None:
                     env = dict(prep["env"])
                     if da != "auto":
                         env["nnUNet_n_proc_DA"] = da
-                tag = fw + ("" if da is None else f" (DA procs {da})")
+                tag = fw + (f" ({da})" if fw == "medseg" else f" (DA procs {da})")
                 C.log(f"{label}: {tag}, repeat {r + 1}/{args.repeats}")
                 m = C.run_measured(cmd, env=env, log_file=logdir / f"{key}_{fw}_{da}.log")
                 res = json.loads(res_file.read_text())
@@ -216,8 +219,9 @@ def main() -> None:
     lines += [
         f"MSD hippocampus, {prep['cases']} cases preprocessed by each tool, 3d_fullres, fold 0 training cases, "
         f"patch {prep['ms_patch']} for both (nnU-Net planned {prep['nn_patch']}, batch {prep['nn_batch']}, "
-        f"features {prep['nn_features']}). CPU, fp32 (neither uses AMP on CPU; nnU-Net disables torch.compile "
-        f"on CPU), {args.threads} torch threads, {args.warmup} warm-up + {args.iters} timed iterations per "
+        f"features {prep['nn_features']}). CPU; nnU-Net in fp32 (it uses AMP only on CUDA and disables "
+        "torch.compile on CPU), medseg at its default precision (`amp=None`: bf16 autocast on CPUs with native "
+        f"bf16, fp32 elsewhere) and in fp32 (`--no-amp`); {args.threads} torch threads, {args.warmup} warm-up + {args.iters} timed iterations per "
         f"process, {args.repeats} process(es) per row; s/iteration is the median over all timed iterations "
         "(min–max of the per-process medians in brackets). Both include sampling, augmentation, forward, "
         "deep-supervision Dice+CE, backward, grad-clip 12, SGD step; neither includes validation, "
@@ -229,8 +233,9 @@ def main() -> None:
     ]
     ratio_lines = []
     for key, (label, _feats, _batch) in settings.items():
-        ms_runs = runs[(key, "medseg", None)]
+        ms_runs, fp32_runs = runs[(key, "medseg", "auto")], runs[(key, "medseg", "fp32")]
         ms_med = C.median([t for r in ms_runs for t in r["iter_s"]])
+        fp32_med = C.median([t for r in fp32_runs for t in r["iter_s"]])
         for (k2, fw, da), rs in runs.items():
             if k2 != key:
                 continue
@@ -238,8 +243,8 @@ def main() -> None:
             per_proc = [C.median(r["iter_s"]) for r in rs]
             med = C.median(pooled)
             fw_label = (
-                fw
-                if da is None
+                f"medseg, {rs[0]['precision']}" + (" (medseg default)" if da == "auto" else "")
+                if fw == "medseg"
                 else f"nnU-Net, {rs[0]['da_processes']} DA worker(s)" + (" (nnU-Net default)" if da == "auto" else "")
             )
             rng = f" ({C.fmt(min(per_proc), 3)}–{C.fmt(max(per_proc), 3)})" if len(per_proc) > 1 else ""
@@ -252,6 +257,7 @@ def main() -> None:
             if fw != "medseg":
                 ratio_lines.append(
                     f"| {label} | {fw_label} | {C.fmt(med / ms_med if ms_med else None)}x | "
+                    f"{C.fmt(med / fp32_med if fp32_med else None)}x | "
                     f"{C.fmt(C.median([r['tree_pss_mb'] for r in rs]) / C.median([r['tree_pss_mb'] for r in ms_runs]))}x |"
                 )
     lines += [
@@ -262,8 +268,9 @@ def main() -> None:
         "",
         "Ratios nnU-Net / medseg (> 1: medseg is faster / smaller):",
         "",
-        "| setting | nnU-Net variant | s/iteration ratio | peak tree PSS ratio |",
-        "|---|---|---|---|",
+        "| setting | nnU-Net variant | s/iteration ratio (vs medseg default) | s/iteration ratio (vs medseg fp32) "
+        "| peak tree PSS ratio (vs medseg default) |",
+        "|---|---|---|---|---|",
         *ratio_lines,
         "",
         "Not comparable: nnU-Net's augmentation workers (separate processes, default min(12, cores)) overlap "

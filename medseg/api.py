@@ -117,14 +117,16 @@ def predict(
     overwrite: bool = False,
     progress: bool = True,
     label_map=None,
+    amp: bool | None = None,
 ) -> list[dict]:
     """``label_map``: a JSON file or dict mapping the model's labels onto another label set
-    (direct inference; see medseg.inference.label_map)."""
+    (direct inference; see medseg.inference.label_map). ``amp``: None = bf16/fp16 where the hardware
+    runs it natively, False = fp32 (see medseg.utils.autocast_dtype)."""
     from medseg.inference.predictor import Predictor
     from medseg.io.image import ensure_writable_dir
 
     ensure_writable_dir(output)
-    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map)
+    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map, amp=amp)
     cases = cases_from_input(input, predictor.spec.in_channels)
     return predictor.predict_cases(
         cases,

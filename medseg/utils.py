@@ -30,3 +30,29 @@ def track(it: Iterable, *, total: int | None = None, description: str = "", enab
         for item in it:
             yield item
             progress.advance(task)
+
+
+def native_bf16_cpu() -> bool:
+    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX): only then is bf16 faster than fp32."""
+    import torch
+
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def autocast_dtype(device, amp: bool | None):
+    """The reduced precision for ``torch.autocast`` on ``device``, or None for fp32.
+
+    ``amp=None`` (automatic): float16 on CUDA (as nnU-Net), bfloat16 on CPUs with native bf16
+    (convolutions about twice as fast), fp32 elsewhere. ``amp=True`` forces reduced precision
+    (bf16 on any CPU, where it may be slower), ``amp=False`` forces fp32.
+    """
+    kind = getattr(device, "type", str(device))
+    if amp is False or kind not in ("cuda", "cpu"):
+        return None
+    import torch
+
+    if kind == "cuda":
+        return torch.float16
+    return torch.bfloat16 if amp or native_bf16_cpu() else None

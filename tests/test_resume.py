@@ -184,3 +184,40 @@ def test_custom_splits_are_honoured(prepared, tmp_path):
     (pre / "splits_final.json").write_text(json.dumps([{"train": ["nope_001"], "val": cases[:1]}]))
     with pytest.raises(DatasetError, match="nope_001"):
         _trainer(dataset, own, tmp_path / "c", 0)
+
+
+def _slow_epochs(monkeypatch, seconds: float) -> None:
+    """Every epoch takes at least ``seconds`` (so the time budget's arithmetic is predictable)."""
+    import time
+
+    original = Trainer.train_epoch
+
+    def slow(self, epoch, sampler):
+        time.sleep(seconds)
+        return original(self, epoch, sampler)
+
+    monkeypatch.setattr(Trainer, "train_epoch", slow)
+
+
+def test_time_budget_fits_epochs_and_schedule(prepared, tmp_path, monkeypatch):
+    _slow_epochs(monkeypatch, 0.5)
+    cfg = replace(TINY, epochs=1000, time_budget_minutes=0.1)  # 6 s
+    train(prepared, tmp_path / "m", cfg)
+    records = log_records(tmp_path / "m" / "fold_0")
+    first = records[0]["seconds"]
+    assert len(records) == max(1, int(6 // first)) and 1 < len(records) <= 12
+    assert sum(r["seconds"] for r in records) < 6 + first  # the budget, up to one epoch's rounding
+    assert records[-1]["lr"] < 0.5 * cfg.initial_lr  # the poly schedule ran to (near) its end
+
+
+def test_time_budget_survives_resume(prepared, tmp_path, monkeypatch):
+    _slow_epochs(monkeypatch, 0.5)
+    cfg = replace(TINY, epochs=1000, time_budget_minutes=0.1, checkpoint_every=1)
+    restore = crash_training_at(monkeypatch, 2)
+    with pytest.raises(TrainingInterrupted):
+        train(prepared, tmp_path / "m", cfg)
+    restore()
+    train(prepared, tmp_path / "m", cfg, resume=True)  # --epochs 1000 again: the budget decides, as before
+    records = log_records(tmp_path / "m" / "fold_0")
+    assert [r["epoch"] for r in records] == list(range(len(records)))
+    assert len(records) == max(1, int(6 // records[0]["seconds"]))

@@ -19,6 +19,7 @@ def run_predict(
     overlay=False,
     overwrite=False,
     label_map=None,
+    amp=None,
     echo=print,
 ) -> list[dict]:
     from medseg.evaluation.report import overlay_png, structure_volumes, write_volumes_table
@@ -29,7 +30,7 @@ def run_predict(
 
     t0 = time.perf_counter()
     output = check_writable_dir(output)  # created only once a case is predicted
-    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map)
+    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map, amp=amp)
     cases = cases_from_input(input, predictor.spec.in_channels)
     results = predictor.predict_cases(
         cases, output, overwrite=overwrite, save_probabilities=probabilities, largest_component=largest_component

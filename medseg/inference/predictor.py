@@ -21,6 +21,7 @@ from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_wei
 from medseg.io.dataset import Case
 from medseg.io.image import ImageMeta, ensure_writable_dir, read_image, write_image
 from medseg.preprocessing.pipeline import preprocess_array
+from medseg.utils import autocast_dtype
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 STREAMING_BYTES = 2 * 1024**3  # native-space probabilities above this: stream along z instead
@@ -79,10 +80,13 @@ class Predictor:
         num_threads: int | None = None,
         source: str | Path | None = None,
         label_map=None,
+        amp: bool | None = None,
     ):
         """``source``: the model folder, so that errors name the file at fault. ``label_map``: a JSON
         file, dict or :class:`~medseg.inference.label_map.LabelMapping` mapping the model's labels onto
-        another label set (direct inference); outputs then use the target labels."""
+        another label set (direct inference); outputs then use the target labels. ``amp``: network in
+        reduced precision (None: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise; False:
+        always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32."""
         from medseg.training.trainer import resolve_device
 
         self.spec = spec
@@ -90,6 +94,7 @@ class Predictor:
         self.plan = spec.plan
         self.conf = spec.plan.configuration(spec.configuration)
         self.device = resolve_device(device)
+        self.amp_dtype = autocast_dtype(self.device, amp)
         if num_threads:
             torch.set_num_threads(num_threads)
         self.models = []
@@ -149,7 +154,9 @@ class Predictor:
         squeeze = self.conf.spatial_dims == 2
         if squeeze:
             x = x[:, :, 0]
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.device.type == "cuda"):
+        with torch.autocast(
+            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
+        ):
             y = sum(m(x).float() for m in self.models) / len(self.models)
         return y[:, :, None] if squeeze else y
 

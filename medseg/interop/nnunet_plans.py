@@ -283,5 +283,3 @@ def plan_from_nnunet(plans: dict, dataset: dict, configuration: str, *, mirror_a
         file_ending=str(dataset.get("file_ending", ".nii.gz")),
     )
     return plan, model, kwargs, labels, notes
-
-

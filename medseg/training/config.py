@@ -27,12 +27,15 @@ class TrainingConfig:
     checkpoint_every: int = 10  # epochs between resumable checkpoints
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    amp: bool | None = None  # None: on for CUDA, off for CPU
+    amp: bool | None = None  # None: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (utils.autocast_dtype)
     num_threads: int | None = None  # torch CPU threads; None: all cores
     final_validation: bool = True  # predict the fold's validation cases in native space
     model: str | None = None  # registry name; None: the plan's model
     model_kwargs: dict = field(default_factory=dict)  # overrides of the plan's model kwargs
     pretrained: str | None = None  # model folder or safetensors to initialise from
+    # wall-clock budget: after the first epoch, ``epochs`` is set to what fits in it, so the poly
+    # schedule ends when the time does (the final validation comes on top)
+    time_budget_minutes: float | None = None
 
     def augment_config(self, spatial_dims: int, anisotropic: bool) -> AugmentConfig:
         if self.augmentation == "none":

@@ -6,6 +6,7 @@ exactly the batches and augmentations an uninterrupted run would have seen.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -24,6 +25,7 @@ from medseg.planning.plan import Plan
 from medseg.training import distributed
 from medseg.training.config import TrainingConfig
 from medseg.training.losses import deep_supervision_loss
+from medseg.utils import autocast_dtype
 
 STATE_FILE = "training_state.pt"
 
@@ -71,7 +73,7 @@ class Trainer:
         raw_folder: Path | None = None,
         log=print,
     ):
-        self.plan, self.cfg = plan, config
+        self.plan, self.cfg = plan, dataclasses.replace(config)  # a copy: a time budget sets its epochs
         self.conf = plan.configuration(configuration)
         self.cache_dir, self.output_dir = Path(cache_dir), Path(output_dir)
         self.fold = fold
@@ -84,7 +86,8 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         threads = config.num_threads or max(1, (os.cpu_count() or 1) // self.dist.world_size)
         torch.set_num_threads(threads)
-        self.amp = config.amp if config.amp is not None else self.device.type == "cuda"
+        self.amp_dtype = autocast_dtype(self.device, config.amp)
+        self.amp = self.amp_dtype is not None
         names = cached_case_names(self.cache_dir)
         # rank 0 creates splits_final.json; the others read it once it exists
         if self.dist.is_main:
@@ -131,7 +134,10 @@ class Trainer:
             nesterov=True,
             weight_decay=config.weight_decay,
         )
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.amp and self.device.type == "cuda")
+        # loss scaling is for float16 only: bfloat16 has float32's exponent range
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        )
         self.ddp_model = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -288,9 +294,11 @@ class Trainer:
         return augment_batch(img, seg, self.conf.patch_size, augment, g)
 
     def _forward_loss(self, img, seg):
-        with torch.autocast(self.device.type, dtype=torch.float16, enabled=self.amp and self.device.type == "cuda"):
+        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp):
             out = self.ddp_model(img)
-            loss = deep_supervision_loss(out, seg, batch_dice=self.cfg.batch_dice)
+        # the loss (softmax, Dice sums, cross-entropy) in float32 whatever the network ran in
+        out = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
+        loss = deep_supervision_loss(out, seg, batch_dice=self.cfg.batch_dice)
         return out, loss
 
     def train_epoch(self, epoch: int, sampler: PatchSampler) -> float:
@@ -362,6 +370,7 @@ class Trainer:
         elif (self.fold_dir / STATE_FILE).exists():
             self.log(f"note: {self.fold_dir} already has a checkpoint; starting over (use --resume to continue)")
         self._rewrite_log()
+        self._fit_epochs_to_budget()
         if self.start_epoch >= self.cfg.epochs:
             self.log(
                 f"fold {self.fold}: already trained for {self.start_epoch} epochs; pass a larger --epochs to extend"
@@ -386,13 +395,15 @@ class Trainer:
                 self.batch_size,
                 oversample_foreground=self.cfg.oversample_foreground,
             )
+        precision = str(self.amp_dtype).removeprefix("torch.") + " autocast" if self.amp else "fp32"
         self.log(
             f"training {self.spec.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params) "
             f"config {self.conf.name} fold {self.fold}: patch {list(self.conf.patch_size)}, batch "
             f"{self.batch_size}x{self.dist.world_size}, {len(self.train_names)} train / {len(self.val_names)} val "
-            f"cases, device {self.device}{' (AMP)' if self.amp else ''}"
+            f"cases, device {self.device} ({precision})"
         )
-        for epoch in range(self.start_epoch, self.cfg.epochs):
+        epoch = self.start_epoch
+        while epoch < self.cfg.epochs:
             t0 = time.time()
             train_loss = self.train_epoch(epoch, sampler)
             val_loss, dice = self.pseudo_dice(epoch, val_sampler)
@@ -414,14 +425,32 @@ class Trainer:
                 self.fold_dir.mkdir(parents=True, exist_ok=True)
                 with open(self.fold_dir / "training_log.jsonl", "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
+            self._fit_epochs_to_budget()
             if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs:
                 self.save_state(epoch + 1)
+            epoch += 1
         distributed.barrier(self.dist)
         summary = {}
         if self.dist.is_main and self.cfg.final_validation and self.val_names and self.raw_folder:
             summary = self.final_validation()
         distributed.teardown(self.dist)
         return summary
+
+    def _fit_epochs_to_budget(self) -> None:
+        """With a time budget, set ``epochs`` from the first epoch's duration (recomputed alike on resume)."""
+        budget = self.cfg.time_budget_minutes
+        if not budget or not self.history:
+            return
+        if len(self.history) == 1 and self.start_epoch == 0 and self.dist.enabled:
+            # every rank must choose the same number of epochs: use the mean of their first-epoch times
+            t = torch.tensor([self.history[0]["seconds"]], dtype=torch.float64)
+            distributed.all_reduce_sum(t, self.dist)
+            self.history[0]["seconds"] = round(float(t[0]) / self.dist.world_size, 2)
+        first = max(float(self.history[0]["seconds"]), 1e-3)
+        epochs = max(1, int(budget * 60 // first))
+        if epochs != self.cfg.epochs:
+            self.cfg.epochs = epochs
+            self.log(f"time budget {budget:g} min: {first:.1f} s per epoch -> {epochs} epochs")
 
     def final_validation(self) -> dict:
         """Predict each validation case from its raw image, export in native space, evaluate."""
@@ -432,7 +461,10 @@ class Trainer:
         cases = {c.name: c for c in list_cases(self.raw_folder)}
         out = self.fold_dir / "validation"
         predictor = Predictor(
-            load_spec(self.output_dir), {str(self.fold): load_weights(self.fold_dir)}, device=str(self.device)
+            load_spec(self.output_dir),
+            {str(self.fold): load_weights(self.fold_dir)},
+            device=str(self.device),
+            amp=self.cfg.amp,
         )
         val_cases = [cases[n] for n in self.val_names if n in cases]
         predictor.predict_cases(val_cases, out, overwrite=True)

@@ -1,0 +1,5 @@
+"""``python -m medseg.cli``: the medseg command line."""
+
+from medseg.cli import main
+
+main()
