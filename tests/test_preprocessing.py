@@ -302,3 +302,23 @@ def test_probabilities_to_native_identity_geometry():
     out = probabilities_to_native(probs, props)
     np.testing.assert_allclose(out[:, 1:5, 1:6, 2:8], probs.numpy())
     assert out[0, 0, 0, 0] == 1 and out[1, 0, 0, 0] == 0
+
+
+def test_resample_label_of_a_sparse_many_class_map_equals_looping_over_every_class(rng):
+    """Only present classes are interpolated; the result must equal the loop over all 117 classes."""
+    from medseg.preprocessing.resampling import _resample_channel
+
+    lab = np.zeros((14, 16, 12), np.int16)
+    for c in (5, 40, 116):
+        z, y, x = rng.integers(0, 8, 3)
+        lab[z : z + 5, y : y + 6, x : x + 4] = c  # overlapping blocks of three classes out of 117
+    shape = (11, 21, 13)
+    out = resample_label(lab, (1, 1, 1), None, shape=shape, num_classes=117)
+    best, total, ref = np.zeros(shape, np.float32), np.zeros(shape, np.float32), np.zeros(shape, np.int16)
+    for c in range(1, 117):
+        prob = _resample_channel((lab == c).astype(np.float32), shape, 1, None, 0)
+        take = prob > best
+        ref[take], best[take] = c, prob[take]
+        total += prob
+    ref[(1.0 - total) >= best] = 0
+    assert np.array_equal(out, ref) and set(np.unique(out)) == {0, 5, 40, 116}

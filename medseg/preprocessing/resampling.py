@@ -85,7 +85,9 @@ def resample_label(
     shape = tuple(shape) if shape is not None else new_shape(label.shape, spacing, target_spacing)
     if tuple(label.shape) == shape:
         return label
-    classes = range(1, num_classes) if num_classes else [c for c in np.unique(label) if c != 0]
+    # only the classes present: an absent class interpolates to 0 everywhere and cannot change the argmax
+    # (a 117-class CT crop holds a fraction of them; nnU-Net's resize_segmentation does the same)
+    classes = [c for c in np.unique(label) if c != 0 and (not num_classes or c < num_classes)]
     best = np.zeros(shape, dtype=np.float32)
     total = np.zeros(shape, dtype=np.float32)
     out = np.zeros(shape, dtype=label.dtype)
