@@ -47,6 +47,19 @@ def volume(size, seed):
     return torch.randn((1, *size), generator=g)
 
 
+def network_fn(model, amp: bool):
+    """The network as both tilers see it: plain, or under bf16 autocast returning float32 logits (what
+    medseg's Predictor does by default on CPUs with native bf16; a MONAI user would wrap it the same way)."""
+    if not amp:
+        return model
+
+    def fn(x):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return model(x).float()
+
+    return fn
+
+
 def run_medseg(model, image, args):
     from medseg.inference.sliding_window import sliding_window_predict
 
@@ -107,6 +120,7 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--amp", action="store_true", help="Network under bf16 autocast (both methods).")
     p.add_argument("--save", default=None, help="Write the last logits (float32 .npy) here.")
     p.add_argument("--result", required=True)
     args = p.parse_args()
@@ -118,12 +132,14 @@ def main() -> None:
             )
         return
     torch.set_num_threads(args.threads)
-    model = build(args)
+    net = build(args)
+    model = network_fn(net, args.amp)
     image = volume(args.size, args.seed)
     result = {
         "method": args.method,
         "size": args.size,
-        "params": sum(q.numel() for q in model.parameters()),
+        "amp": args.amp,
+        "params": sum(q.numel() for q in net.parameters()),
         "torch_threads": torch.get_num_threads(),
     }
     with torch.inference_mode():

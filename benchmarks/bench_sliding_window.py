@@ -101,6 +101,11 @@ def main() -> None:
         default=1,
         help="MONAI sw_batch_size = medseg tile_batch (default: 1, medseg's CPU default).",
     )
+    p.add_argument(
+        "--precisions",
+        default="fp32,bf16",
+        help="Comma list: fp32 and/or bf16 (the network under bf16 autocast, for both tilers) (default: %(default)s).",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=C.usable_cores())
     p.add_argument("--check-size", type=int, default=96, help="Volume for the exactness check (default: 96).")
@@ -132,16 +137,18 @@ def main() -> None:
     worker = C.BENCH_DIR / "_sw_worker.py"
 
     rows = []
-    for size in [int(s) for s in args.sizes.split(",")]:
+    jobs = [(int(s), prec) for s in args.sizes.split(",") for prec in args.precisions.split(",")]
+    for size, prec in jobs:
         vol = [size] * 3
         grid = grid_info(vol, args.patch, args.overlap)
         res = {}
+        amp = ["--amp"] if prec == "bf16" else []
         for method in ("medseg", "monai"):
             out = args.workdir / f"logits_{size}_{method}.npy"
-            rfile = args.workdir / f"result_{size}_{method}.json"
+            rfile = args.workdir / f"result_{size}_{prec}_{method}.json"
             C.log(
-                f"{size}^3: {method} ({grid['tiles_medseg'] if method == 'medseg' else grid['tiles_monai']} tiles, "
-                f"{args.repeats} repeats)"
+                f"{size}^3 {prec}: {method} ({grid['tiles_medseg'] if method == 'medseg' else grid['tiles_monai']} "
+                f"tiles, {args.repeats} repeats)"
             )
             m = C.run_measured(
                 [
@@ -157,9 +164,10 @@ def main() -> None:
                     out,
                     "--result",
                     rfile,
+                    *amp,
                     *common,
                 ],
-                log_file=logdir / f"{size}_{method}.log",
+                log_file=logdir / f"{size}_{prec}_{method}.log",
             )
             r = json.loads(rfile.read_text())
             r.update(m)
@@ -187,7 +195,7 @@ def main() -> None:
         )
         for method in ("medseg", "monai"):
             (args.workdir / f"logits_{size}_{method}.npy").unlink(missing_ok=True)
-        rows.append({"size": size, "grid": grid, "res": res, "diff": json.loads(dfile.read_text())})
+        rows.append({"size": size, "precision": prec, "grid": grid, "res": res, "diff": json.loads(dfile.read_text())})
 
     C.log(f"exactness check on {args.check_size}^3 (MONAI with medseg's Gaussian as roi_weight_map)")
     cfile = args.workdir / "check.json"
@@ -206,13 +214,16 @@ def main() -> None:
         f"off, {params / 1e6:.2f}M parameters, seeded weights (identical in every process), 1 input channel, "
         f"random N(0,1) volume. Tile {args.patch}, overlap {args.overlap} (medseg step {1 - args.overlap}), "
         f"Gaussian blending (sigma = tile/8), no TTA, sw_batch_size = tile_batch = {args.sw_batch}, "
-        f"`torch.inference_mode()`, {args.threads} torch threads, CPU fp32. One process per row: one-tile "
+        f"`torch.inference_mode()`, {args.threads} torch threads, CPU; precision fp32, or bf16 = the network "
+        "under `torch.autocast(bfloat16)` returning float32 logits, the same wrapper for both tilers (what "
+        "medseg's Predictor does by default on CPUs with native bf16). One process per row: one-tile "
         f"warm-up, then {args.repeats} timed passes; voxels/s from the median. Both run in "
         "`benchmarks/.venvs/monai` (monai from PyPI + medseg installed editable with its own dependencies, "
         "same torch as medseg's `.venv`).",
         "",
-        "| volume | method | tiles | s, median (min–max) | Mvoxels/s | peak RSS, MB | ratio MONAI/medseg time |",
-        "|---|---|---|---|---|---|---|",
+        "| volume | precision | method | tiles | s, median (min–max) | Mvoxels/s | peak RSS, MB "
+        "| ratio MONAI/medseg time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         vox = row["size"] ** 3
@@ -223,7 +234,7 @@ def main() -> None:
         ):
             ratio = C.fmt(mo["median_s"] / ms["median_s"]) + "x" if r is mo else ""
             lines.append(
-                f"| {row['size']}³ | {name} | {tiles} | {C.spread(r['times_s'])} | "
+                f"| {row['size']}³ | {row['precision']} | {name} | {tiles} | {C.spread(r['times_s'])} | "
                 f"{vox / r['median_s'] / 1e6:.2f} | {C.fmt(r['max_rss_mb'], 0)} | {ratio} |"
             )
     lines += [
@@ -236,7 +247,7 @@ def main() -> None:
         DIFF_RULE,
     ]
     for row in rows:
-        lines.append(diff_row(f"{row['size']}³", row["grid"]["same_grid"], row["diff"]))
+        lines.append(diff_row(f"{row['size']}³ {row['precision']}", row["grid"]["same_grid"], row["diff"]))
     lines += [
         "",
         f"Exactness check, {args.check_size}³ volume, both in one process:",
