@@ -194,7 +194,7 @@ def main() -> None:
         "tool's final validation (mirror TTA), scored by `medseg evaluate` (native geometry)",
         "",
         "| framework | plan (patch, batch, features) | epochs x its | training s | mean Dice | Anterior Dice "
-        "| Posterior Dice | mean HD95 mm | peak RSS GiB (whole run) |",
+        "| Posterior Dice | mean HD95 mm | peak PSS GiB (whole run) |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for side in sides:
@@ -206,7 +206,7 @@ def main() -> None:
             f"| {'nnU-Net v2' if side == 'nnunet' else 'medseg'} | {r['patch']}, {r['batch_size']}, {r['features']} "
             f"| {r['epochs']} x {r['iterations_per_epoch']} | {r['train_seconds']:.0f} | {sum(dice) / len(dice):.4f} | "
             + " | ".join(f"{d:.4f}" for d in dice)
-            + f" | {f'{sum(hd) / len(hd):.2f}' if hd else 'n/a'} | {r['run']['tree_rss_mb'] / 1024:.2f} |"
+            + f" | {f'{sum(hd) / len(hd):.2f}' if hd else 'n/a'} | {r['run']['tree_pss_mb'] / 1024:.2f} |"
         )
     C.write_results(NAME, lines, args.quick, args.out)
     print("\n".join(lines))

@@ -198,17 +198,19 @@ def main() -> None:
         f"{args.train_epochs}x{args.train_iters} iterations on the first {args.train_cases} cases, imported with "
         "`medseg import-nnunet`",
         f"* {prep['n']} other hippocampus cases, one process per (tool, TTA) over all of them, {args.repeats} "
-        "repeat(s); medians",
+        "repeat(s); medians. Memory: peak PSS summed over the process tree (nnU-Net's preprocessing and "
+        "export workers included; PSS shares the pages forked workers have in common instead of counting "
+        "them once per process as summed RSS would)",
         "",
-        "| TTA | medseg precision | nnU-Net s/case | medseg s/case | speed-up | nnU-Net peak RSS (GiB) "
-        "| medseg peak RSS (GiB) | memory ratio | min / mean Dice agreement | identical cases |",
+        "| TTA | medseg precision | nnU-Net s/case | medseg s/case | speed-up | nnU-Net peak PSS (GiB) "
+        "| medseg peak PSS (GiB) | memory ratio | min / mean Dice agreement | identical cases |",
         "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
     ]
     for tool, tta in [(t, tta) for tta in (True, False) for t in MEDSEG_VARIANTS]:
         nn, ms = runs[("nnunet", tta)], runs[(tool, tta)]
         t_nn, t_ms = C.median([r["wall_s"] for r in nn]) / prep["n"], C.median([r["wall_s"] for r in ms]) / prep["n"]
-        m_nn = C.median([r["tree_rss_mb"] for r in nn]) / 1024
-        m_ms = C.median([r["tree_rss_mb"] for r in ms]) / 1024
+        m_nn = C.median([r["tree_pss_mb"] for r in nn]) / 1024
+        m_ms = C.median([r["tree_pss_mb"] for r in ms]) / 1024
         dices = [d for case in agreement[(tool, tta)].values() for d in case["dice"].values()]
         same = sum(case["identical"] for case in agreement[(tool, tta)].values())
         lines.append(
