@@ -8,7 +8,9 @@ epoch of nnU-Net's default schedule on 2 cores). Each tool then predicts the hel
 way it does after training (its final validation, mirror TTA) and both prediction folders are
 scored by the same code (``medseg evaluate``: Dice, HD95 per class, native geometry).
 
-How the budget is applied, the same for both: epochs of ``--iterations`` (default 50) iterations;
+How the budget is applied, the same for both: epochs of ``--iterations`` (default 50) iterations,
+with each tool's per-epoch validation batches scaled down in its default proportion (nnU-Net 50
+per 250 iterations -> 10, medseg 20 per 250 -> 4);
 after the first epoch the number of epochs is set to what fits in the budget, so that the poly
 learning-rate schedule reaches its end when the time does (a user who has 18 minutes would do
 the same; nnU-Net's default 1000-epoch schedule cut after 18 minutes stays at lr ~0.01).
@@ -57,6 +59,8 @@ class {name}(nnUNetTrainer):
                  device: torch.device = torch.device("cuda")):
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_iterations_per_epoch = int(os.environ["MEDSEG_BENCH_ITERS"])
+        # validation batches in nnU-Net's default proportion (50 per 250 training iterations)
+        self.num_val_iterations_per_epoch = max(1, round(50 * self.num_iterations_per_epoch / 250))
         self.budget_s = 60 * float(os.environ["MEDSEG_BENCH_BUDGET_MIN"])
 
     def plot_network_architecture(self):
@@ -133,8 +137,10 @@ def run_medseg(args, raw: Path, splits: list[dict], logs: Path) -> dict:
     plan_file = next(ws.glob("preprocessed/*/plan.json"))
     (plan_file.parent / "splits_final.json").write_text(json.dumps(splits))
     C.log(f"medseg: training for {args.budget} min + its final validation")
+    val_its = max(1, round(20 * args.iterations / 250))  # medseg's default proportion (20 per 250)
     run = C.run_measured([medseg, "train", raw, "-w", ws, "-f", "0", "--time-budget", args.budget, "--iterations",
-                          args.iterations, "-o", out], log_file=logs / "medseg.log")  # fmt: skip
+                          args.iterations, "--val-iterations", val_its, "-o", out],
+                         log_file=logs / "medseg.log")  # fmt: skip
     history = [json.loads(x) for x in (out / "fold_0" / "training_log.jsonl").read_text().splitlines() if x]
     cfg = json.loads(plan_file.read_text())["configurations"]["3d_fullres"]
     return {"epochs": len(history), "iterations_per_epoch": args.iterations, "batch_size": cfg.get("batch_size"),
