@@ -423,3 +423,13 @@ def test_convert_msd_rejects_bad_dataset_json(text, reason, tmp_path):
         convert_msd(task, tmp_path / "out")
     with pytest.raises(DatasetError, match="not found"):
         convert_msd(tmp_path / "missing_task", tmp_path / "out")
+
+
+@pytest.mark.parametrize("text,reason", [("{broken", "dataset.json is not valid JSON"), ("[]", "not a JSON object")])
+def test_unreadable_dataset_json_is_one_line_naming_the_file(tmp_path, text, reason):
+    from medseg.errors import DatasetError
+
+    (tmp_path / "dataset.json").write_text(text)
+    with pytest.raises(DatasetError, match=reason) as exc:
+        load_dataset_json(tmp_path)
+    assert exc.value.path == str(tmp_path / "dataset.json") and "\n" not in exc.value.one_line()

@@ -262,9 +262,12 @@ def test_plan_errors(tmp_path):
         Plan.load(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(PlanError, match="invalid JSON") as exc:
+    with pytest.raises(PlanError, match="plan is not valid JSON") as exc:
         Plan.load(bad)
     assert exc.value.path == str(bad)
+    bad.write_text("[1, 2]")  # valid JSON, but not an object
+    with pytest.raises(PlanError, match="plan is not a JSON object"):
+        Plan.load(bad)
     cfg = Configuration("3d_fullres", (1.0, 1.0, 1.0), (10, 10, 10), (8, 8, 8), 2)
     plan = Plan("toy", ("CT",), {"background": 0, "a": 1}, (Normalization(),), {"3d_fullres": cfg})
     d = plan.to_json()

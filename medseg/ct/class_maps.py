@@ -13,6 +13,7 @@ import json
 from pathlib import Path
 
 from medseg.errors import DatasetError
+from medseg.io.jsonio import read_json_object
 
 _BUILTIN = Path(__file__).with_name("class_maps")
 
@@ -50,10 +51,5 @@ def load_class_map(spec: str | Path | dict) -> dict[str, int]:
     path = Path(spec)
     if not path.is_file():
         raise DatasetError(path, f"class map not found (built-in maps: {', '.join(builtin_class_maps())})")
-    try:
-        raw = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(path, f"not valid JSON ({exc})") from None
-    if not isinstance(raw, dict):
-        raise DatasetError(path, "a class map must be a JSON object")
+    raw = read_json_object(path, DatasetError, "class map")
     return _normalise(raw.get("labels", raw), path)

@@ -22,13 +22,13 @@ merged class is exactly the union of its sources); saved probabilities are summe
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from medseg.errors import DatasetError
+from medseg.io.jsonio import read_json_object
 
 BACKGROUND = "background"
 
@@ -109,11 +109,7 @@ def load_label_mapping(path: str | Path, model_labels: dict[str, int]) -> LabelM
     path = Path(path)
     if not path.is_file():
         raise DatasetError(path, "label map file not found")
-    try:
-        mapping = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(path, f"label map is not valid JSON ({exc})") from None
-    return build_label_mapping(mapping, model_labels, source=path)
+    return build_label_mapping(read_json_object(path, DatasetError, "label map"), model_labels, source=path)
 
 
 def apply_label_mapping(seg: np.ndarray, mapping: LabelMapping) -> np.ndarray:

@@ -5,10 +5,10 @@ Used by :mod:`medseg.interop.nnunet` (the importer); see docs/nnunet_import.md f
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from medseg.errors import CheckpointError
+from medseg.io.jsonio import read_json_object
 from medseg.planning.plan import Configuration, Normalization, Plan
 
 NORMALIZATION = {"ZScoreNormalization": "zscore", "CTNormalization": "ct", "NoNormalization": "none"}
@@ -31,13 +31,7 @@ KNOWN_ARCH_KWARGS = {
 def _load_json(path: Path, what: str) -> dict:
     if not path.is_file():
         raise CheckpointError(path, f"missing {what} (not an nnU-Net v2 results folder)")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(path, f"{what} is not valid JSON ({exc})") from None
-    if not isinstance(d, dict):
-        raise CheckpointError(path, f"{what} is not a JSON object")
-    return d
+    return read_json_object(path, CheckpointError, what)
 
 
 def resolve_configuration(plans: dict, name: str, source: Path) -> dict:

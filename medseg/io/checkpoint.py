@@ -21,7 +21,7 @@ import torch
 
 from medseg import __version__
 from medseg.errors import CheckpointError
-from medseg.io.jsonio import write_json
+from medseg.io.jsonio import read_json_object, write_json
 from medseg.planning.plan import Plan
 
 FORMAT = "medseg-model"
@@ -106,11 +106,7 @@ def load_spec(folder: str | Path) -> ModelSpec:
     path = folder / "model.json"
     if not path.is_file():
         raise CheckpointError(path, "missing model.json (not a medseg model folder)")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(path, f"model.json is not valid JSON ({exc})") from None
-    return ModelSpec.from_json(d, path)
+    return ModelSpec.from_json(read_json_object(path, CheckpointError, "model.json"), path)
 
 
 def save_weights(fold_dir: Path, state_dict: dict, *, info: dict | None = None) -> Path:

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from medseg.errors import DatasetError
 from medseg.io.image import image_suffix, strip_suffix
+from medseg.io.jsonio import read_json_object
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
 
@@ -62,10 +63,7 @@ def load_dataset_json(folder: str | Path) -> DatasetInfo:
         raise DatasetError(folder, "dataset folder not found")
     if not path.is_file():
         raise DatasetError(path, "dataset.json not found")
-    try:
-        d = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise DatasetError(path, f"invalid JSON ({exc})") from None
+    d = read_json_object(path, DatasetError, "dataset.json")
     for key in ("channel_names", "labels"):
         if key not in d:
             raise DatasetError(path, f"missing key '{key}'")

@@ -41,3 +41,16 @@ def write_text_atomic(path: str | Path, text: str) -> Path:
 
 def write_json(path: str | Path, obj) -> Path:
     return write_text_atomic(path, json.dumps(obj, indent=2, default=_default) + "\n")
+
+
+def read_json_object(path: str | Path, error: type, what: str) -> dict:
+    """The JSON object in ``path``; unreadable text, invalid JSON or a non-object raise ``error(path, one line)``
+    (``error`` is a :class:`medseg.errors.MedsegError` subclass, ``what`` names the file in the message)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise error(path, f"{what} is not valid JSON ({exc})") from None
+    if not isinstance(d, dict):
+        raise error(path, f"{what} is not a JSON object")
+    return d

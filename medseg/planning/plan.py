@@ -6,7 +6,6 @@ written today still loads after refactors, and any registered model can be plann
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -124,8 +123,6 @@ class Plan:
         path = Path(path)
         if not path.is_file():
             raise PlanError(path, "plan file not found (run `medseg plan` first)")
-        try:
-            d = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise PlanError(path, f"invalid JSON ({exc})") from None
-        return cls.from_json(d, path)
+        from medseg.io.jsonio import read_json_object
+
+        return cls.from_json(read_json_object(path, PlanError, "plan"), path)
