@@ -81,7 +81,8 @@ class {name}(nnUNetTrainer):
                 self.on_validation_epoch_end(val)
             self.on_epoch_end()
             if self.current_epoch == 1:
-                self.num_epochs = max(1, int(self.budget_s // (time.time() - t0)))
+                # the nearest whole number of epochs (nnU-Net's epochs are long: flooring could waste most of one)
+                self.num_epochs = max(1, round(self.budget_s / (time.time() - t0)))
                 self.lr_scheduler.max_steps = self.num_epochs
                 self.print_to_log_file(f"time budget: {{self.num_epochs}} epochs")
         train_s = time.time() - t_start
