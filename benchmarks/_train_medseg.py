@@ -104,7 +104,7 @@ def main() -> None:
         "patch": list(conf.patch_size),
         "features": list(args.features),
         "da_processes": 0,
-        "precision": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp else "float32",
+        "precision": str(trainer.amp_dtype).removeprefix("torch.") if trainer.amp_dtype else "float32",
         "torch_threads": torch.get_num_threads(),
         "planned": planned,
         "setup_s": setup_s,

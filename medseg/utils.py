@@ -56,3 +56,11 @@ def autocast_dtype(device, amp: bool | None):
     if kind == "cuda":
         return torch.float16
     return torch.bfloat16 if amp or native_bf16_cpu() else None
+
+
+def autocast_context(device, dtype):
+    """``torch.autocast`` in ``dtype`` on ``device``'s type, or a no-op when ``dtype`` is None (fp32)."""
+    import torch
+
+    kind = getattr(device, "type", str(device))
+    return torch.autocast(kind, dtype=dtype or torch.float32, enabled=dtype is not None)

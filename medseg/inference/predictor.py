@@ -21,7 +21,7 @@ from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_wei
 from medseg.io.dataset import Case
 from medseg.io.image import ImageMeta, ensure_writable_dir, read_image, write_image
 from medseg.preprocessing.pipeline import preprocess_array
-from medseg.utils import autocast_dtype
+from medseg.utils import autocast_context, autocast_dtype
 
 PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 STREAMING_BYTES = 2 * 1024**3  # native-space probabilities above this: stream along z instead
@@ -154,9 +154,7 @@ class Predictor:
         squeeze = self.conf.spatial_dims == 2
         if squeeze:
             x = x[:, :, 0]
-        with torch.autocast(
-            self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp_dtype is not None
-        ):
+        with autocast_context(self.device, self.amp_dtype):
             y = sum(m(x).float() for m in self.models) / len(self.models)
         return y[:, :, None] if squeeze else y
 

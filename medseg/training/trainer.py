@@ -25,7 +25,7 @@ from medseg.planning.plan import Plan
 from medseg.training import distributed
 from medseg.training.config import TrainingConfig
 from medseg.training.losses import deep_supervision_loss
-from medseg.utils import autocast_dtype
+from medseg.utils import autocast_context, autocast_dtype
 
 STATE_FILE = "training_state.pt"
 
@@ -86,8 +86,7 @@ class Trainer:
         self.log = log if self.dist.is_main else (lambda *a, **k: None)
         threads = config.num_threads or max(1, (os.cpu_count() or 1) // self.dist.world_size)
         torch.set_num_threads(threads)
-        self.amp_dtype = autocast_dtype(self.device, config.amp)
-        self.amp = self.amp_dtype is not None
+        self.amp_dtype = autocast_dtype(self.device, config.amp)  # None: fp32
         names = cached_case_names(self.cache_dir)
         # rank 0 creates splits_final.json; the others read it once it exists
         if self.dist.is_main:
@@ -294,7 +293,7 @@ class Trainer:
         return augment_batch(img, seg, self.conf.patch_size, augment, g)
 
     def _forward_loss(self, img, seg):
-        with torch.autocast(self.device.type, dtype=self.amp_dtype or torch.float32, enabled=self.amp):
+        with autocast_context(self.device, self.amp_dtype):
             out = self.ddp_model(img)
         # the loss (softmax, Dice sums, cross-entropy) in float32 whatever the network ran in
         out = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
@@ -395,7 +394,7 @@ class Trainer:
                 self.batch_size,
                 oversample_foreground=self.cfg.oversample_foreground,
             )
-        precision = str(self.amp_dtype).removeprefix("torch.") + " autocast" if self.amp else "fp32"
+        precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "fp32"
         self.log(
             f"training {self.spec.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params) "
             f"config {self.conf.name} fold {self.fold}: patch {list(self.conf.patch_size)}, batch "
