@@ -1,4 +1,4 @@
-"""Small shared helpers: worker counts, progress bars, torch threads."""
+"""Small shared helpers: worker counts, progress bars, devices and precision."""
 
 from __future__ import annotations
 
@@ -30,6 +30,15 @@ def track(it: Iterable, *, total: int | None = None, description: str = "", enab
         for item in it:
             yield item
             progress.advance(task)
+
+
+def resolve_device(name: str):
+    """A ``torch.device`` from a name; ``"auto"`` is CUDA when available, else the CPU."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
 
 
 def native_bf16_cpu() -> bool:

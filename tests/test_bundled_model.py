@@ -14,8 +14,7 @@ EXAMPLES = REPO / "examples" / "hippocampus"
 
 
 def test_bundled_model_is_self_describing():
-    from medseg.inference.predictor import resolve_model
-    from medseg.io.checkpoint import available_folds, load_spec, load_weights
+    from medseg.io.checkpoint import available_folds, load_spec, load_weights, resolve_model
 
     folder = resolve_model("hippocampus")
     spec = load_spec(folder)
@@ -73,7 +72,7 @@ def test_demo_cli_segments_samples_at_nnunet_level(tmp_path):
 
 
 def test_export_model_copies_inference_files_and_refuses_to_clobber(tmp_path):
-    from medseg.inference.predictor import resolve_model
+    from medseg.io.checkpoint import resolve_model
 
     src = resolve_model("hippocampus")
     cli = [sys.executable, "-m", "medseg", "export-model", str(src), str(tmp_path / "m")]

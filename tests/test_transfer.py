@@ -16,8 +16,8 @@ from conftest import HIPPO_CASES, REPO, TrainingInterrupted, copy_hippo_cases, c
 from medseg import api
 from medseg.errors import CheckpointError, DatasetError
 from medseg.inference.label_map import apply_label_mapping, build_label_mapping, load_label_mapping
-from medseg.inference.predictor import PRETRAINED_DIR, Predictor
-from medseg.io.checkpoint import load_spec, load_weights
+from medseg.inference.predictor import Predictor
+from medseg.io.checkpoint import PRETRAINED_DIR, load_spec, load_weights
 from medseg.io.dataset import Case
 from medseg.io.image import read_image, write_image
 from medseg.planning.plan import Plan

@@ -206,8 +206,7 @@ def run_cohort(
         if model is None:
             class_map = "total"
         else:
-            from medseg.inference.predictor import resolve_model
-            from medseg.io.checkpoint import load_spec
+            from medseg.io.checkpoint import load_spec, resolve_model
 
             class_map = dict(load_spec(resolve_model(model)).labels)
     labels = load_class_map(class_map)

@@ -74,7 +74,8 @@ def segment_ct(
     """Segment one CT; returns the paths written and the structure volumes."""
     from medseg.apps.ct_stats import write_statistics
     from medseg.ct.class_maps import load_class_map
-    from medseg.inference.predictor import Predictor, resolve_model
+    from medseg.inference.predictor import Predictor
+    from medseg.io.checkpoint import resolve_model
     from medseg.io.image import check_writable_dir, read_image, write_image
 
     t0 = time.perf_counter()

@@ -14,29 +14,16 @@ import numpy as np
 import torch
 
 from medseg.errors import CheckpointError
-from medseg.inference.export import segmentation_from_logits
+from medseg.inference.export import segmentation_from_logits, to_input_grid
 from medseg.inference.sliding_window import sliding_window_predict
 from medseg.inference.streaming import streaming_segmentation
-from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_weights
+from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_weights, resolve_model
 from medseg.io.dataset import Case
 from medseg.io.image import ImageMeta, ensure_writable_dir, read_image, write_image
 from medseg.preprocessing.pipeline import preprocess_array
-from medseg.utils import autocast_context, autocast_dtype
+from medseg.utils import autocast_context, autocast_dtype, resolve_device
 
-PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"
 STREAMING_BYTES = 2 * 1024**3  # native-space probabilities above this: stream along z instead
-
-
-def resolve_model(model: str | Path) -> Path:
-    """A model folder path, or the name of a model shipped with medseg (e.g. ``hippocampus``)."""
-    p = Path(model)
-    if p.is_dir():
-        return p
-    shipped = PRETRAINED_DIR / str(model)
-    if shipped.is_dir():
-        return shipped
-    names = sorted(d.name for d in PRETRAINED_DIR.iterdir() if d.is_dir()) if PRETRAINED_DIR.is_dir() else []
-    raise CheckpointError(model, f"not a model folder nor a shipped model (shipped: {', '.join(names) or 'none'})")
 
 
 def _state_dict_mismatch(exc: RuntimeError) -> str:
@@ -87,8 +74,6 @@ class Predictor:
         another label set (direct inference); outputs then use the target labels. ``amp``: network in
         reduced precision (None: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise; False:
         always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32."""
-        from medseg.training.trainer import resolve_device
-
         self.spec = spec
         self.mapping = _label_mapping(label_map, spec.labels)
         self.plan = spec.plan
@@ -187,7 +172,7 @@ class Predictor:
                 mirror_axes=self.mirror_axes if self.tta else (), tile_batch=self.tile_batch,
                 numerics=self.conf.numerics,
             )  # fmt: skip
-            return self._mapped(seg, None)
+            return self._mapped(to_input_grid(seg, props), None)  # back to the input's own voxel grid
         logits = sliding_window_predict(
             x,
             self._predict_tiles,
@@ -202,6 +187,7 @@ class Predictor:
         seg, probs = segmentation_from_logits(
             logits, props, return_probabilities=return_probabilities, interpolate=interpolate
         )
+        seg, probs = to_input_grid(seg, props), to_input_grid(probs, props)  # back to the input's own voxel grid
         return self._mapped(seg, probs)
 
     def _mapped(self, seg: np.ndarray, probs):

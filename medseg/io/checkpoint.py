@@ -26,6 +26,7 @@ from medseg.planning.plan import Plan
 
 FORMAT = "medseg-model"
 FORMAT_VERSION = 1
+PRETRAINED_DIR = Path(__file__).resolve().parent.parent / "pretrained"  # models shipped with medseg
 
 
 @dataclass
@@ -85,6 +86,18 @@ class ModelSpec:
 
         kwargs = {**self.model_kwargs, "deep_supervision": deep_supervision}
         return create_model(self.model, self.in_channels, self.num_classes, **kwargs)
+
+
+def resolve_model(model: str | Path) -> Path:
+    """A model folder path, or the name of a model shipped with medseg (e.g. ``hippocampus``)."""
+    p = Path(model)
+    if p.is_dir():
+        return p
+    shipped = PRETRAINED_DIR / str(model)
+    if shipped.is_dir():
+        return shipped
+    names = sorted(d.name for d in PRETRAINED_DIR.iterdir() if d.is_dir()) if PRETRAINED_DIR.is_dir() else []
+    raise CheckpointError(model, f"not a model folder nor a shipped model (shipped: {', '.join(names) or 'none'})")
 
 
 def sha256(path: Path) -> str:

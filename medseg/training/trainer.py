@@ -25,15 +25,9 @@ from medseg.planning.plan import Plan
 from medseg.training import distributed
 from medseg.training.config import TrainingConfig
 from medseg.training.losses import deep_supervision_loss
-from medseg.utils import autocast_context, autocast_dtype
+from medseg.utils import autocast_context, autocast_dtype, resolve_device
 
 STATE_FILE = "training_state.pt"
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def poly_lr(initial: float, step: int, total: int, exponent: float, warmup: int = 0) -> float:

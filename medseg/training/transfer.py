@@ -42,8 +42,7 @@ class PretrainedSource:
 
 def resolve_pretrained(source: str | Path) -> PretrainedSource:
     """A medseg model folder (its first fold), a fold folder, a shipped model name, or a .safetensors file."""
-    from medseg.inference.predictor import resolve_model
-    from medseg.io.checkpoint import available_folds, load_spec, sha256
+    from medseg.io.checkpoint import available_folds, load_spec, resolve_model, sha256
 
     p = Path(source)
     if p.is_file():
@@ -67,8 +66,7 @@ def resolve_pretrained(source: str | Path) -> PretrainedSource:
 
 def pretrained_spec(source: str | Path):
     """The model spec of a pretrained source without reading its weights (None for a bare .safetensors)."""
-    from medseg.inference.predictor import resolve_model
-    from medseg.io.checkpoint import load_spec
+    from medseg.io.checkpoint import load_spec, resolve_model
 
     p = Path(source)
     if p.is_file():
