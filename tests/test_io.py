@@ -15,7 +15,7 @@ import pytest
 from conftest import HIPPO, SHARED_DATA, require
 
 from medseg.errors import ImageReadError, OutputError
-from medseg.io.image import ImageMeta, read_image, write_image
+from medseg.io.image import ImageMeta, label_dtype, read_image, write_image
 
 pytestmark = pytest.mark.realdata
 
@@ -356,3 +356,12 @@ def test_folder_without_dicom_is_rejected(tmp_path):
     (folder / "readme.txt").write_text("no images here\n")
     with pytest.raises(ImageReadError, match="no DICOM series"):
         read_image(folder)
+
+
+def test_label_dtype_is_decided_by_the_largest_label_and_round_trips(tmp_path):
+    expected = [np.uint8, np.uint8, np.uint16, np.uint16, np.uint32]
+    assert [label_dtype(m) for m in (0, 255, 256, 65535, 65536)] == expected
+    seg = np.zeros((2, 3, 4), label_dtype(300))
+    seg[0, 0, :3] = (1, 255, 300)  # a 301-class label map: 300 must survive, not wrap
+    back, _ = read_image(write_image(seg, ImageMeta(spacing=(1.0, 1.0, 1.0), shape=seg.shape), tmp_path / "s.nii.gz"))
+    assert back.dtype == np.uint16 and back[0, 0, :3].tolist() == [1, 255, 300]

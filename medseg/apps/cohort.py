@@ -95,7 +95,7 @@ def process_case(case: CohortCase, out_dir: str | Path, labels: dict[str, int], 
     """Segment (unless a label map is given), measure, and write ``cases/CASE.json`` atomically."""
     from medseg.ct.statistics import structure_statistics
     from medseg.io.dataset import Case
-    from medseg.io.image import read_image, write_image
+    from medseg.io.image import label_dtype, read_image, write_image
     from medseg.io.jsonio import write_json
 
     out_dir, t0 = Path(out_dir), time.perf_counter()
@@ -112,7 +112,7 @@ def process_case(case: CohortCase, out_dir: str | Path, labels: dict[str, int], 
         image = arr[0]
         seg, _ = predictor.predict_array(arr, meta)
         seg_path = out_dir / "segmentations" / f"{case.name}.nii.gz"
-        write_image(seg.astype(np.uint8 if seg.max() < 256 else np.uint16), meta, seg_path)
+        write_image(seg.astype(label_dtype(int(seg.max()))), meta, seg_path)
     stats = structure_statistics(image, seg.astype(np.int64, copy=False), meta.spacing, labels, erode_mm=erode_mm)
     rows = []
     for structure, s in stats.items():

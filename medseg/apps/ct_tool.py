@@ -76,7 +76,7 @@ def segment_ct(
     from medseg.ct.class_maps import load_class_map
     from medseg.inference.predictor import Predictor
     from medseg.io.checkpoint import resolve_model
-    from medseg.io.image import check_writable_dir, read_image, write_image
+    from medseg.io.image import check_writable_dir, label_dtype, read_image, write_image
 
     t0 = time.perf_counter()
     input, output = Path(input), Path(output)
@@ -106,7 +106,7 @@ def segment_ct(
             region = _roi_box(coarse, located, meta.spacing, ROI_MARGIN_MM)
         if region is None:
             _warn(f"{input}: the fast model found none of {', '.join(subset)}; running on the whole scan")
-    seg = np.zeros(ct.shape, dtype=np.uint8 if main.spec.num_classes < 256 else np.int16)
+    seg = np.zeros(ct.shape, dtype=label_dtype(main.spec.num_classes - 1))  # as the predictor returns
     if region is not None:
         crop, _ = main.predict_array(np.ascontiguousarray(image[(slice(None), *region)]), _crop_meta(meta, region))
         seg[region] = crop

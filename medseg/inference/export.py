@@ -6,6 +6,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from medseg.io.image import label_dtype
 from medseg.preprocessing.resampling import resample_probabilities
 
 
@@ -36,7 +37,7 @@ def probabilities_to_native(probs: torch.Tensor, props: dict) -> np.ndarray:
 def segmentation_from_logits(
     logits: torch.Tensor, props: dict, *, return_probabilities: bool = False, interpolate: str = "probabilities"
 ):
-    """Native-space label map (uint8/int16) and optionally probabilities (float32).
+    """Native-space label map (uint8, uint16 past 255 labels) and optionally probabilities (float32).
 
     ``interpolate="logits"`` resamples the logits and applies the softmax afterwards (nnU-Net v2's
     export); the default resamples probabilities. Outside the crop both give background.
@@ -48,5 +49,4 @@ def segmentation_from_logits(
     else:
         native = probabilities_to_native(torch.softmax(logits.float(), 0), props)
     seg = native.argmax(0)
-    dtype = np.uint8 if native.shape[0] < 256 else np.int16
-    return seg.astype(dtype), (native if return_probabilities else None)
+    return seg.astype(label_dtype(native.shape[0] - 1)), (native if return_probabilities else None)

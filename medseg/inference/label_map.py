@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import DatasetError
+from medseg.io.image import label_dtype
 from medseg.io.jsonio import read_json_object
 
 BACKGROUND = "background"
@@ -114,8 +115,7 @@ def load_label_mapping(path: str | Path, model_labels: dict[str, int]) -> LabelM
 
 def apply_label_mapping(seg: np.ndarray, mapping: LabelMapping) -> np.ndarray:
     """A model label map -> the target label map (same shape, smallest fitting dtype)."""
-    dtype = np.uint8 if mapping.num_classes <= 256 else np.int16
-    return mapping.lut.astype(dtype)[seg]
+    return mapping.lut.astype(label_dtype(mapping.num_classes - 1))[seg]
 
 
 def map_probabilities(probs: np.ndarray, mapping: LabelMapping) -> np.ndarray:

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from medseg.inference.sliding_window import importance_weights, mirror_combinations, tile_starts
+from medseg.io.image import label_dtype
 
 
 class _NativeExporter:
@@ -32,7 +33,7 @@ class _NativeExporter:
         self.pre = [int(s) for s in props["shape_after_resampling"]]
         self.bbox = [tuple(b) for b in props["bbox"]]
         full = tuple(int(s) for s in props["original_shape"])
-        self.seg = np.zeros(full, dtype=np.uint8 if num_classes < 256 else np.int16)
+        self.seg = np.zeros(full, dtype=label_dtype(num_classes - 1))
         self.z_mode, self.device = z_mode, device
         self.slices: dict[int, torch.Tensor] = {}  # preprocessed z index -> in-plane-resampled probs
         self.next_native = 0

@@ -75,7 +75,7 @@ def write_dicom_seg(
     """
     hd, pydicom = _highdicom()
     from medseg import __version__
-    from medseg.io.image import atomic_target
+    from medseg.io.image import atomic_target, label_dtype
 
     files = series_files(series_dir)
     sources = [_with_uids_from_file_meta(pydicom.dcmread(f)) for f in files]
@@ -106,10 +106,9 @@ def write_dicom_seg(
         )
         for v in range(1, top + 1)
     ]
-    dtype = np.uint8 if top < 256 else np.uint16
     obj = hd.seg.Segmentation(
         source_images=sources,
-        pixel_array=seg.astype(dtype, copy=False),
+        pixel_array=seg.astype(label_dtype(top), copy=False),
         segmentation_type=hd.seg.SegmentationTypeValues.BINARY,
         segment_descriptions=descriptions,
         series_instance_uid=hd.UID(),

@@ -26,6 +26,15 @@ from medseg.errors import ImageReadError, OutputError
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
 
 
+def label_dtype(max_label: int) -> np.dtype:
+    """The dtype of a label map whose largest label value is ``max_label`` (labels are non-negative;
+    a model with K classes has ``max_label = K - 1``): uint8 up to 255, uint16 up to 65535 (NIfTI,
+    NRRD, MHA, 16-bit PNG/TIFF and DICOM-SEG all store it), uint32 beyond, so no label ever wraps."""
+    if max_label <= 255:
+        return np.dtype(np.uint8)
+    return np.dtype(np.uint16 if max_label <= 65535 else np.uint32)
+
+
 def image_suffix(path: str | Path) -> str | None:
     """Return the recognised image suffix of ``path`` (".nii.gz", ".nrrd", ...) or None."""
     name = str(path).lower()

@@ -15,7 +15,7 @@ import numpy as np
 
 from medseg.errors import DatasetError
 from medseg.io.dataset import Case, DatasetInfo, list_cases, load_dataset_json
-from medseg.io.image import read_image
+from medseg.io.image import label_dtype, read_image
 from medseg.preprocessing.cropping import crop_to_nonzero
 
 SAMPLES_PER_CASE = 10_000
@@ -63,7 +63,7 @@ def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, object]:
         reason = grid_problem(lm, meta, case.images[0].name)
         if reason:
             raise DatasetError(case.label, reason)
-        label = label.astype(np.uint8 if label.max() < 256 else np.int16, copy=False)
+        label = label.astype(label_dtype(int(label.max())), copy=False)
     return np.stack(arrays), label, meta
 
 

@@ -1,7 +1,7 @@
 """Preprocess one case (used identically by training and prediction) and a whole dataset.
 
 The cache is one folder per configuration spacing, per case: ``CASE.npy`` (C, z, y, x float32),
-``CASE_seg.npy`` (uint8/int16), ``CASE.json`` (geometry to undo the preprocessing) and
+``CASE_seg.npy`` (uint8, uint16 past 255 labels), ``CASE.json`` (geometry to undo the preprocessing) and
 ``CASE_fg.npz`` (sampled foreground coordinates per class, for oversampling).
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.io.dataset import Case, list_cases, load_dataset_json
-from medseg.io.image import ImageMeta
+from medseg.io.image import ImageMeta, label_dtype
 from medseg.io.jsonio import write_json
 from medseg.planning.fingerprint import load_case
 from medseg.planning.plan import Configuration, Plan
@@ -77,7 +77,7 @@ def _preprocess_one(args) -> str:
     case, plan, config, out_dir, seed = args
     image, label, meta = load_case(case)
     data, seg, props = preprocess_array(image, meta, plan, config, label)
-    seg_dtype = np.uint8 if plan.num_classes < 256 else np.int16
+    seg_dtype = label_dtype(plan.num_classes - 1)
     _save_atomic_npy(out_dir / f"{case.name}.npy", data)
     _save_atomic_npy(out_dir / f"{case.name}_seg.npy", seg.astype(seg_dtype))
     locs = foreground_locations(seg, plan.num_classes, seed)
