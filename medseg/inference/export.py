@@ -50,3 +50,14 @@ def segmentation_from_logits(
         native = probabilities_to_native(torch.softmax(logits.float(), 0), props)
     seg = native.argmax(0)
     return seg.astype(label_dtype(native.shape[0] - 1)), (native if return_probabilities else None)
+
+
+def to_input_grid(array, props: dict):
+    """A label map (z, y, x) or probabilities (K, z, y, x) on the reoriented grid of ``props``
+    -> the same voxels on the input's own grid (an exact axis permutation and flips; unchanged
+    when the plan did not reorient). ``None`` passes through, so optional outputs need no test."""
+    if array is None:
+        return None
+    from medseg.preprocessing.orientation import restore
+
+    return restore(array, props.get("orientation"))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from medseg.errors import CheckpointError
-from medseg.inference.export import segmentation_from_logits
+from medseg.inference.export import segmentation_from_logits, to_input_grid
 from medseg.inference.sliding_window import sliding_window_predict
 from medseg.inference.streaming import streaming_segmentation
 from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_weights, resolve_model
@@ -172,7 +172,7 @@ class Predictor:
                 mirror_axes=self.mirror_axes if self.tta else (), tile_batch=self.tile_batch,
                 numerics=self.conf.numerics,
             )  # fmt: skip
-            return self._mapped(seg, None)
+            return self._mapped(to_input_grid(seg, props), None)  # back to the input's own voxel grid
         logits = sliding_window_predict(
             x,
             self._predict_tiles,
@@ -187,6 +187,7 @@ class Predictor:
         seg, probs = segmentation_from_logits(
             logits, props, return_probabilities=return_probabilities, interpolate=interpolate
         )
+        seg, probs = to_input_grid(seg, props), to_input_grid(probs, props)  # back to the input's own voxel grid
         return self._mapped(seg, probs)
 
     def _mapped(self, seg: np.ndarray, probs):

@@ -17,6 +17,7 @@ from medseg.errors import DatasetError
 from medseg.io.dataset import Case, DatasetInfo, list_cases, load_dataset_json
 from medseg.io.image import label_dtype, read_image
 from medseg.preprocessing.cropping import crop_to_nonzero
+from medseg.preprocessing.orientation import CANONICAL, orientation_transform
 
 SAMPLES_PER_CASE = 10_000
 
@@ -80,9 +81,11 @@ def _case_stats(case: Case, seed: int) -> dict:
             vals = rng.choice(vals, SAMPLES_PER_CASE, replace=False)
         samples.append(vals.astype(np.float32))
     counts = np.bincount(label.ravel(), minlength=1) if label is not None else np.zeros(1)
+    # axis order as preprocessed: 3D plans reorient to RAS; single slices (2D data, 2D plans) keep theirs
+    perm = orientation_transform(meta.direction, CANONICAL)[0] if image.shape[1] > 1 else [0, 1, 2]
     return {
-        "spacing": list(meta.spacing),
-        "shape": list(image.shape[1:]),
+        "spacing": [float(meta.spacing[p]) for p in perm],
+        "shape": [int(image.shape[1:][p]) for p in perm],
         "crop": float(np.prod(image.shape[1:]) / full),
         "samples": samples,
         "counts": counts / max(counts.sum(), 1),

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from medseg.errors import PlanError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: Plan.orientation (schema 1 plans load with None: no reorientation)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,18 @@ class Configuration:
         return len(self.patch_size)
 
 
+def _orientation(code, source) -> str | None:
+    if code is None:
+        return None
+    from medseg.preprocessing.orientation import orientation_axes
+
+    try:
+        orientation_axes(code)
+    except ValueError as exc:
+        raise PlanError(source, f"invalid plan orientation ({exc})") from None
+    return str(code).upper()
+
+
 @dataclass(frozen=True)
 class Plan:
     dataset_name: str
@@ -68,6 +80,9 @@ class Plan:
     budget: str = "cpu"
     schema_version: int = SCHEMA_VERSION
     file_ending: str = ".nii.gz"
+    # canonical voxel orientation every case is brought to before preprocessing and mapped back from
+    # on export ("RAS", nibabel's codes, see medseg/preprocessing/orientation.py); None: voxel order as stored
+    orientation: str | None = None
 
     @property
     def num_classes(self) -> int:
@@ -107,6 +122,7 @@ class Plan:
                 budget=d.get("budget", "cpu"),
                 schema_version=SCHEMA_VERSION,
                 file_ending=d.get("file_ending", ".nii.gz"),
+                orientation=_orientation(d.get("orientation"), source),
             )
         except PlanError:
             raise

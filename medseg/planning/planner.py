@@ -19,6 +19,7 @@ import numpy as np
 from medseg.io.dataset import DatasetInfo
 from medseg.planning.fingerprint import Fingerprint
 from medseg.planning.plan import Configuration, Normalization, Plan
+from medseg.preprocessing.orientation import CANONICAL
 from medseg.preprocessing.resampling import ANISOTROPY_THRESHOLD
 
 MIN_FEATURE_MAP = 4
@@ -348,4 +349,5 @@ def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu", presets=(
         configurations=configs,
         budget=budget,
         file_ending=info.file_ending,
+        orientation=CANONICAL,  # every case in RAS voxel order, as TotalSegmentator; the fingerprint is too
     )

@@ -21,6 +21,7 @@ from medseg.planning.fingerprint import load_case
 from medseg.planning.plan import Configuration, Plan
 from medseg.preprocessing.cropping import crop_to_nonzero
 from medseg.preprocessing.normalization import normalize
+from medseg.preprocessing.orientation import reorient
 from medseg.preprocessing.resampling import anisotropic_axis, resample_image, resample_label
 
 FG_SAMPLES_PER_CLASS = 10_000
@@ -29,7 +30,18 @@ FG_SAMPLES_PER_CLASS = 10_000
 def preprocess_array(
     image: np.ndarray, meta: ImageMeta, plan: Plan, config: Configuration, label: np.ndarray | None = None
 ):
-    """Crop to non-zero -> normalise -> resample. Returns (data, seg, properties)."""
+    """Reorient -> crop to non-zero -> normalise -> resample. Returns (data, seg, properties).
+
+    With ``plan.orientation`` set, image and label are first brought to that voxel orientation
+    (axis permutation and flips only); ``props["orientation"]`` records it so that export maps
+    the prediction back onto the input's own grid, and every other geometry in ``props``
+    (``meta``, ``original_shape``, ``bbox``, ...) is on the reoriented grid.
+    """
+    orientation = None
+    if plan.orientation is not None:  # canonical voxel order first: crop, resampling and network see it
+        if label is not None:
+            label = reorient(label, meta, plan.orientation)[0]
+        image, meta, orientation = reorient(image, meta, plan.orientation)
     original_shape = image.shape[1:]
     image, label, bbox, mask = crop_to_nonzero(image, label)
     data = normalize(image, plan.normalization, mask)
@@ -51,6 +63,7 @@ def preprocess_array(
         "shape_after_crop": list(image.shape[1:]),
         "shape_after_resampling": list(data.shape[1:]),
         "separate_z_axis": axis,
+        "orientation": orientation,  # reorientation record (medseg.preprocessing.orientation), None: none
     }
     return data.astype(np.float32, copy=False), seg, props
 
