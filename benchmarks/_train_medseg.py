@@ -66,7 +66,6 @@ def main() -> None:
         args.output,
         0,
         cfg,
-        raw_folder=None,
         log=lambda *a, **k: None,
     )
     # as in Trainer.fit

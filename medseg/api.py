@@ -55,13 +55,16 @@ def load_plan(dataset: str | Path, workspace=None) -> Plan:
 
 
 def preprocess(
-    dataset: str | Path, workspace=None, *, configurations=("3d_fullres",), workers=None, progress: bool = True
+    dataset: str | Path, workspace=None, *, configurations=None, workers=None, progress: bool = True
 ) -> list[Path]:
+    """``configurations``: names to preprocess (None: the plan's default, ``3d_fullres``, or ``2d``
+    for a plan of 2D images); names the plan lacks are skipped."""
     from medseg.preprocessing.pipeline import preprocess_dataset
 
     ws = _ws(workspace)
     p = load_plan(dataset, ws)
     info = load_dataset_json(dataset)
+    configurations = configurations or (p.default_configuration,)
     return [
         preprocess_dataset(dataset, p, c, ws.preprocessed(info.name), workers=workers, progress=progress)
         for c in configurations
@@ -73,7 +76,7 @@ def train(
     dataset: str | Path,
     workspace=None,
     *,
-    configuration: str = "3d_fullres",
+    configuration: str | None = None,
     fold="0",
     config: TrainingConfig | None = None,
     resume: bool = False,
@@ -88,6 +91,7 @@ def train(
     config = config or TrainingConfig()
     info = load_dataset_json(dataset)
     p = load_plan(dataset, ws)
+    configuration = configuration or p.default_configuration  # 3d_fullres; 2d for 2D images
     conf = p.configuration(configuration)
     model_name = config.model or conf.model
     if config.pretrained and not config.model:  # fine-tuning adopts the pretrained architecture
@@ -97,10 +101,28 @@ def train(
         model_name = spec.model if spec else model_name
     out = Path(output) if output else ws.results(info.name, configuration, model_name)
     pre = ws.preprocessed(info.name)
-    trainer = Trainer(
-        p, configuration, cache_folder(pre, conf), pre, out, fold, config, raw_folder=Path(dataset), log=log
-    )
-    return trainer.fit(resume=resume)
+    trainer = Trainer(p, configuration, cache_folder(pre, conf), pre, out, fold, config, log=log)
+    history = trainer.fit(resume=resume)
+    return final_validation(trainer, Path(dataset), history, log=log)
+
+
+def final_validation(trainer, raw_folder: Path, history: list[dict], *, log=print) -> dict:
+    """The step after ``fit()``: predict the fold's validation cases from the raw files and evaluate
+    them in native space (rank 0 only; skipped without validation cases or with
+    ``final_validation=False``). A run that was already complete returns its earlier summary."""
+    import json
+
+    from medseg.training.validation import validate_fold
+
+    summary_file = trainer.fold_dir / "validation" / "summary.json"
+    if not trainer.dist.is_main or not trainer.cfg.final_validation or not trainer.val_names:
+        return {}
+    if not trainer.ran_epochs:
+        return json.loads(summary_file.read_text()) if summary_file.is_file() else {}
+    return validate_fold(
+        trainer.output_dir, trainer.fold, raw_folder, trainer.val_names,
+        device=str(trainer.device), amp=trainer.cfg.amp, log=log,
+    )  # fmt: skip
 
 
 def predict(
@@ -123,7 +145,7 @@ def predict(
     (direct inference; see medseg.inference.label_map). ``amp``: None = bf16/fp16 where the hardware
     runs it natively, False = fp32 (see medseg.utils.autocast_dtype)."""
     from medseg.inference.predictor import Predictor
-    from medseg.io.image import ensure_writable_dir
+    from medseg.io.image import ensure_writable_dir, prediction_ending
 
     ensure_writable_dir(output)
     predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map, amp=amp)
@@ -134,6 +156,7 @@ def predict(
         overwrite=overwrite,
         save_probabilities=save_probabilities,
         largest_component=largest_component,
+        file_ending=prediction_ending(predictor.plan.file_ending),  # PNG in, PNG out; volumes as .nii.gz
         progress=progress,
     )
 
@@ -146,14 +169,33 @@ def evaluate(
     dataset_json: str | Path | None = None,
     output: str | Path | None = None,
     nsd_tolerance_mm: float = 1.0,
+    roi_masks: str | Path | None = None,
+    file_ending: str | None = None,
 ) -> dict:
+    """``roi_masks``: a folder of region-of-interest masks (``CASE.ext``, non-zero inside), metrics
+    only inside them (e.g. DRIVE's field of view). ``file_ending``: of predictions and references
+    (default: the dataset's for 2D images, else .nii.gz, as ``predict`` writes them)."""
     from medseg.evaluation.metrics import evaluate_folder
+    from medseg.io.image import prediction_ending
 
+    info = None
+    if dataset_json is not None:
+        info = load_dataset_json(Path(dataset_json).parent if Path(dataset_json).is_file() else dataset_json)
     if labels is None:
-        if dataset_json is None:
+        if info is None:
             raise ValueError("pass labels or dataset_json")
-        labels = load_dataset_json(Path(dataset_json).parent if Path(dataset_json).is_file() else dataset_json).labels
-    return evaluate_folder(pred_dir, ref_dir, labels, output=output, nsd_tolerance_mm=nsd_tolerance_mm)
+        labels = info.labels
+    if file_ending is None:
+        file_ending = prediction_ending(info.file_ending) if info is not None else ".nii.gz"
+    return evaluate_folder(
+        pred_dir,
+        ref_dir,
+        labels,
+        output=output,
+        nsd_tolerance_mm=nsd_tolerance_mm,
+        file_ending=file_ending,
+        roi_masks=roi_masks,
+    )
 
 
 def package_model(source: str | Path, destination: str | Path, *, folds=None, overwrite: bool = False) -> Path:

@@ -83,7 +83,7 @@ def make_trainer(binary, out: Path, config: TrainingConfig, log=quiet) -> Traine
     plan = Plan.load(ws.plan_path("HippoWhole"))
     pre = ws.preprocessed("HippoWhole")
     conf = plan.configuration("3d_fullres")
-    return Trainer(plan, "3d_fullres", cache_folder(pre, conf), pre, out, 0, config, raw_folder=dataset, log=log)
+    return Trainer(plan, "3d_fullres", cache_folder(pre, conf), pre, out, 0, config, log=log)
 
 
 # ---------------------------------------------------------------- architecture adoption

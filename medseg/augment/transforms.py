@@ -94,8 +94,11 @@ def affine_theta(angles: torch.Tensor, scale: torch.Tensor, region, patch, inpla
     return torch.cat([m, torch.zeros(angles.shape[0], dim, 1)], dim=2)
 
 
-def spatial_transform(image, seg, patch_size, cfg: AugmentConfig, g: torch.Generator):
-    """Rotate/scale and crop the (B, C, *region) batch to (B, C, *patch) with one grid_sample."""
+def spatial_transform(image, seg, patch_size, cfg: AugmentConfig, g: torch.Generator, record: dict | None = None):
+    """Rotate/scale and crop the (B, C, *region) batch to (B, C, *patch) with one grid_sample.
+
+    ``seg`` may be None; ``record`` (a dict) receives ``theta`` (None for the exact centre crop) so
+    that points and boxes can follow (:func:`augment_spatial_conditions`)."""
     b, dim = image.shape[0], image.ndim - 2
     n_ang = 1 if dim == 2 else 3
     # 2D and anisotropic 3D data ("dummy 2D" in nnU-Net) rotate freely in-plane
@@ -111,9 +114,15 @@ def spatial_transform(image, seg, patch_size, cfg: AugmentConfig, g: torch.Gener
     theta = affine_theta(angles, scale, image.shape[2:], patch_size, cfg.rotate_inplane_only).to(image.device)
     identity = ~(do_rot | do_scale)
     if bool(identity.all()):  # pure centre crop: exact slicing, no interpolation
-        return _center_crop(image, patch_size), _center_crop(seg, patch_size)
+        if record is not None:
+            record["theta"] = None
+        return _center_crop(image, patch_size), None if seg is None else _center_crop(seg, patch_size)
+    if record is not None:
+        record["theta"] = theta
     grid = F.affine_grid(theta, (b, image.shape[1], *patch_size), align_corners=False)
     image = F.grid_sample(image, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    if seg is None:
+        return image, None
     seg = F.grid_sample(seg.float(), grid, mode="nearest", padding_mode="zeros", align_corners=False)
     return image, seg.to(torch.int64)
 
@@ -210,22 +219,103 @@ def intensity_transforms(x: torch.Tensor, cfg: AugmentConfig, g: torch.Generator
     return x
 
 
-def mirror(image, seg, cfg: AugmentConfig, g: torch.Generator):
+def mirror(image, seg, cfg: AugmentConfig, g: torch.Generator, record: dict | None = None):
+    """Flip each sample along each mirror axis with probability ``p_mirror``; ``record["flips"]``
+    receives the (axis, per-sample flag) pairs."""
     b, dim = image.shape[0], image.ndim - 2
     axes = cfg.mirror_axes if cfg.mirror_axes is not None else tuple(range(dim))
+    flips = []
     for axis in axes:
         do = (torch.rand(b, generator=g) < cfg.p_mirror).to(image.device)
         if bool(do.any()):
             image = torch.where(_per_sample(do, dim), image.flip(2 + axis), image)
-            seg = torch.where(_per_sample(do, dim), seg.flip(2 + axis), seg)
+            if seg is not None:
+                seg = torch.where(_per_sample(do, dim), seg.flip(2 + axis), seg)
+            flips.append((axis, do))
+    if record is not None:
+        record["flips"] = flips
     return image, seg
 
 
 def augment_batch(
-    image: torch.Tensor, seg: torch.Tensor, patch_size, cfg: AugmentConfig, g: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, C, *region) image and (B, 1, *region) seg -> augmented (B, C, *patch) pair."""
-    image, seg = spatial_transform(image, seg, patch_size, cfg, g)
+    image: torch.Tensor, seg: torch.Tensor | None, patch_size, cfg: AugmentConfig, g: torch.Generator,
+    cond: dict | None = None,
+):  # fmt: skip
+    """(B, C, *region) image and (B, 1, *region) seg -> augmented (B, C, *patch) pair.
+
+    With ``cond`` (named conditioning tensors) the result is (image, seg, cond), where ``points``
+    (B, N, dim) and ``boxes`` (B, N, 2*dim) in region voxel coordinates have been moved by the same
+    rotation, scaling, crop and mirrors as the image; other conditions pass through."""
+    record: dict = {}
+    region = tuple(image.shape[2:])
+    image, seg = spatial_transform(image, seg, patch_size, cfg, g, record)
     image = intensity_transforms(image, cfg, g)
-    image, seg = mirror(image, seg, cfg, g)
-    return image.contiguous(), seg.contiguous()
+    image, seg = mirror(image, seg, cfg, g, record)
+    image, seg = image.contiguous(), None if seg is None else seg.contiguous()
+    if cond is None:
+        return image, seg
+    return image, seg, augment_spatial_conditions(cond, record, region, tuple(patch_size))
+
+
+# ------------------------------------------------------------------ spatial conditioning
+# Points and boxes (prompts, lesion centres) move with the image: the same affine that
+# grid_sample applies, then the same mirrors. Coordinates are voxel indices in (z, y, x) order
+# (2 or 3 of them); a box is (min corner, max corner) = 2 x dims numbers.
+
+
+def transform_points(points: torch.Tensor, theta: torch.Tensor | None, region, patch) -> torch.Tensor:
+    """Map (B, N, dim) voxel coordinates of the sampled region to the output patch.
+
+    ``theta`` are the ``affine_grid`` matrices (output -> input, normalised, x/y/z order); None
+    means the exact centre crop."""
+    region_t = torch.tensor([float(r) for r in region], dtype=points.dtype, device=points.device)
+    patch_t = torch.tensor([float(p) for p in patch], dtype=points.dtype, device=points.device)
+    if theta is None:
+        return points - (region_t - patch_t) / 2
+    m = theta[:, :, :-1].to(points).flip(1).flip(2)  # back to (z, y, x) order
+    u_in = (2 * points + 1) / region_t - 1
+    u_out = torch.linalg.solve(m, u_in.transpose(1, 2)).transpose(1, 2)
+    return ((u_out + 1) * patch_t - 1) / 2
+
+
+def boxes_to_corners(boxes: torch.Tensor) -> torch.Tensor:
+    """(B, N, 2*dim) boxes -> (B, N * 2^dim, dim) corner points."""
+    b, n, two_d = boxes.shape
+    dim = two_d // 2
+    lo, hi = boxes[..., :dim], boxes[..., dim:]
+    corners = [torch.where(torch.tensor(bits, device=boxes.device).bool(), hi, lo) for bits in _bit_patterns(dim)]
+    return torch.stack(corners, 2).reshape(b, n * 2**dim, dim)
+
+
+def corners_to_boxes(corners: torch.Tensor, dim: int) -> torch.Tensor:
+    b = corners.shape[0]
+    c = corners.reshape(b, -1, 2**dim, dim)
+    return torch.cat([c.amin(2), c.amax(2)], -1)
+
+
+def _bit_patterns(dim: int) -> list[list[int]]:
+    return [[(k >> (dim - 1 - a)) & 1 for a in range(dim)] for k in range(2**dim)]
+
+
+def mirror_points(points: torch.Tensor, flips: list[tuple[int, torch.Tensor]], patch) -> torch.Tensor:
+    """Apply the mirrors of :func:`mirror` (axis, per-sample flag) to (B, N, dim) coordinates."""
+    for axis, do in flips:
+        flipped = points.clone()
+        flipped[..., axis] = patch[axis] - 1 - points[..., axis]
+        points = torch.where(do.view(-1, 1, 1).to(points.device), flipped, points)
+    return points
+
+
+def augment_spatial_conditions(cond: dict, record: dict, region, patch) -> dict:
+    """Move the ``points`` and ``boxes`` entries of ``cond`` with the image (others unchanged)."""
+    out = dict(cond)
+    dim = len(patch)
+    for key in ("points", "boxes"):
+        if key not in cond:
+            continue
+        x = cond[key].float()
+        pts = boxes_to_corners(x) if key == "boxes" else x
+        pts = transform_points(pts, record.get("theta"), region, patch)
+        pts = mirror_points(pts, record.get("flips", []), patch)
+        out[key] = corners_to_boxes(pts, dim) if key == "boxes" else pts
+    return out

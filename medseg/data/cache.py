@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +20,9 @@ class CachedCase:
     data: np.ndarray  # (C, *spatial) float32
     seg: np.ndarray  # (*spatial) integer
     fg: dict[int, np.ndarray]  # class -> (N, ndim) voxel coordinates
+    # per-case conditioning arrays (CASE_cond.npz): text tokens/embeddings, histograms, scalars, and
+    # ``points`` (N, ndim) / ``boxes`` (N, 2*ndim) in voxel coordinates of the cached arrays
+    conditions: dict[str, np.ndarray] = field(default_factory=dict)
 
 
 def load_cached_case(cache: Path, name: str, *, mmap: bool = False) -> CachedCase:
@@ -29,9 +32,15 @@ def load_cached_case(cache: Path, name: str, *, mmap: bool = False) -> CachedCas
         seg = np.load(cache / f"{name}_seg.npy", mmap_mode=mode)
         with np.load(cache / f"{name}_fg.npz") as z:
             fg = {int(k): z[k] for k in z.files}
+        conditions = {}
+        if (cache / f"{name}_cond.npz").is_file():
+            with np.load(cache / f"{name}_cond.npz", allow_pickle=False) as z:
+                conditions = {k: z[k] for k in z.files}
     except FileNotFoundError as exc:
         raise DatasetError(exc.filename, "preprocessed file missing (run `medseg preprocess`)") from None
-    return CachedCase(name, data, seg, fg)
+    except ValueError as exc:  # a pickled object array in CASE_cond.npz is refused, never loaded
+        raise DatasetError(cache / f"{name}_cond.npz", f"cannot read conditions ({exc})") from None
+    return CachedCase(name, data, seg, fg, conditions)
 
 
 def cached_case_names(cache: Path) -> list[str]:

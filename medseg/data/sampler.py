@@ -77,8 +77,10 @@ class PatchSampler:
             hi = np.maximum(shape - half, lo + 1)
         return np.array([self.rng.integers(a, b) for a, b in zip(lo, hi)])
 
-    def sample(self) -> tuple[np.ndarray, np.ndarray]:
-        images, segs = [], []
+    def sample(self) -> dict:
+        """{"image": (B, C, *region) float32, "seg": (B, 1, *region), "cond": {name: (B, ...)}};
+        "cond" only when the cases carry conditions (spatial ones shifted into region coordinates)."""
+        images, segs, conds = [], [], []
         n_fg = int(round(self.batch_size * self.oversample))
         for i in range(self.batch_size):
             case = self.cases[self.rng.integers(len(self.cases))]
@@ -87,15 +89,49 @@ class PatchSampler:
             force = i >= self.batch_size - n_fg if n_fg else self.rng.random() < self.oversample
             center = self._center(case, force_fg=force)
             data, seg = case.data, case.seg
-            if len(self.patch_size) == 2 and seg.ndim == 3:
+            sliced = len(self.patch_size) == 2 and seg.ndim == 3
+            if sliced:
                 z = int(center[0])
                 data, seg, center = data[:, z], seg[z], center[1:]
             images.append(extract(data, center, self.region))
             segs.append(extract(seg, center, self.region))
-        return np.stack(images).astype(np.float32, copy=False), np.stack(segs)[:, None]
+            if case.conditions:
+                conds.append(region_conditions(case, center, self.region, sliced))
+        out = {"image": np.stack(images).astype(np.float32, copy=False), "seg": np.stack(segs)[:, None]}
+        if conds:
+            out["cond"] = stack_conditions(conds, [c.name for c in self.cases])
+        return out
 
     def state(self) -> dict:
         return self.rng.bit_generator.state
 
     def set_state(self, state: dict) -> None:
         self.rng.bit_generator.state = state
+
+
+SPATIAL = ("points", "boxes")
+
+
+def region_conditions(case: CachedCase, center, region, sliced: bool) -> dict[str, np.ndarray]:
+    """A case's conditions for the region of ``region`` voxels around ``center``: points and boxes
+    move into region coordinates (a 2D slice of a single-slice image drops their z)."""
+    start = np.asarray(center, dtype=np.float32) - np.asarray(region) // 2
+    out = {}
+    for key, value in case.conditions.items():
+        if key in SPATIAL:
+            v = np.asarray(value, dtype=np.float32)
+            if sliced:
+                if case.seg.shape[0] != 1:
+                    raise ValueError(f"case {case.name}: {key} on 2D slices of a 3D volume are not supported")
+                v = np.concatenate([v[..., 1:3], v[..., 4:6]], -1) if key == "boxes" else v[..., 1:]
+            reps = 2 if key == "boxes" else 1
+            value = v - np.tile(start, reps)
+        out[key] = value
+    return out
+
+
+def stack_conditions(conds: list[dict], names) -> dict[str, np.ndarray]:
+    keys = set(conds[0])
+    if any(set(c) != keys for c in conds):
+        raise ValueError(f"the cases {', '.join(names[:4])}... do not all carry the same conditions")
+    return {k: np.stack([np.asarray(c[k]) for c in conds]) for k in sorted(keys)}

@@ -10,8 +10,9 @@ from medseg.io.image import label_dtype
 from medseg.preprocessing.resampling import resample_probabilities
 
 
-def probabilities_to_native(probs: torch.Tensor, props: dict) -> np.ndarray:
-    """(K, *preprocessed) probabilities -> (K, *original shape) numpy, background 1 outside the crop.
+def probabilities_to_native(probs: torch.Tensor, props: dict, *, background: bool = True) -> np.ndarray:
+    """(K, *preprocessed) probabilities -> (K, *original shape) numpy, background 1 outside the crop
+    (``background=False``: 0 everywhere outside the crop, for continuous maps such as OOD scores).
 
     Resampling runs in torch (trilinear, on the prediction device) unless the data were
     anisotropic, where the separate-z rule needs the scipy path.
@@ -28,7 +29,8 @@ def probabilities_to_native(probs: torch.Tensor, props: dict) -> np.ndarray:
     probs = probs.cpu().numpy()
     full = tuple(props["original_shape"])
     out = np.zeros((probs.shape[0], *full), dtype=np.float32)
-    out[0] = 1.0
+    if background:
+        out[0] = 1.0
     sl = tuple(slice(a, b) for a, b in props["bbox"])
     out[(slice(None), *sl)] = probs
     return out
@@ -61,3 +63,9 @@ def to_input_grid(array, props: dict):
     from medseg.preprocessing.orientation import restore
 
     return restore(array, props.get("orientation"))
+
+
+def map_to_native(values: torch.Tensor, props: dict) -> np.ndarray:
+    """A continuous named map (K, *preprocessed) -> (K, *input grid): resampled like probabilities,
+    0 outside the crop, back in the input's voxel order."""
+    return to_input_grid(probabilities_to_native(values.float(), props, background=False), props)

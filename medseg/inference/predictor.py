@@ -14,13 +14,15 @@ import numpy as np
 import torch
 
 from medseg.errors import CheckpointError
-from medseg.inference.export import segmentation_from_logits, to_input_grid
+from medseg.inference.conditions import prepare_conditions, tile_conditions
+from medseg.inference.export import map_to_native, segmentation_from_logits, to_input_grid
 from medseg.inference.sliding_window import sliding_window_predict
 from medseg.inference.streaming import streaming_segmentation
 from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_weights, resolve_model
 from medseg.io.dataset import Case
-from medseg.io.image import ImageMeta, ensure_writable_dir, read_image, write_image
+from medseg.io.image import ImageMeta, ensure_writable_dir, write_image
 from medseg.preprocessing.pipeline import preprocess_array
+from medseg.tasks import get_task
 from medseg.utils import autocast_context, autocast_dtype, resolve_device
 
 STREAMING_BYTES = 2 * 1024**3  # native-space probabilities above this: stream along z instead
@@ -75,6 +77,7 @@ class Predictor:
         reduced precision (None: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise; False:
         always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32."""
         self.spec = spec
+        self.task = get_task(spec.task, spec.num_classes)  # what the model's outputs mean
         self.mapping = _label_mapping(label_map, spec.labels)
         self.plan = spec.plan
         self.conf = spec.plan.configuration(spec.configuration)
@@ -135,13 +138,18 @@ class Predictor:
         return cls(spec, weights, source=folder, **kwargs)
 
     # ------------------------------------------------------------------
-    def _predict_tiles(self, x: torch.Tensor) -> torch.Tensor:
+    def _predict_tiles(self, x: torch.Tensor, **cond) -> dict[str, torch.Tensor]:
+        """Named maps of a batch of tiles, averaged over the fold models (a 2d configuration's
+        network sees (B, C, h, w); its maps get the singleton z back)."""
         squeeze = self.conf.spatial_dims == 2
         if squeeze:
             x = x[:, :, 0]
+        total: dict[str, torch.Tensor] = {}
         with autocast_context(self.device, self.amp_dtype):
-            y = sum(m(x).float() for m in self.models) / len(self.models)
-        return y[:, :, None] if squeeze else y
+            for m in self.models:
+                for name, y in self.task.outputs(m(x, **cond)).items():
+                    total[name] = y.float() if name not in total else total[name] + y.float()
+        return {k: (v / len(self.models))[:, :, None] if squeeze else v / len(self.models) for k, v in total.items()}
 
     @torch.inference_mode()
     def predict_array(
@@ -151,44 +159,63 @@ class Predictor:
         *,
         return_probabilities: bool = False,
         streaming: bool | None = None,
+        **conditions,
     ):
         """(C, z, y, x) image in its native geometry -> (label map, probabilities or None).
 
-        ``streaming`` (default: automatic for outputs over ``STREAMING_BYTES`` of probabilities)
-        predicts and exports slab by slab along z so memory stays bounded for very large scans;
-        probabilities are not available then.
+        ``conditions``: the model's extra inputs for this case (text tokens, histograms, ``points``
+        (N, 3) / ``boxes`` (N, 6) in voxel coordinates (z, y, x) of ``image``), see
+        :mod:`medseg.inference.conditions`. ``streaming`` (default: automatic for outputs over
+        ``STREAMING_BYTES`` of probabilities) predicts and exports slab by slab along z so memory stays
+        bounded for very large scans; probabilities are not available then. Models with more named
+        maps than logits: :meth:`predict_maps`.
         """
+        maps = self.predict_maps(
+            image, meta, return_probabilities=return_probabilities, streaming=streaming, **conditions
+        )
+        return maps["labels"], maps.get("probabilities")
+
+    @torch.inference_mode()
+    def predict_maps(
+        self, image: np.ndarray, meta: ImageMeta, *, return_probabilities: bool = False,
+        streaming: bool | None = None, **conditions,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """Every output of the model in the input's geometry: ``labels`` (the label map),
+        ``probabilities`` (if asked) and each further named map of the task (e.g. ``ood_score``),
+        (K, z, y, x) float32. Arguments as :meth:`predict_array`."""
         data, _, props = preprocess_array(image, meta, self.plan, self.conf)
         x = torch.from_numpy(data).to(self.device)
         k = self.spec.num_classes
+        cond = prepare_conditions(conditions, props, self.device)
+        per_tile = tile_conditions(cond, self.tile, self.conf.spatial_dims == 2) if cond else None
         if streaming is None:
             native_bytes = 4 * k * float(np.prod(props["original_shape"]))
-            streaming = not return_probabilities and native_bytes > STREAMING_BYTES
+            streaming = not return_probabilities and not cond and native_bytes > STREAMING_BYTES
+        mirror_axes = self.mirror_axes if self.tta else ()
         if streaming and self.conf.spatial_dims == 3 and props.get("separate_z_axis") in (None, 0):
-            if return_probabilities:
-                raise ValueError("streaming prediction does not keep probabilities")
+            if return_probabilities or cond:
+                raise ValueError("streaming prediction keeps neither probabilities nor conditions")
             seg = streaming_segmentation(
                 x, self._predict_tiles, self.tile, k, props, step=self.step,
-                mirror_axes=self.mirror_axes if self.tta else (), tile_batch=self.tile_batch,
-                numerics=self.conf.numerics,
+                mirror_axes=mirror_axes, tile_batch=self.tile_batch, numerics=self.conf.numerics,
             )  # fmt: skip
-            return self._mapped(to_input_grid(seg, props), None)  # back to the input's own voxel grid
-        logits = sliding_window_predict(
-            x,
-            self._predict_tiles,
-            self.tile,
-            k,
-            step=self.step,
-            mirror_axes=self.mirror_axes if self.tta else (),
-            tile_batch=self.tile_batch,
-            numerics=self.conf.numerics,
-        )
-        interpolate = "logits" if self.conf.numerics == "nnunet" else "probabilities"
-        seg, probs = segmentation_from_logits(
-            logits, props, return_probabilities=return_probabilities, interpolate=interpolate
-        )
-        seg, probs = to_input_grid(seg, props), to_input_grid(probs, props)  # back to the input's own voxel grid
-        return self._mapped(seg, probs)
+            seg, _ = self._mapped(to_input_grid(seg, props), None)  # back to the input's own voxel grid
+            return {"labels": seg}
+        maps = sliding_window_predict(
+            x, self._predict_tiles, self.tile, k, step=self.step, mirror_axes=mirror_axes,
+            tile_batch=self.tile_batch, numerics=self.conf.numerics, tile_conditions=per_tile,
+        )  # fmt: skip
+        out = {name: map_to_native(v, props) for name, v in maps.items() if name != self.task.label_output}
+        if self.task.label_output is not None:
+            interpolate = "logits" if self.conf.numerics == "nnunet" else "probabilities"
+            seg, probs = segmentation_from_logits(
+                maps[self.task.label_output], props, return_probabilities=return_probabilities, interpolate=interpolate
+            )
+            seg, probs = to_input_grid(seg, props), to_input_grid(probs, props)  # back to the input's own voxel grid
+            out["labels"], probabilities = self._mapped(seg, probs)
+            if probabilities is not None:
+                out["probabilities"] = probabilities
+        return out
 
     def _mapped(self, seg: np.ndarray, probs):
         """Apply the label map, if any (labels voxel-wise; probabilities summed per target class)."""
@@ -199,26 +226,12 @@ class Predictor:
         return apply_label_mapping(seg, self.mapping), None if probs is None else map_probabilities(probs, self.mapping)
 
     def read_case(self, case: Case) -> tuple[np.ndarray, ImageMeta]:
-        """All channels of a case as (C, z, y, x) float32; refuses NaN/Inf and channels off the
-        voxel grid of channel 0 (a prediction from either would be silently wrong)."""
-        from medseg.errors import DatasetError, ImageReadError
-        from medseg.io.verify import grid_problem, nonfinite_problem
+        """All channels of a case as (C, z, y, x) float32 (an RGB PNG gives three); refuses NaN/Inf and
+        channels off the voxel grid of channel 0 (a prediction from either would be silently wrong)."""
+        from medseg.errors import ImageReadError
+        from medseg.io.channels import read_case_channels
 
-        if len(case.images) != self.spec.in_channels:
-            raise DatasetError(
-                case.images[0], f"{len(case.images)} channel(s) given; the model needs {self.spec.in_channels}"
-            )
-        arrays, meta = [], None
-        for f in case.images:
-            arr, m = read_image(f)
-            reason = nonfinite_problem(arr) or (
-                grid_problem(m, meta, f"channel 0 ({case.images[0].name})") if meta else None
-            )
-            if reason:
-                raise ImageReadError(f, reason)
-            meta = meta or m
-            arrays.append(arr.astype(np.float32, copy=False))
-        return np.stack(arrays), meta
+        return read_case_channels(case.images, self.spec.in_channels, error=ImageReadError, needs="the model needs")
 
     def predict_cases(
         self,
@@ -230,8 +243,12 @@ class Predictor:
         largest_component: bool = False,
         file_ending: str = ".nii.gz",
         progress: bool = True,
+        conditions: dict | None = None,
+        case_conditions: dict[str, dict] | None = None,
     ) -> list[dict]:
-        """Predict and write ``OUT/CASE.nii.gz``; cases already written are skipped unless overwrite."""
+        """Predict and write ``OUT/CASE<file_ending>`` (and ``OUT/CASE_<map>`` for each further named
+        map of the model); cases already written are skipped unless overwrite. ``conditions``: the
+        model's extra inputs for every case; ``case_conditions``: per case name, on top of them."""
         from medseg.inference.postprocess import keep_largest_component
         from medseg.utils import track
 
@@ -244,7 +261,10 @@ class Predictor:
                 continue
             t0 = time.perf_counter()
             image, meta = self.read_case(case)
-            seg, probs = self.predict_array(image, meta, return_probabilities=save_probabilities)
+            cond = {**(conditions or {}), **(case_conditions or {}).get(case.name, {})}
+            maps = self.predict_maps(image, meta, return_probabilities=save_probabilities, **cond)
+            seg, probs = maps.pop("labels"), maps.pop("probabilities", None)
+            written = write_named_maps(maps, meta, out_dir, case.name, file_ending)  # before the label map
             if largest_component:
                 seg = keep_largest_component(seg)
             if save_probabilities:  # written before the label map, which marks the case as done
@@ -272,7 +292,22 @@ class Predictor:
                     "skipped": False,
                     "seconds": round(time.perf_counter() - t0, 3),
                     "spacing": list(meta.spacing),
+                    **({"maps": written} if written else {}),
                     "voxel_counts": {int(k): int(v) for k, v in zip(*np.unique(seg, return_counts=True))},
                 }
             )
         return results
+
+
+def write_named_maps(maps: dict[str, np.ndarray], meta: ImageMeta, out_dir: Path, case: str, ending: str) -> list[str]:
+    """``CASE_<map><ending>`` for each (K, z, y, x) map (one file per channel, ``_<k>``, when K > 1);
+    float maps of 8-bit natural-image datasets (.png/.bmp) go to float TIFF."""
+    if ending in (".png", ".bmp"):
+        ending = ".tif"
+    written = []
+    for name, values in maps.items():
+        channels = [values] if values.ndim == 3 else list(values) if values.shape[0] > 1 else [values[0]]
+        for k, v in enumerate(channels):
+            suffix = f"_{k}" if len(channels) > 1 else ""
+            written.append(str(write_image(v.astype(np.float32), meta, out_dir / f"{case}_{name}{suffix}{ending}")))
+    return written

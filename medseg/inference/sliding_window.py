@@ -79,11 +79,66 @@ def mirror_combinations(axes) -> list[tuple[int, ...]]:
     return [c for r in range(len(axes) + 1) for c in itertools.combinations(axes, r)]
 
 
+def pad_to_tile(image: torch.Tensor, tile_size) -> tuple[torch.Tensor, list[int]]:
+    """Zero-pad a (C, *spatial) image, centred, to at least one tile; returns (image, pad per axis).
+    The padded coordinate of voxel 0 is ``pad // 2`` per axis."""
+    pad = [max(int(t) - s, 0) for s, t in zip(image.shape[1:], tile_size)]
+    if any(pad):
+        pads = []
+        for p in reversed(pad):
+            pads += [p // 2, p - p // 2]
+        image = F.pad(image, pads)
+    return image, pad
+
+
+def _average_flips(x: torch.Tensor, predict, flips) -> tuple[dict[str, torch.Tensor], bool]:
+    """Mirror TTA: predict every flip of the batch, flip each named map back, average. Also says
+    whether the network returned named maps (a dict) rather than one tensor."""
+    total: dict[str, torch.Tensor] = {}
+    named = False
+    for flip in flips:
+        dims = [2 + a for a in flip]
+        out = predict(x.flip(dims) if dims else x, flip)
+        named = isinstance(out, dict)
+        out = out if named else {"logits": out}
+        for name, y in out.items():
+            if tuple(y.shape[2:]) != tuple(x.shape[2:]):
+                raise ValueError(
+                    f"output '{name}' has spatial shape {tuple(y.shape[2:])}, the tile {tuple(x.shape[2:])}"
+                )
+            y = y.float()
+            y = y.flip(dims) if dims else y
+            total[name] = y if name not in total else total[name] + y
+    return {k: v / len(flips) for k, v in total.items()}, named
+
+
+def predict_tile_batches(
+    image: torch.Tensor, predict_tiles: Callable, slicers, *, tile_batch: int = 1, mirror_axes=(),
+    tile_conditions: Callable | None = None, offset=None,
+):  # fmt: skip
+    """The one tiling + mirror-TTA loop (plain and streaming prediction): yields ``(chunk, maps)``
+    for consecutive batches of ``tile_batch`` tiles, ``maps`` = {name: (B, K, *tile)} averaged over
+    the flips of ``mirror_axes``, and whether the network returned named maps. ``tile_conditions(starts, flip)`` (optional) returns the keyword
+    inputs for the tiles starting at ``starts`` (voxel coordinates of the unpadded image: padded
+    start minus ``offset``) under mirror ``flip``; they are passed to ``predict_tiles``."""
+    flips = mirror_combinations(mirror_axes)
+    offset = list(offset or [0] * (image.ndim - 1))
+    for i in range(0, len(slicers), tile_batch):
+        chunk = slicers[i : i + tile_batch]
+        batch = torch.stack([image[(slice(None), *sl)] for sl in chunk])
+        if tile_conditions is None:
+            predict = lambda x, flip: predict_tiles(x)  # noqa: E731
+        else:
+            starts = [[s.start - o for s, o in zip(sl, offset)] for sl in chunk]
+            predict = lambda x, flip, st=starts: predict_tiles(x, **tile_conditions(st, flip))  # noqa: E731
+        yield (chunk, *_average_flips(batch, predict, flips))
+
+
 def sliding_window_predict(
     image: torch.Tensor,
-    predict_tiles: Callable[[torch.Tensor], torch.Tensor],
+    predict_tiles: Callable[..., torch.Tensor | dict[str, torch.Tensor]],
     tile_size,
-    num_classes: int,
+    num_classes: int | None = None,
     *,
     step: float = 0.5,
     gaussian: bool = True,
@@ -92,52 +147,48 @@ def sliding_window_predict(
     output_device=None,
     progress: Callable[[int], None] | None = None,
     numerics: str = "medseg",
-) -> torch.Tensor:
+    tile_conditions: Callable | None = None,
+):
     """Logits (K, *spatial) for a (C, *spatial) image.
 
-    ``mirror_axes``: spatial axes for mirror test-time augmentation; the logits of all
-    2^n flips are averaged (nnU-Net's TTA). The image is zero-padded to at least one tile.
-    ``numerics="nnunet"`` uses nnU-Net v2's Gaussian (:func:`nnunet_gaussian_weights`).
+    ``predict_tiles`` maps (B, C, *tile) to logits (B, K, *tile), or to a dict of named maps
+    ({"logits": ..., "ood_score": ...}, each (B, K_name, *tile)): then a dict of blended maps is
+    returned. ``mirror_axes``: spatial axes for mirror test-time augmentation; every map of all 2^n
+    flips is flipped back and averaged (nnU-Net's TTA). The image is zero-padded to at least one
+    tile. ``numerics="nnunet"`` uses nnU-Net v2's Gaussian (:func:`nnunet_gaussian_weights`).
+    ``tile_conditions``: see :func:`predict_tile_batches`.
     """
-    device = image.device
-    out_dev = output_device or device
+    out_dev = output_device or image.device
     spatial = image.shape[1:]
     tile_size = tuple(int(t) for t in tile_size)
-    pad = [max(t - s, 0) for s, t in zip(spatial, tile_size)]
-    if any(pad):
-        pads = []
-        for p in reversed(pad):
-            pads += [p // 2, p - p // 2]
-        image = F.pad(image, pads)
+    image, pad = pad_to_tile(image, tile_size)
     padded = image.shape[1:]
     weights = (
         importance_weights(tile_size, numerics, device=out_dev) if gaussian else torch.ones(tile_size, device=out_dev)
     )
-    logits = torch.zeros((num_classes, *padded), dtype=torch.float32, device=out_dev)
+    sums: dict[str, torch.Tensor] = {}
     norm = torch.zeros(padded, dtype=torch.float32, device=out_dev)
-    flips = mirror_combinations(mirror_axes)
     slicers = [
         tuple(slice(s, s + t) for s, t in zip(start, tile_size))
         for start in itertools.product(*tile_starts(padded, tile_size, step))
     ]
-    for i in range(0, len(slicers), tile_batch):
-        chunk = slicers[i : i + tile_batch]
-        batch = torch.stack([image[(slice(None), *sl)] for sl in chunk])
-        pred = None
-        for flip in flips:
-            dims = [2 + a for a in flip]
-            x = batch.flip(dims) if dims else batch
-            y = predict_tiles(x).float()
-            y = y.flip(dims) if dims else y
-            pred = y if pred is None else pred + y
-        pred = (pred / len(flips)).to(out_dev)
-        for sl, p in zip(chunk, pred):
-            logits[(slice(None), *sl)] += p * weights
+    batches = predict_tile_batches(
+        image, predict_tiles, slicers, tile_batch=tile_batch, mirror_axes=mirror_axes,
+        tile_conditions=tile_conditions, offset=[p // 2 for p in pad],
+    )  # fmt: skip
+    named = False
+    for chunk, maps, is_named in batches:
+        named = is_named
+        for name, pred in maps.items():
+            if name not in sums:
+                channels = num_classes if name == "logits" and num_classes else pred.shape[1]
+                sums[name] = torch.zeros((channels, *padded), dtype=torch.float32, device=out_dev)
+            for sl, p in zip(chunk, pred.to(out_dev)):
+                sums[name][(slice(None), *sl)] += p * weights
+        for sl in chunk:
             norm[sl] += weights
         if progress:
             progress(len(chunk))
-    logits /= norm
-    if any(pad):
-        crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))
-        logits = logits[(slice(None), *crop)]
-    return logits
+    crop = tuple(slice(p // 2, p // 2 + s) for p, s in zip(pad, spatial))
+    out = {name: (acc / norm)[(slice(None), *crop)] if any(pad) else acc / norm for name, acc in sums.items()}
+    return out if named else out["logits"]

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from medseg.inference.sliding_window import importance_weights, mirror_combinations, tile_starts
+from medseg.inference.sliding_window import importance_weights, pad_to_tile, predict_tile_batches, tile_starts
 from medseg.io.image import label_dtype
 
 
@@ -88,16 +88,10 @@ def streaming_segmentation(
     device = image.device
     spatial = image.shape[1:]
     tile = tuple(int(t) for t in tile_size)
-    pad = [max(t - s, 0) for s, t in zip(spatial, tile)]
-    if any(pad):
-        pads = []
-        for p in reversed(pad):
-            pads += [p // 2, p - p // 2]
-        image = F.pad(image, pads)
+    image, pad = pad_to_tile(image, tile)
     padded = image.shape[1:]
     offset = [p // 2 for p in pad]  # padded coordinate of preprocessed voxel 0
     weights = importance_weights(tile, numerics, device=device)
-    flips = mirror_combinations(mirror_axes)
     zs, ys, xs = tile_starts(padded, tile, step)
     exporter = _NativeExporter(props, num_classes, device, "nearest" if axis == 0 else "linear")
     buf = torch.zeros((num_classes, tile[0], *padded[1:]), dtype=torch.float32, device=device)
@@ -106,17 +100,9 @@ def streaming_segmentation(
     for k, z in enumerate(zs):
         slicers = [(slice(z, z + tile[0]), slice(y, y + tile[1]), slice(x, x + tile[2]))
                    for y, x in itertools.product(ys, xs)]  # fmt: skip
-        for i in range(0, len(slicers), tile_batch):
-            chunk = slicers[i : i + tile_batch]
-            batch = torch.stack([image[(slice(None), *sl)] for sl in chunk])
-            pred = None
-            for flip in flips:
-                dims = [2 + a for a in flip]
-                y = predict_tiles(batch.flip(dims) if dims else batch).float()
-                y = y.flip(dims) if dims else y
-                pred = y if pred is None else pred + y
-            pred = pred / len(flips)
-            for sl, p in zip(chunk, pred):
+        batches = predict_tile_batches(image, predict_tiles, slicers, tile_batch=tile_batch, mirror_axes=mirror_axes)
+        for chunk, maps, _ in batches:
+            for sl, p in zip(chunk, maps["logits"]):
                 local = (slice(sl[0].start - base, sl[0].stop - base), sl[1], sl[2])
                 buf[(slice(None), *local)] += p * weights
                 norm[local] += weights

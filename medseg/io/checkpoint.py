@@ -41,9 +41,13 @@ class ModelSpec:
     medseg_version: str = __version__
     description: str = ""
     pretrained: dict | None = None  # fine-tuned models: {"source", "weights", "sha256"} of the initialisation
+    task: str = "segmentation"  # medseg.tasks registry name: what a batch holds, what inference returns
+    training: dict | None = None  # the recipe's registry names (loss, optimizer, schedule, EMA, augmentation)
 
     def to_json(self) -> dict:
         extra = {"pretrained": self.pretrained} if self.pretrained else {}
+        if self.training:
+            extra["training"] = self.training
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -54,6 +58,7 @@ class ModelSpec:
             "num_classes": self.num_classes,
             "labels": self.labels,
             "configuration": self.configuration,
+            "task": self.task,
             "description": self.description,
             "plan": self.plan.to_json(),
             **extra,
@@ -77,6 +82,8 @@ class ModelSpec:
                 medseg_version=d.get("medseg_version", "?"),
                 description=d.get("description", ""),
                 pretrained=d.get("pretrained"),
+                task=d.get("task", "segmentation"),  # model folders before tasks existed: segmentation
+                training=d.get("training"),
             )
         except KeyError as exc:
             raise CheckpointError(source, f"model spec lacks key {exc}") from None

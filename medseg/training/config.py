@@ -1,27 +1,41 @@
-"""TrainingConfig: every training hyper-parameter in one dataclass (no trainer subclasses)."""
+"""TrainingConfig: every training hyper-parameter in one dataclass (no trainer subclasses).
+
+What differs between kinds of model is chosen by name from registries: the task
+(:mod:`medseg.tasks`), the loss (:mod:`medseg.training.losses`), the optimiser and its parameter
+groups (:mod:`medseg.training.optim`), the LR schedule (:mod:`medseg.training.schedules`) and the
+augmentation preset (:mod:`medseg.augment.presets`). The names are recorded in ``model.json``.
+"""
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
-from medseg.augment.transforms import NO_AUGMENTATION, AugmentConfig
+from medseg.augment.transforms import AugmentConfig
 
 
 @dataclass
 class TrainingConfig:
     epochs: int = 1000
     iterations_per_epoch: int = 250
-    val_iterations: int = 20  # patch batches for the per-epoch pseudo-Dice
+    val_iterations: int = 20  # patch batches for the per-epoch validation metric
     batch_size: int | None = None  # None: the plan's batch size
+    task: str | None = None  # task registry name; None: the model's declared task (segmentation)
+    loss: str | None = None  # loss registry name; None: the task's default (segmentation: dice_ce)
+    optimizer: str = "sgd_nesterov"  # sgd_nesterov | adamw | adam | ...
+    schedule: str = "poly"  # poly | warmup_cosine | constant | ...
     initial_lr: float = 1e-2
     weight_decay: float = 3e-5
-    momentum: float = 0.99
+    momentum: float = 0.99  # SGD
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW
+    # per-group learning rates: [{"prefix": "encoder.", "lr_scale": 0.1}, {"match": "adapter", "lr_scale": 10}]
+    param_groups: list = field(default_factory=list)
+    ema_decay: float | None = None  # EMA of the weights (e.g. 0.999); the averaged weights are exported
     poly_exponent: float = 0.9
     warmup_epochs: int = 0  # linear LR warm-up (useful when fine-tuning)
     freeze_encoder_epochs: int = 0  # fine-tuning: encoder frozen for the first N epochs
     grad_clip: float = 12.0
     oversample_foreground: float = 0.33
-    augmentation: str = "default"  # "default" (nnU-Net set) or "none"
+    augmentation: str = "default"  # augmentation preset: default | none | no_mirror | light | ...
     deep_supervision: bool = True
     batch_dice: bool = True
     checkpoint_every: int = 10  # epochs between resumable checkpoints
@@ -29,20 +43,36 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool | None = None  # None: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (utils.autocast_dtype)
     num_threads: int | None = None  # torch CPU threads; None: all cores
-    final_validation: bool = True  # predict the fold's validation cases in native space
+    final_validation: bool = True  # after training, predict the fold's validation cases in native space
     model: str | None = None  # registry name; None: the plan's model
     model_kwargs: dict = field(default_factory=dict)  # overrides of the plan's model kwargs
     pretrained: str | None = None  # model folder or safetensors to initialise from
-    # wall-clock budget: after the first epoch, ``epochs`` is set to what fits in it, so the poly
+    # wall-clock budget: after the first epoch, ``epochs`` is set to what fits in it, so the
     # schedule ends when the time does (the final validation comes on top)
     time_budget_minutes: float | None = None
 
     def augment_config(self, spatial_dims: int, anisotropic: bool) -> AugmentConfig:
-        if self.augmentation == "none":
-            return NO_AUGMENTATION
-        if self.augmentation != "default":
-            raise ValueError(f"unknown augmentation preset {self.augmentation!r} (default | none)")
-        return AugmentConfig(rotate_inplane_only=anisotropic and spatial_dims == 3)
+        from medseg.augment.presets import AUGMENTATIONS
+
+        return AUGMENTATIONS.get(self.augmentation)(spatial_dims, anisotropic)
+
+    def check(self) -> None:
+        """Raise ValueError naming the first unknown registry name (before any work starts)."""
+        from medseg.augment.presets import AUGMENTATIONS
+        from medseg.tasks import TASKS
+        from medseg.training.losses import LOSSES
+        from medseg.training.optim import OPTIMIZERS
+        from medseg.training.schedules import SCHEDULES
+
+        for registry, name in ((OPTIMIZERS, self.optimizer), (SCHEDULES, self.schedule),
+                               (AUGMENTATIONS, self.augmentation), (LOSSES, self.loss), (TASKS, self.task)):  # fmt: skip
+            if name is not None:
+                registry.entry(name)
+
+    def recipe(self) -> dict:
+        """The named choices a model was trained with (recorded in model.json)."""
+        keys = ("task", "loss", "optimizer", "schedule", "initial_lr", "ema_decay", "augmentation", "param_groups")
+        return {k: getattr(self, k) for k in keys}
 
     def to_json(self) -> dict:
         return asdict(self)

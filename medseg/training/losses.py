@@ -1,9 +1,11 @@
-"""Dice + cross-entropy with deep supervision (nnU-Net's default loss)."""
+"""Losses: Dice + cross-entropy with deep supervision (nnU-Net's default) and the loss registry."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+
+from medseg.registry import Registry
 
 
 def soft_dice_loss(
@@ -56,3 +58,71 @@ def deep_supervision_loss(outputs, target: torch.Tensor, *, batch_dice: bool = T
     loss = sum(w * dice_ce_loss(o, t, batch_dice=batch_dice) for (w, o), t in zip(used, targets))
     unused = [o for w, o in zip(weights, outputs) if w == 0]
     return loss + sum((o * 0).sum() for o in unused) if unused else loss
+
+
+# ---------------------------------------------------------------------------------------- registry
+# A loss is ``fn(prediction, batch, cfg) -> scalar``: ``prediction`` is what the model returned (a
+# tensor, a deep-supervision list, or a dict of named maps) in float32, ``batch`` a
+# :class:`medseg.tasks.base.Batch` (``target``, ``extras``), ``cfg`` the TrainingConfig.
+
+LOSSES = Registry("loss")
+register_loss = LOSSES.register
+
+
+def _main_map(prediction, key: str = "logits"):
+    return prediction[key] if isinstance(prediction, dict) else prediction
+
+
+@register_loss("dice_ce")
+def dice_ce(prediction, batch, cfg) -> torch.Tensor:
+    """Soft Dice + cross-entropy over softmax classes, deep supervision over scales (nnU-Net)."""
+    return deep_supervision_loss(_main_map(prediction), batch.target, batch_dice=cfg.batch_dice)
+
+
+def dice_bce_loss(logits: torch.Tensor, target: torch.Tensor, *, batch_dice: bool = True, smooth: float = 1e-5):
+    """Binary cross-entropy + soft Dice on sigmoid outputs; ``target`` (B, K, ...) of 0/1 per channel
+    (a (B, 1, ...) label map with one logit channel is the binary case)."""
+    target = target.float()
+    probs = torch.sigmoid(logits)
+    dims = (0, *range(2, logits.ndim)) if batch_dice else tuple(range(2, logits.ndim))
+    tp = (probs * target).sum(dims)
+    dice = (2 * tp + smooth) / (probs.sum(dims) + target.sum(dims) + smooth).clamp_min(1e-8)
+    return F.binary_cross_entropy_with_logits(logits, target) - dice.mean()
+
+
+@register_loss("dice_bce")
+def dice_bce(prediction, batch, cfg) -> torch.Tensor:
+    """Sigmoid BCE + soft Dice per output channel (binary or multi-label masks), deep supervision."""
+    out = _main_map(prediction)
+    outs = out if isinstance(out, (list, tuple)) else [out]
+    weights = deep_supervision_weights(len(outs))
+    used = [(w, o) for w, o in zip(weights, outs) if w > 0]
+    targets = downsample_targets(batch.target, [o.shape[2:] for _, o in used])
+    loss = sum(w * dice_bce_loss(o, t, batch_dice=cfg.batch_dice) for (w, o), t in zip(used, targets))
+    unused = [o for w, o in zip(weights, outs) if w == 0]
+    return loss + sum((o * 0).sum() for o in unused) if unused else loss
+
+
+def masked_regression(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, power: int):
+    """Mean |pred - target|^power over the voxels where ``mask`` is set (all voxels without a mask).
+
+    As LeFusion: prediction and target are both multiplied by the mask, so only the lesion is
+    learned; the mean is taken over masked voxels x channels, so small lesions are not down-weighted."""
+    diff = pred - target
+    err = diff.abs() if power == 1 else diff.pow(2)
+    if mask is None:
+        return err.mean()
+    mask = mask.float().expand_as(err)
+    return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+@register_loss("masked_l1")
+def masked_l1(prediction, batch, cfg) -> torch.Tensor:
+    """L1 between prediction and target (e.g. noise), inside ``batch.extras['loss_mask']`` if given."""
+    return masked_regression(_main_map(prediction, "noise"), batch.target, batch.extras.get("loss_mask"), 1)
+
+
+@register_loss("masked_l2")
+def masked_l2(prediction, batch, cfg) -> torch.Tensor:
+    """Squared error between prediction and target (DDPM's objective), inside the loss mask if given."""
+    return masked_regression(_main_map(prediction, "noise"), batch.target, batch.extras.get("loss_mask"), 2)

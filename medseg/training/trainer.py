@@ -1,7 +1,10 @@
-"""The training loop: one Trainer, configured by TrainingConfig.
+"""The training loop: one Trainer, configured by TrainingConfig, for every kind of model.
 
-Randomness is derived from (seed, rank, epoch), so resuming from an epoch checkpoint replays
-exactly the batches and augmentations an uninterrupted run would have seen.
+What differs between kinds of model comes from the task (batch contents, loss default,
+validation metric; :mod:`medseg.tasks`) and from registries (loss, optimiser, schedule,
+augmentation). The loop owns devices, DDP, precision, exact resume, the time budget, EMA,
+checkpoints and logging. Randomness is derived from (seed, rank, epoch), so resuming from an
+epoch checkpoint replays exactly the batches and augmentations an uninterrupted run would have seen.
 """
 
 from __future__ import annotations
@@ -17,23 +20,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.augment.transforms import NO_AUGMENTATION, augment_batch
+from medseg.augment.transforms import NO_AUGMENTATION
 from medseg.data.cache import cached_case_names, get_split, load_cached_case
 from medseg.data.sampler import PatchSampler
-from medseg.io.checkpoint import ModelSpec, load_spec, load_weights, save_spec, save_weights
+from medseg.io.checkpoint import ModelSpec, save_spec, save_weights
 from medseg.planning.plan import Plan
+from medseg.tasks import Batch, get_task
 from medseg.training import distributed
 from medseg.training.config import TrainingConfig
-from medseg.training.losses import deep_supervision_loss
+from medseg.training.losses import LOSSES
+from medseg.training.optim import WeightEMA, build_optimizer, set_learning_rate
+from medseg.training.schedules import SCHEDULES, poly_lr  # noqa: F401  (poly_lr: re-exported)
 from medseg.utils import autocast_context, autocast_dtype, resolve_device
 
 STATE_FILE = "training_state.pt"
-
-
-def poly_lr(initial: float, step: int, total: int, exponent: float, warmup: int = 0) -> float:
-    if warmup and step < warmup:
-        return initial * (step + 1) / warmup
-    return initial * (1 - min(step, total - 1) / total) ** exponent
 
 
 TOPOLOGY_KEYS = ("strides", "kernel_sizes", "spatial_dims")
@@ -64,7 +64,6 @@ class Trainer:
         fold: int | str,
         config: TrainingConfig,
         *,
-        raw_folder: Path | None = None,
         log=print,
     ):
         self.plan, self.cfg = plan, dataclasses.replace(config)  # a copy: a time budget sets its epochs
@@ -72,7 +71,6 @@ class Trainer:
         self.cache_dir, self.output_dir = Path(cache_dir), Path(output_dir)
         self.fold = fold
         self.fold_dir = self.output_dir / f"fold_{fold}"
-        self.raw_folder = raw_folder
         self.device = resolve_device(config.device)
         self.dist = distributed.setup(self.device.type)
         if self.device.type == "cuda" and self.dist.enabled:
@@ -96,6 +94,9 @@ class Trainer:
             model_name, model_kwargs = self._adopt_pretrained(pretrained, model_name, model_kwargs)
         self._fit_patch_to(model_kwargs, configuration)
         plan = self.plan
+        self.task = get_task(self._task_name(model_name), plan.num_classes)
+        self.loss_fn = LOSSES.get(config.loss or self.task.loss_name)
+        self.schedule = SCHEDULES.get(config.schedule)
         self.spec = ModelSpec(
             model=model_name,
             model_kwargs=model_kwargs,
@@ -105,6 +106,8 @@ class Trainer:
             plan=plan,
             configuration=configuration,
             pretrained=pretrained.record() if pretrained else None,
+            task=self.task.name,
+            training={**config.recipe(), "task": self.task.name, "loss": config.loss or self.task.loss_name},
         )
         torch.manual_seed(config.seed)  # same seed -> same initial weights on every rank
         self.model = self.spec.build(deep_supervision=config.deep_supervision).to(self.device)
@@ -120,13 +123,14 @@ class Trainer:
             except ValueError as exc:
                 raise MedsegError(None, f"--freeze-encoder-epochs: {exc}") from None
         self._drop_encoder_grads = False
-        self.optimizer = torch.optim.SGD(
-            self.model.parameters(),
-            lr=config.initial_lr,
-            momentum=config.momentum,
-            nesterov=True,
-            weight_decay=config.weight_decay,
-        )
+        try:
+            self.optimizer = build_optimizer(self.model, config)
+        except ValueError as exc:  # a parameter group that matches nothing, an unknown optimiser
+            from medseg.errors import MedsegError
+
+            raise MedsegError(None, str(exc)) from None
+        self.ema = WeightEMA(self.model, config.ema_decay) if config.ema_decay else None
+        self.lr = config.initial_lr
         # loss scaling is for float16 only: bfloat16 has float32's exponent range
         self.scaler = torch.amp.GradScaler(
             "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
@@ -140,6 +144,14 @@ class Trainer:
         aniso = self.conf.anisotropic_axis is not None
         self.augment = config.augment_config(self.conf.spatial_dims, aniso)
         self.batch_size = max(1, (config.batch_size or self.conf.batch_size) // self.dist.world_size)
+
+    def _task_name(self, model_name: str) -> str:
+        """TrainingConfig.task, else the task the model's registry entry declares."""
+        if self.cfg.task:
+            return self.cfg.task
+        from medseg.models.registry import get_entry
+
+        return getattr(get_entry(model_name), "task", None) or "segmentation"
 
     # ---------------------------------------------------------------- transfer learning
     def _adopt_pretrained(self, pretrained, model_name: str, model_kwargs: dict) -> tuple[str, dict]:
@@ -232,7 +244,9 @@ class Trainer:
         return [load_cached_case(self.cache_dir, n) for n in names]
 
     def save_state(self, epoch: int) -> None:
-        """Everything needed to resume at ``epoch`` (exclusive), written atomically by rank 0."""
+        """Everything needed to resume at ``epoch`` (exclusive), written atomically by rank 0.
+
+        The exported weights (``model.safetensors``) are the EMA weights when EMA is on."""
         if not self.dist.is_main:
             return
         self.fold_dir.mkdir(parents=True, exist_ok=True)
@@ -245,13 +259,21 @@ class Trainer:
             "history": json.dumps(self.history),
             "config": json.dumps(self.cfg.to_json()),
         }
+        if self.ema is not None:
+            state["ema"] = self.ema.state_dict()
         tmp = self.fold_dir / f".{STATE_FILE}.part"
         torch.save(state, tmp)
         os.replace(tmp, self.fold_dir / STATE_FILE)
         info = {"epoch": epoch, "fold": str(self.fold)}
         if self.spec.pretrained:
             info["pretrained"] = self.spec.pretrained
-        save_weights(self.fold_dir, self.model.state_dict(), info=info)
+        if self.ema is not None:
+            info["ema_decay"] = self.ema.decay
+        save_weights(self.fold_dir, self.inference_model().state_dict(), info=info)
+
+    def inference_model(self) -> torch.nn.Module:
+        """The weights used for validation and export: the EMA average when EMA is on."""
+        return self.ema.module if self.ema is not None else self.model
 
     def try_resume(self) -> bool:
         path = self.fold_dir / STATE_FILE
@@ -261,6 +283,12 @@ class Trainer:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
+        if self.ema is not None:
+            if "ema" not in state:
+                from medseg.errors import CheckpointError
+
+                raise CheckpointError(path, "checkpoint has no EMA weights; resume without --ema-decay")
+            self.ema.load_state_dict(state["ema"])
         self.start_epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
         self.log(f"resumed from {path} at epoch {self.start_epoch}")
@@ -280,26 +308,36 @@ class Trainer:
     def _rng_seed(self, *parts) -> int:
         return int(np.random.SeedSequence([self.cfg.seed, self.dist.rank, *parts]).generate_state(1)[0])
 
-    def _batch(self, sampler: PatchSampler, g: torch.Generator, augment) -> tuple[torch.Tensor, torch.Tensor]:
-        img, seg = sampler.sample()
-        img = torch.from_numpy(img).to(self.device, non_blocking=True)
-        seg = torch.from_numpy(seg.astype(np.int64)).to(self.device, non_blocking=True)
-        return augment_batch(img, seg, self.conf.patch_size, augment, g)
+    def _batch(self, sampler: PatchSampler, g: torch.Generator, augment) -> Batch:
+        return self.task.make_batch(sampler.sample(), self.device, self.conf.patch_size, augment, g)
 
-    def _forward_loss(self, img, seg):
+    def _forward_loss(self, batch: Batch, model=None):
         with autocast_context(self.device, self.amp_dtype):
-            out = self.ddp_model(img)
+            out = self.task.forward(model or self.ddp_model, batch)
         # the loss (softmax, Dice sums, cross-entropy) in float32 whatever the network ran in
-        out = [o.float() for o in out] if isinstance(out, (list, tuple)) else out.float()
-        loss = deep_supervision_loss(out, seg, batch_dice=self.cfg.batch_dice)
-        return out, loss
+        out = _to_float(out)
+        return out, self.loss_fn(out, batch, self.cfg)
+
+    def _step(self, batch: Batch) -> float:
+        self.optimizer.zero_grad(set_to_none=True)
+        _, loss = self._forward_loss(batch)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optimizer)
+        if self._drop_encoder_grads:
+            for p in self._encoder:
+                p.grad = None
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return float(loss.detach())
 
     def train_epoch(self, epoch: int, sampler: PatchSampler) -> float:
         self.model.train()
         sampler.rng = np.random.default_rng(self._rng_seed(epoch, 1))
         g = torch.Generator().manual_seed(self._rng_seed(epoch, 2))
         total_steps = self.cfg.epochs * self.cfg.iterations_per_epoch
-        warm = self.cfg.warmup_epochs * self.cfg.iterations_per_epoch
         frozen = epoch < self.cfg.freeze_encoder_epochs
         self._set_encoder_frozen(frozen)
         if self._encoder is not None and epoch == self.start_epoch and frozen:
@@ -311,53 +349,57 @@ class Trainer:
 
         iters = range(self.cfg.iterations_per_epoch)
         for it in track(iters, description=f"epoch {epoch}", enabled=self.dist.is_main):
-            step = epoch * self.cfg.iterations_per_epoch + it
-            for group in self.optimizer.param_groups:
-                group["lr"] = poly_lr(self.cfg.initial_lr, step, total_steps, self.cfg.poly_exponent, warm)
-            img, seg = self._batch(sampler, g, self.augment)
-            self.optimizer.zero_grad(set_to_none=True)
-            _, loss = self._forward_loss(img, seg)
-            self.scaler.scale(loss).backward()
-            self.scaler.unscale_(self.optimizer)
-            if self._drop_encoder_grads:
-                for p in self._encoder:
-                    p.grad = None
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            losses.append(float(loss.detach()))
+            self.lr = self.schedule(
+                self.cfg.initial_lr, epoch * self.cfg.iterations_per_epoch + it, total_steps, self.cfg
+            )
+            set_learning_rate(self.optimizer, self.lr)
+            losses.append(self._step(self._batch(sampler, g, self.augment)))
         mean = torch.tensor([sum(losses), len(losses)], dtype=torch.float64)
         distributed.all_reduce_sum(mean, self.dist)
         return float(mean[0] / mean[1])
 
     @torch.no_grad()
-    def pseudo_dice(self, epoch: int, sampler: PatchSampler | None) -> tuple[float, list[float]]:
-        """nnU-Net's pseudo-Dice: tp/fp/fn summed over validation patches, per foreground class."""
+    def validate(self, epoch: int, sampler: PatchSampler | None) -> tuple[float, dict]:
+        """Mean loss and the task's metric (segmentation: nnU-Net's pseudo-Dice) over validation
+        patches, summed over DDP ranks; the EMA weights when EMA is on."""
         if sampler is None or self.cfg.val_iterations <= 0:
-            return math.nan, []
-        self.model.eval()
+            return math.nan, self.task.validation_summary(None)
+        model = self.inference_model()
+        model.eval()
         sampler.rng = np.random.default_rng(self._rng_seed(epoch, 3))
         g = torch.Generator().manual_seed(self._rng_seed(epoch, 4))
-        k = self.plan.num_classes
-        stats = torch.zeros(3, k - 1, dtype=torch.float64)
+        state = self.task.validation_state()
         losses = []
         for _ in range(self.cfg.val_iterations):
-            img, seg = self._batch(sampler, g, NO_AUGMENTATION)
-            out, loss = self._forward_loss(img, seg)
-            out = out[0] if isinstance(out, (list, tuple)) else out
-            pred = out.argmax(1)
-            ref = seg[:, 0]
+            batch = self._batch(sampler, g, NO_AUGMENTATION)
+            out, loss = self._forward_loss(batch, model if self.ema is not None else None)
             losses.append(float(loss))
-            for c in range(1, k):
-                p, r = pred == c, ref == c
-                stats[0, c - 1] += float((p & r).sum())
-                stats[1, c - 1] += float((p & ~r).sum())
-                stats[2, c - 1] += float((~p & r).sum())
-        distributed.all_reduce_sum(stats, self.dist)
-        dice = (2 * stats[0] / (2 * stats[0] + stats[1] + stats[2]).clamp_min(1)).tolist()
-        return float(np.mean(losses)), dice
+            self.task.validation_update(state, out, batch)
+        distributed.all_reduce_sum(state, self.dist)
+        return float(np.mean(losses)), self.task.validation_summary(state)
 
-    def fit(self, resume: bool = False) -> dict:
+    def _samplers(self) -> tuple[PatchSampler, PatchSampler | None]:
+        sampler = PatchSampler(
+            self._load_cases(self.train_names),
+            self.conf.patch_size,
+            self.batch_size,
+            margin=self.augment.region_margin,
+            oversample_foreground=self.cfg.oversample_foreground,
+        )
+        val_sampler = None
+        if self.val_names:
+            val_sampler = PatchSampler(
+                self._load_cases(self.val_names),
+                self.conf.patch_size,
+                self.batch_size,
+                oversample_foreground=self.cfg.oversample_foreground,
+            )
+        return sampler, val_sampler
+
+    def fit(self, resume: bool = False) -> list[dict]:
+        """Train to ``cfg.epochs`` (resuming if asked); returns the epoch records. The final
+        validation in native space is a separate step (:func:`medseg.training.validation.validate_fold`)."""
+        self.ran_epochs = False
         if resume:
             self.try_resume()
         elif (self.fold_dir / STATE_FILE).exists():
@@ -369,65 +411,48 @@ class Trainer:
                 f"fold {self.fold}: already trained for {self.start_epoch} epochs; pass a larger --epochs to extend"
             )
             distributed.teardown(self.dist)
-            previous = self.fold_dir / "validation" / "summary.json"
-            return json.loads(previous.read_text()) if previous.is_file() and self.dist.is_main else {}
-        train_cases = self._load_cases(self.train_names)
-        margin = self.augment.region_margin
-        sampler = PatchSampler(
-            train_cases,
-            self.conf.patch_size,
-            self.batch_size,
-            margin=margin,
-            oversample_foreground=self.cfg.oversample_foreground,
-        )
-        val_sampler = None
-        if self.val_names:
-            val_sampler = PatchSampler(
-                self._load_cases(self.val_names),
-                self.conf.patch_size,
-                self.batch_size,
-                oversample_foreground=self.cfg.oversample_foreground,
-            )
+            return self.history
+        sampler, val_sampler = self._samplers()
         precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "fp32"
         self.log(
-            f"training {self.spec.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params) "
-            f"config {self.conf.name} fold {self.fold}: patch {list(self.conf.patch_size)}, batch "
-            f"{self.batch_size}x{self.dist.world_size}, {len(self.train_names)} train / {len(self.val_names)} val "
-            f"cases, device {self.device} ({precision})"
+            f"training {self.spec.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
+            f"task {self.task.name}) config {self.conf.name} fold {self.fold}: patch {list(self.conf.patch_size)}, "
+            f"batch {self.batch_size}x{self.dist.world_size}, {len(self.train_names)} train / {len(self.val_names)} "
+            f"val cases, device {self.device} ({precision})"
         )
         epoch = self.start_epoch
         while epoch < self.cfg.epochs:
-            t0 = time.time()
-            train_loss = self.train_epoch(epoch, sampler)
-            val_loss, dice = self.pseudo_dice(epoch, val_sampler)
-            rec = {
-                "epoch": epoch,
-                "train_loss": round(train_loss, 5),
-                "val_loss": None if math.isnan(val_loss) else round(val_loss, 5),
-                "pseudo_dice": [round(d, 4) for d in dice],
-                "mean_pseudo_dice": round(float(np.mean(dice)), 4) if dice else None,
-                "lr": self.optimizer.param_groups[0]["lr"],
-                "seconds": round(time.time() - t0, 2),
-            }
-            self.history.append(rec)
-            self.log(
-                f"epoch {epoch + 1}/{self.cfg.epochs}  loss {train_loss:.4f}  val {rec['val_loss']}  "
-                f"pseudo-Dice {rec['pseudo_dice']}  lr {rec['lr']:.5f}  {rec['seconds']:.1f}s"
-            )
-            if self.dist.is_main:
-                self.fold_dir.mkdir(parents=True, exist_ok=True)
-                with open(self.fold_dir / "training_log.jsonl", "a") as fh:
-                    fh.write(json.dumps(rec) + "\n")
+            self._run_epoch(epoch, sampler, val_sampler)
+            self.ran_epochs = True
             self._fit_epochs_to_budget()
             if (epoch + 1) % self.cfg.checkpoint_every == 0 or epoch + 1 == self.cfg.epochs:
                 self.save_state(epoch + 1)
             epoch += 1
         distributed.barrier(self.dist)
-        summary = {}
-        if self.dist.is_main and self.cfg.final_validation and self.val_names and self.raw_folder:
-            summary = self.final_validation()
         distributed.teardown(self.dist)
-        return summary
+        return self.history
+
+    def _run_epoch(self, epoch: int, sampler, val_sampler) -> None:
+        t0 = time.time()
+        train_loss = self.train_epoch(epoch, sampler)
+        val_loss, metrics = self.validate(epoch, val_sampler)
+        rec = {
+            "epoch": epoch,
+            "train_loss": round(train_loss, 5),
+            "val_loss": None if math.isnan(val_loss) else round(val_loss, 5),
+            **metrics,
+            "lr": self.lr,
+            "seconds": round(time.time() - t0, 2),
+        }
+        self.history.append(rec)
+        self.log(
+            f"epoch {epoch + 1}/{self.cfg.epochs}  loss {train_loss:.4f}  val {rec['val_loss']}  "
+            f"{self.task.summary_line(metrics)}  lr {rec['lr']:.5f}  {rec['seconds']:.1f}s"
+        )
+        if self.dist.is_main:
+            self.fold_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.fold_dir / "training_log.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
 
     def _fit_epochs_to_budget(self) -> None:
         """With a time budget, set ``epochs`` from the first epoch's duration (recomputed alike on resume)."""
@@ -445,30 +470,13 @@ class Trainer:
             self.cfg.epochs = epochs
             self.log(f"time budget {budget:g} min: {first:.1f} s per epoch -> {epochs} epochs")
 
-    def final_validation(self) -> dict:
-        """Predict each validation case from its raw image, export in native space, evaluate."""
-        from medseg.evaluation.metrics import evaluate_folder
-        from medseg.inference.predictor import Predictor
-        from medseg.io.dataset import list_cases
 
-        cases = {c.name: c for c in list_cases(self.raw_folder)}
-        out = self.fold_dir / "validation"
-        predictor = Predictor(
-            load_spec(self.output_dir),
-            {str(self.fold): load_weights(self.fold_dir)},
-            device=str(self.device),
-            amp=self.cfg.amp,
-        )
-        val_cases = [cases[n] for n in self.val_names if n in cases]
-        predictor.predict_cases(val_cases, out, overwrite=True)
-        summary = evaluate_folder(
-            out, self.raw_folder / "labelsTr", self.plan.labels, names=self.val_names, output=out / "summary.json"
-        )
-        self.log(
-            f"final validation (fold {self.fold}, {len(val_cases)} cases, native space): "
-            + ", ".join(f"{k} Dice {v['dice']:.4f}" for k, v in summary["mean"].items())
-        )
-        return summary
+def _to_float(out):
+    if isinstance(out, dict):
+        return {k: _to_float(v) for k, v in out.items()}
+    if isinstance(out, (list, tuple)):
+        return [o.float() for o in out]
+    return out.float()
 
 
 def log_to_stderr(msg: str) -> None:

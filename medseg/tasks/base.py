@@ -1,0 +1,100 @@
+"""The task contract: everything the one training loop and the one predictor ask of a kind of model.
+
+The :class:`~medseg.training.trainer.Trainer` owns devices, DDP, precision, exact resume, the time
+budget, EMA, checkpoints and logging; the :class:`~medseg.inference.predictor.Predictor` owns
+tiling, mirror TTA, ensembling and export. A task says what is particular to its kind of model:
+
+* ``make_batch``: sampled numpy arrays -> an augmented :class:`Batch` on the device: ``image``,
+  ``target``, ``cond`` (named model inputs: text tokens, boxes, points, histograms, scalars;
+  ``points``/``boxes`` follow the spatial augmentation) and ``extras`` (loss-only arrays, e.g. a
+  loss mask);
+* ``forward``: how the model is called (default ``model(image, **cond)``);
+* ``loss_name``: the default entry of the loss registry (``TrainingConfig.loss`` overrides it);
+* ``validation_*``: the per-epoch validation metric, accumulated over batches and summed over
+  DDP ranks;
+* ``outputs``: a model's inference output -> named maps ``{"logits": ..., "ood_score": ...}``,
+  each blended by the sliding window, un-flipped under TTA and exported. ``label_output`` names
+  the map (class logits) that becomes the label map ``CASE.<ext>``; the other maps are written as
+  ``CASE_<name>.<ext>``, resampled back to the input's geometry like probabilities.
+
+A new task is one class and one decorator::
+
+    @register_task("my_task")
+    class MyTask(SegmentationTask):
+        loss_name = "dice_bce"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from medseg.registry import Registry
+
+TASKS = Registry("task", loader=lambda: __import__("medseg.tasks.segmentation"))
+register_task = TASKS.register
+
+
+@dataclass
+class Batch:
+    image: torch.Tensor  # (B, C, *patch)
+    target: torch.Tensor | None = None  # task-specific: (B, 1, *patch) labels, noise, ...
+    cond: dict[str, torch.Tensor] = field(default_factory=dict)  # keyword inputs of the model
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)  # for the loss only
+
+    def to(self, device) -> Batch:
+        move = lambda d: {k: v.to(device, non_blocking=True) for k, v in d.items()}  # noqa: E731
+        target = None if self.target is None else self.target.to(device, non_blocking=True)
+        return Batch(self.image.to(device, non_blocking=True), target, move(self.cond), move(self.extras))
+
+
+SPATIAL_CONDITIONS = ("points", "boxes")  # in voxel coordinates: moved by augmentation and tiling
+
+
+class Task:
+    """Base class: a task for models that take an image (+ conditions) and return named maps."""
+
+    name = "base"
+    loss_name = "dice_ce"
+    label_output: str | None = "logits"  # the named map that becomes the label map (None: none)
+
+    def __init__(self, num_classes: int, **options):
+        self.num_classes = num_classes
+        self.options = options
+
+    # ------------------------------------------------------------------ training
+    def make_batch(self, sample: dict[str, np.ndarray], device, patch_size, augment, g: torch.Generator) -> Batch:
+        raise NotImplementedError
+
+    def forward(self, model, batch: Batch):
+        return model(batch.image, **batch.cond)
+
+    def validation_state(self) -> torch.Tensor:
+        """A float64 tensor of sums, accumulated by :meth:`validation_update`, summed over ranks."""
+        return torch.zeros(0, dtype=torch.float64)
+
+    def validation_update(self, state: torch.Tensor, prediction, batch: Batch) -> None:
+        pass
+
+    def validation_summary(self, state: torch.Tensor | None) -> dict:
+        """Fields of the epoch's log record (JSON numbers or lists); ``state`` None: no validation ran."""
+        return {}
+
+    def summary_line(self, summary: dict) -> str:
+        return "  ".join(f"{k} {v}" for k, v in summary.items())
+
+    # ------------------------------------------------------------------ inference
+    def outputs(self, raw) -> dict[str, torch.Tensor]:
+        """Named maps (B, K, *tile) from an inference forward; deep-supervision lists keep scale 0."""
+        if isinstance(raw, dict):
+            return dict(raw)
+        if isinstance(raw, (list, tuple)):
+            raw = raw[0]
+        return {"logits": raw}
+
+
+def get_task(name: str, num_classes: int, **options) -> Task:
+    """An instance of the registered task ``name``."""
+    return TASKS.get(name)(num_classes, **options)
