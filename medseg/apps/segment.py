@@ -20,12 +20,14 @@ def run_predict(
     overwrite=False,
     label_map=None,
     amp=None,
+    conditions=None,
+    case_conditions=None,
     echo=print,
 ) -> list[dict]:
     from medseg.evaluation.report import overlay_png, structure_volumes, write_volumes_table
     from medseg.inference.predictor import Predictor
     from medseg.io.dataset import cases_from_input
-    from medseg.io.image import check_writable_dir, read_image
+    from medseg.io.image import check_writable_dir, prediction_ending, read_image
     from medseg.io.jsonio import write_json
 
     t0 = time.perf_counter()
@@ -33,7 +35,14 @@ def run_predict(
     predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map, amp=amp)
     cases = cases_from_input(input, predictor.spec.in_channels)
     results = predictor.predict_cases(
-        cases, output, overwrite=overwrite, save_probabilities=probabilities, largest_component=largest_component
+        cases,
+        output,
+        overwrite=overwrite,
+        save_probabilities=probabilities,
+        largest_component=largest_component,
+        conditions=conditions,
+        case_conditions=case_conditions,
+        file_ending=prediction_ending(predictor.plan.file_ending),  # PNG in, PNG out; volumes as .nii.gz
     )
     labels = predictor.labels  # the label map's target labels when one is given
     rows = []

@@ -82,13 +82,15 @@ def plan(
 def preprocess(
     dataset: Path,
     workspace: Path | None = typer.Option(None, "-w", "--workspace", help=WS_HELP),
-    configuration: list[str] = typer.Option(["3d_fullres"], "-c", "--configuration"),
+    configuration: list[str] = typer.Option(
+        [], "-c", "--configuration", help="Repeatable (default: 3d_fullres; 2d for a plan of 2D images)."
+    ),
     workers: int | None = typer.Option(None, help="Processes (default: all cores)."),
 ):
     """Crop, normalise and resample every training case into the workspace cache."""
     from medseg import api
 
-    for out in api.preprocess(dataset, workspace, configurations=configuration, workers=workers):
+    for out in api.preprocess(dataset, workspace, configurations=configuration or None, workers=workers):
         print(f"preprocessed data in {out}")
 
 
@@ -96,7 +98,9 @@ def preprocess(
 def train(
     dataset: Path,
     workspace: Path | None = typer.Option(None, "-w", "--workspace", help=WS_HELP),
-    configuration: str = typer.Option("3d_fullres", "-c", "--configuration"),
+    configuration: str | None = typer.Option(
+        None, "-c", "--configuration", help="Default: 3d_fullres; 2d for a plan of 2D images."
+    ),
     fold: str = typer.Option("0", "-f", "--fold", help="0-4 or 'all'."),
     model: str | None = typer.Option(None, "--model", help="Registry name (default: the plan's)."),
     model_kwargs: str | None = typer.Option(
@@ -114,7 +118,16 @@ def train(
         0, help="Fine-tuning: keep the pretrained encoder frozen for the first N epochs."
     ),
     checkpoint_every: int = typer.Option(10, help="Epochs between resumable checkpoints."),
-    augmentation: str = typer.Option("default", help="default | none"),
+    augmentation: str = typer.Option("default", help="Augmentation preset: default | none | no_mirror | light."),
+    task: str | None = typer.Option(None, help="Task (default: the model's; segmentation)."),
+    loss: str | None = typer.Option(None, help="Loss: dice_ce | dice_bce | masked_l1 | masked_l2 (default: the task's)."),
+    optimizer: str = typer.Option("sgd_nesterov", help="sgd_nesterov | adamw | adam."),
+    schedule: str = typer.Option("poly", help="LR schedule: poly | warmup_cosine | constant."),
+    weight_decay: float = typer.Option(3e-5, help="Weight decay (AdamW: decoupled)."),
+    ema_decay: float | None = typer.Option(None, help="Keep an EMA of the weights (e.g. 0.999); it is exported."),
+    param_groups: str | None = typer.Option(
+        None, help='JSON list of per-group LR scales, e.g. \'[{"prefix": "encoder.", "lr_scale": 0.1}]\'.'
+    ),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     threads: int | None = typer.Option(None, help="CPU threads for torch."),
@@ -142,14 +155,13 @@ def train(
 
         if model not in list_models():
             _fail(f"--model: unknown model '{model}' (registered: {', '.join(list_models())})")
-    overrides = {}
-    if model_kwargs:
-        try:
-            overrides = json.loads(model_kwargs)
-        except json.JSONDecodeError as exc:
-            _fail(f"--model-kwargs: not valid JSON ({exc})")
-        if not isinstance(overrides, dict):
-            _fail("--model-kwargs: expected a JSON object")
+    from medseg.cli.options import json_value
+
+    try:
+        overrides = json_value(model_kwargs, "--model-kwargs", dict) if model_kwargs else {}
+        groups = json_value(param_groups, "--param-groups", list) if param_groups else []
+    except ValueError as exc:
+        _fail(str(exc))
     cfg = TrainingConfig(
         epochs=epochs,
         iterations_per_epoch=iterations,
@@ -160,6 +172,13 @@ def train(
         freeze_encoder_epochs=freeze_encoder_epochs,
         checkpoint_every=checkpoint_every,
         augmentation=augmentation,
+        task=task,
+        loss=loss,
+        optimizer=optimizer,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        ema_decay=ema_decay,
+        param_groups=groups,
         device=device,
         seed=seed,
         num_threads=threads,
@@ -170,6 +189,10 @@ def train(
         model_kwargs=overrides,
         pretrained=pretrained,
     )
+    try:
+        cfg.check()
+    except ValueError as exc:
+        _fail(str(exc))
     summary = api.train(
         dataset, workspace, configuration=configuration, fold=fold, config=cfg, resume=resume, output=output, log=_err
     )
@@ -201,10 +224,21 @@ def predict(
         help='JSON mapping the model\'s labels onto another label set, e.g. {"Anterior": "hippocampus", '
         '"Posterior": "hippocampus"}; unmapped classes become background (docs/transfer.md).',
     ),
+    condition: list[str] = typer.Option(
+        [], "--condition", help="Model input for every case, NAME=JSON, e.g. boxes='[[4,10,12,9,30,40]]' (repeatable)."
+    ),
+    conditions: Path | None = typer.Option(
+        None, "--conditions", help='JSON file of per-case model inputs: {"CASE": {"NAME": value}}.'
+    ),
 ):
     """Segment images with a trained model; writes label maps, volumes.csv and optional overlays."""
     from medseg.apps.segment import run_predict
+    from medseg.cli.options import parse_conditions
 
+    try:
+        common, per_case = parse_conditions(condition, conditions)
+    except ValueError as exc:
+        _fail(str(exc))
     run_predict(
         model,
         input,
@@ -219,6 +253,8 @@ def predict(
         overwrite=overwrite,
         label_map=label_map,
         amp=False if fp32 else None,
+        conditions=common,
+        case_conditions=per_case,
         echo=print,
     )
 
@@ -230,6 +266,9 @@ def evaluate(
     dataset_json: Path = typer.Option(..., "--labels", "-l", help="dataset.json naming the labels."),
     output: Path | None = typer.Option(None, "-o", "--output", help="JSON path (CSV written beside)."),
     nsd_tolerance: float = typer.Option(1.0, help="Surface-Dice tolerance in mm."),
+    roi_masks: Path | None = typer.Option(
+        None, "--roi-masks", help="Folder of region-of-interest masks CASE.ext: metrics only inside them."
+    ),
 ):
     """Dice, IoU, HD95 and normalised surface Dice per class and case."""
     from medseg import api
@@ -237,7 +276,9 @@ def evaluate(
 
     output = output or pred / "summary.json"
     check_writable_dir(Path(output).parent)  # fail before computing metrics, not after
-    s = api.evaluate(pred, ref, dataset_json=dataset_json, output=output, nsd_tolerance_mm=nsd_tolerance)
+    s = api.evaluate(
+        pred, ref, dataset_json=dataset_json, output=output, nsd_tolerance_mm=nsd_tolerance, roi_masks=roi_masks
+    )
     for name, m in s["mean"].items():
         hd = "n/a" if m["hd95"] is None else f"{m['hd95']:.2f} mm"
         print(f"{name:20s} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  HD95 {hd}  NSD@{nsd_tolerance}mm {m['nsd']:.4f}")

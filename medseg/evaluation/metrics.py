@@ -28,7 +28,14 @@ def _surface(mask: np.ndarray) -> np.ndarray:
 
 
 def surface_distances(pred: np.ndarray, ref: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
-    """Distances (mm) from each surface voxel of pred to ref's surface, and vice versa."""
+    """Distances (mm) from each surface voxel of pred to ref's surface, and vice versa.
+
+    Singleton axes are dropped first: a 2D image held as (1, H, W) has its surface on the in-plane
+    contour (in 3D every one of its pixels would border the empty slices above and below)."""
+    keep = [a for a, n in enumerate(pred.shape) if n > 1] or [0]
+    if len(keep) < pred.ndim:
+        pred, ref = pred.reshape([pred.shape[a] for a in keep]), ref.reshape([ref.shape[a] for a in keep])
+        spacing = [spacing[a] for a in keep]
     both = pred | ref
     idx = np.argwhere(both)
     lo, hi = np.maximum(idx.min(0) - 2, 0), np.minimum(idx.max(0) + 3, both.shape)
@@ -114,6 +121,18 @@ def to_csv(per_case: dict[str, dict[str, dict]]) -> str:
     return buf.getvalue()
 
 
+def _inside_roi(path: Path, ref_meta, pred: np.ndarray, ref: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``pred`` and ``ref`` with every voxel outside the mask at ``path`` set to background (0)."""
+    if not path.exists():
+        raise DatasetError(path, "region-of-interest mask missing for this prediction")
+    roi, meta = read_image(path)
+    reason = grid_problem(meta, ref_meta, "the reference")
+    if reason:
+        raise DatasetError(path, reason)
+    outside = roi == 0
+    return np.where(outside, 0, pred), np.where(outside, 0, ref)
+
+
 def evaluate_folder(
     pred_dir: str | Path,
     ref_dir: str | Path,
@@ -124,11 +143,19 @@ def evaluate_folder(
     nsd_tolerance_mm: float = 1.0,
     output: str | Path | None = None,
     progress: bool = False,
+    roi_masks: str | Path | None = None,
 ) -> dict:
-    """Compare every ``pred_dir/CASE.ext`` to ``ref_dir/CASE.ext``; writes JSON (+ CSV beside it)."""
+    """Compare every ``pred_dir/CASE.ext`` to ``ref_dir/CASE.ext``; writes JSON (+ CSV beside it).
+
+    ``roi_masks``: a folder of masks ``CASE.ext`` on the reference's grid (non-zero = inside);
+    metrics count only the voxels inside (both label maps are set to background outside), as is
+    customary for retinal vessels within DRIVE's field of view."""
     from medseg.utils import track
 
     pred_dir, ref_dir = Path(pred_dir), Path(ref_dir)
+    roi_dir = Path(roi_masks) if roi_masks is not None else None
+    if roi_dir is not None and not roi_dir.is_dir():
+        raise DatasetError(roi_dir, "region-of-interest mask folder not found")
     if names is None:
         names = sorted(
             p.name[: -len(file_ending)] for p in pred_dir.glob(f"*{file_ending}") if not p.name.startswith(".")
@@ -150,9 +177,13 @@ def evaluate_folder(
             reason = label_value_problem(arr, labels)
             if reason:
                 raise DatasetError(path, reason)
+        if roi_dir is not None:
+            pred, ref = _inside_roi(roi_dir / f"{name}{file_ending}", rm, pred, ref)
         per_case[name] = evaluate_case(pred, ref, rm.spacing, labels, nsd_tolerance_mm)
     summary = summarise(per_case)
     summary["nsd_tolerance_mm"] = nsd_tolerance_mm
+    if roi_dir is not None:
+        summary["roi_masks"] = str(roi_dir)
     if output:
         output = Path(output)
         write_json(output, summary)

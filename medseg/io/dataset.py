@@ -6,6 +6,9 @@ Layout::
     DATASET/imagesTr/CASE_0000.nii.gz, CASE_0001.nii.gz, ...   one file per channel
     DATASET/labelsTr/CASE.nii.gz
     DATASET/imagesTs/CASE_0000.nii.gz                          optional test images
+
+2D natural images (file_ending .png, .bmp, .tif, .tiff) follow nnU-Net's convention: an RGB file
+``CASE_0000.png`` alone supplies the channels R, G, B of dataset.json (medseg.io.natural_image).
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from medseg.errors import DatasetError
-from medseg.io.image import image_suffix, strip_suffix
+from medseg.io.image import image_suffix, is_natural_image, strip_suffix
 from medseg.io.jsonio import read_json_object
 
 _CHANNEL = re.compile(r"^(?P<case>.+)_(?P<ch>\d{4})$")
@@ -118,6 +121,8 @@ def list_cases(
     cases = []
     for name, chans in sorted(groups.items()):
         missing = [i for i in range(info.num_channels) if i not in chans]
+        if single_file_channels(info.file_ending, chans):
+            missing = []  # an RGB _0000 holds them all; the channel count is checked when it is read
         if missing and strict:
             raise DatasetError(img_dir / f"{name}_{missing[0]:04d}{info.file_ending}", "missing channel file")
         extra = sorted(i for i in chans if i >= info.num_channels)
@@ -134,6 +139,12 @@ def list_cases(
     return cases
 
 
+def single_file_channels(file_ending: str, chans) -> bool:
+    """True when one natural-image file ``_0000`` stands for all channels of a case (RGB in one file,
+    nnU-Net's convention); the channels are counted when the file is read."""
+    return is_natural_image(file_ending) and set(chans) == {0}
+
+
 def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
     """Prediction inputs: a file, a DICOM series folder, or a folder of images.
 
@@ -148,7 +159,7 @@ def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
     if path.is_file() and path.suffix.lower() == ".zip":
         return [Case(path.stem, (path,), None)]
     if path.is_file():
-        if num_channels != 1:
+        if num_channels != 1 and not is_natural_image(path):  # an RGB image holds 3 channels in one file
             raise DatasetError(
                 path, f"model needs {num_channels} channels; pass a folder with CASE_0000..CASE_{num_channels - 1:04d}"
             )
@@ -167,10 +178,11 @@ def cases_from_input(path: str | Path, num_channels: int = 1) -> list[Case]:
         grouped[name][ch] = f
     cases = []
     for name, chans in sorted(grouped.items()):
-        if num_channels == 1 and len(chans) == 1 and 0 not in chans:  # "scan_2023.nii.gz": digits, not a channel
+        one_file = len(chans) == 1 and (num_channels == 1 or is_natural_image(next(iter(chans.values()))))
+        if one_file and 0 not in chans:  # "scan_2023.nii.gz": digits, not a channel
             (f,) = chans.values()
             name, chans = strip_suffix(f), {0: f}
-        if sorted(chans) != list(range(num_channels)):
+        if sorted(chans) != list(range(num_channels)) and not one_file:  # one PNG may hold R, G, B
             found = ", ".join(f"_{c:04d}" for c in sorted(chans))
             raise DatasetError(
                 path / name,

@@ -1,4 +1,5 @@
-"""Image I/O through SimpleITK: NIfTI, NRRD, MetaImage and DICOM series.
+"""Image I/O through SimpleITK: NIfTI, NRRD, MetaImage and DICOM series; 2D PNG/BMP/TIFF through
+Pillow (medseg.io.natural_image), held as (1, H, W) volumes.
 
 Arrays are numpy in (z, y, x) order; ``spacing`` and ``origin`` are given in the same
 (z, y, x) order in millimetres, ``direction`` is the 3x3 ITK direction matrix (x, y, z
@@ -23,7 +24,14 @@ import numpy as np
 
 from medseg.errors import ImageReadError, OutputError
 
-IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+VOLUME_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
+# 2D natural images (nnU-Net's NaturalImage2DIO): read with Pillow as one (1, H, W) slice per channel
+NATURAL_SUFFIXES = (".png", ".bmp", ".tif", ".tiff")
+IMAGE_SUFFIXES = VOLUME_SUFFIXES + NATURAL_SUFFIXES
+# spacing (z, y, x) of a natural image: it has no physical size, so one unit per pixel; z is 1 too (not
+# nnU-Net's 999) so no axis counts as anisotropic and resampling, export and surface metrics stay on
+# their isotropic paths. z never matters otherwise: a 2D plan resamples y and x only.
+NATURAL_SPACING = (1.0, 1.0, 1.0)
 
 
 def label_dtype(max_label: int) -> np.dtype:
@@ -42,6 +50,17 @@ def image_suffix(path: str | Path) -> str | None:
         if name.endswith(suffix):
             return suffix
     return None
+
+
+def is_natural_image(path: str | Path) -> bool:
+    """A 2D natural-image file name (.png, .bmp, .tif, .tiff), or a file_ending such as ".png"."""
+    return str(path).lower().endswith(NATURAL_SUFFIXES)
+
+
+def prediction_ending(file_ending: str) -> str:
+    """The ending label maps are written with for a dataset of ``file_ending``: a natural-image dataset
+    keeps its own (PNG in, PNG out, as nnU-Net does); volumes are written as .nii.gz."""
+    return file_ending if is_natural_image(file_ending) else ".nii.gz"
 
 
 def strip_suffix(path: str | Path) -> str:
@@ -300,13 +319,37 @@ def _unreadable_reason(path: Path, itk_message: str) -> str:
     return "cannot read image (truncated or corrupt)"
 
 
-def read_image(path: str | Path, *, allow_4d: bool = False) -> tuple[np.ndarray, ImageMeta]:
-    """Read a 3D image; raise ImageReadError with a one-line reason on any problem."""
-    path = Path(path)
+def _check_readable(path: Path) -> None:
     if not path.exists():
         raise ImageReadError(path, "file not found")
     if path.is_file() and path.stat().st_size == 0:
         raise ImageReadError(path, "file is empty")
+
+
+def read_image_channels(path: str | Path) -> tuple[np.ndarray, ImageMeta]:
+    """Read an image as (C, z, y, x): C = 3 for an RGB(A) natural image, 1 for everything else."""
+    path = Path(path)
+    _check_readable(path)
+    if path.is_file() and is_natural_image(path):
+        from medseg.io.natural_image import read_natural_image
+
+        return read_natural_image(path)
+    arr, meta = read_image(path)
+    return arr[None], meta
+
+
+def read_image(path: str | Path, *, allow_4d: bool = False) -> tuple[np.ndarray, ImageMeta]:
+    """Read a 3D image (a 2D natural image as (1, H, W)); raise ImageReadError with a one-line reason
+    on any problem. An RGB natural image is refused here: read it with :func:`read_image_channels`."""
+    path = Path(path)
+    _check_readable(path)
+    if path.is_file() and is_natural_image(path):
+        from medseg.io.natural_image import read_natural_image
+
+        arr, meta = read_natural_image(path)
+        if arr.shape[0] != 1:
+            raise ImageReadError(path, f"is an RGB image ({arr.shape[0]} colour channels); expected one channel")
+        return arr[0], meta
     if path.is_file() and path.suffix.lower() == ".zip":
         return _read_zip(path, allow_4d=allow_4d)
     try:
@@ -429,6 +472,10 @@ def write_image(array: np.ndarray, meta: ImageMeta, path: str | Path, *, compres
     import SimpleITK as sitk
 
     path = Path(path)
+    if is_natural_image(path):  # PNG/BMP/TIFF: a 2D label map at the input's size; no geometry to keep
+        from medseg.io.natural_image import write_natural_image
+
+        return write_natural_image(array, path)
     if array.ndim != 3:  # SimpleITK would silently turn a 4D (c, z, y, x) array into a vector image
         raise OutputError(path, f"cannot write image: expected a 3D (z, y, x) array, got shape {array.shape}")
     ensure_writable_dir(path.parent)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import DatasetError, MedsegError
-from medseg.io.dataset import Case, DatasetInfo, list_cases, load_dataset_json
-from medseg.io.image import ImageMeta, read_image
+from medseg.io.dataset import Case, DatasetInfo, list_cases, load_dataset_json, single_file_channels
+from medseg.io.image import ImageMeta, is_natural_image, read_image, read_image_channels
 
 SPACING_RTOL = 1e-3
 ORIGIN_ATOL_MM = 1e-2
@@ -66,7 +66,8 @@ def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
         if f.name != expected:
             problems.append(Problem(str(f.parent / expected), "missing channel file"))
             break
-    if len(case.images) < info.num_channels and not problems:
+    one_file = single_file_channels(info.file_ending, range(len(case.images)))  # RGB in _0000
+    if len(case.images) < info.num_channels and not problems and not one_file:
         problems.append(
             Problem(
                 str(case.images[0].parent / f"{case.name}_{len(case.images):04d}{info.file_ending}"),
@@ -80,13 +81,16 @@ def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
                 str(case.images[0].parent.parent / "labelsTr" / f"{case.name}{info.file_ending}"), "missing label file"
             )
         )
+    counts = []
     for f in files:
+        is_label = f == case.label
         try:
-            arr, meta = read_image(f)
+            arr, meta = read_image(f) if is_label else read_image_channels(f)
         except MedsegError as exc:
             problems.append(Problem(exc.path or str(f), exc.reason))
             continue
-        is_label = f == case.label
+        if not is_label:
+            counts.append((f, arr.shape[0]))
         reason = label_value_problem(arr, info.labels) if is_label else nonfinite_problem(arr)
         if reason:
             problems.append(Problem(str(f), reason))
@@ -101,6 +105,15 @@ def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
             problems.append(Problem(str(f), f"origin differs from {rf.name}"))
         elif not np.allclose(meta.direction, rm.direction, atol=DIRECTION_ATOL):
             problems.append(Problem(str(f), f"orientation (direction) differs from {rf.name}"))
+    natural = is_natural_image(info.file_ending)
+    if natural and counts and len(counts) == len(case.images) and len(case.images) <= info.num_channels:
+        from medseg.io.channels import channel_count_problem
+
+        found = channel_count_problem(
+            [f for f, _ in counts], [c for _, c in counts], info.num_channels, "dataset.json declares"
+        )
+        if found:
+            problems.append(Problem(str(found[0]), found[1]))
     return problems
 
 

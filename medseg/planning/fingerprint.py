@@ -42,22 +42,17 @@ class Fingerprint:
         return cls(**json.loads(Path(path).read_text()))
 
 
-def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, object]:
+def load_case(case: Case, num_channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None, object]:
     """Read all channels (C, z, y, x) and the label of a case; geometry from channel 0.
 
-    Raises DatasetError naming the file if a channel or the label is off channel 0's voxel grid
-    or an image holds NaN/Inf (either would silently corrupt the plan or the cache).
+    Raises DatasetError naming the file if a channel or the label is off channel 0's voxel grid,
+    an image holds NaN/Inf (either would silently corrupt the plan or the cache), or the files do
+    not give ``num_channels`` channels (an RGB file where dataset.json declares one, ...).
     """
-    from medseg.io.verify import grid_problem, nonfinite_problem
+    from medseg.io.channels import read_case_channels
+    from medseg.io.verify import grid_problem
 
-    arrays, meta = [], None
-    for f in case.images:
-        arr, m = read_image(f)
-        reason = nonfinite_problem(arr) or (grid_problem(m, meta, case.images[0].name) if meta else None)
-        if reason:
-            raise DatasetError(f, reason)
-        meta = meta or m
-        arrays.append(arr.astype(np.float32, copy=False))
+    image, meta = read_case_channels(case.images, num_channels)
     label = None
     if case.label is not None:
         label, lm = read_image(case.label)
@@ -65,11 +60,11 @@ def load_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, object]:
         if reason:
             raise DatasetError(case.label, reason)
         label = label.astype(label_dtype(int(label.max())), copy=False)
-    return np.stack(arrays), label, meta
+    return image, label, meta
 
 
-def _case_stats(case: Case, seed: int) -> dict:
-    image, label, meta = load_case(case)
+def _case_stats(case: Case, seed: int, num_channels: int | None = None) -> dict:
+    image, label, meta = load_case(case, num_channels)
     full = int(np.prod(image.shape[1:]))
     image, label, _, _ = crop_to_nonzero(image, label)
     rng = np.random.default_rng(seed)
@@ -105,7 +100,7 @@ def compute_fingerprint(
         with ProcessPoolExecutor(workers) as pool:
             stats = list(
                 track(
-                    pool.map(_case_stats, cases, range(len(cases)), chunksize=4),
+                    pool.map(_case_stats, cases, range(len(cases)), [info.num_channels] * len(cases), chunksize=4),
                     total=len(cases),
                     description="fingerprint",
                     enabled=progress,
@@ -113,7 +108,8 @@ def compute_fingerprint(
             )
     else:
         stats = [
-            _case_stats(c, i) for i, c in track(list(enumerate(cases)), description="fingerprint", enabled=progress)
+            _case_stats(c, i, info.num_channels)
+            for i, c in track(list(enumerate(cases)), description="fingerprint", enabled=progress)
         ]
     allowed = set(info.labels.values())
     for case, s in zip(cases, stats):

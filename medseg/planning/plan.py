@@ -93,6 +93,14 @@ class Plan:
             raise PlanError(None, f"plan has no configuration '{name}' (has: {', '.join(self.configurations)})")
         return self.configurations[name]
 
+    @property
+    def default_configuration(self) -> str:
+        """What preprocess/train use when none is named: ``3d_fullres`` where the plan has it (3D
+        datasets), otherwise its first configuration (``2d``, the only one of a plan of 2D images)."""
+        if "3d_fullres" in self.configurations or not self.configurations:
+            return "3d_fullres"
+        return next(iter(self.configurations))
+
     def with_configuration(self, cfg: Configuration) -> Plan:
         return replace(self, configurations={**self.configurations, cfg.name: cfg})
 

@@ -22,7 +22,7 @@ from medseg.planning.plan import Configuration, Plan
 from medseg.preprocessing.cropping import crop_to_nonzero
 from medseg.preprocessing.normalization import normalize
 from medseg.preprocessing.orientation import reorient
-from medseg.preprocessing.resampling import anisotropic_axis, resample_image, resample_label
+from medseg.preprocessing.resampling import anisotropic_axis, full_target_spacing, resample_image, resample_label
 
 FG_SAMPLES_PER_CLASS = 10_000
 
@@ -46,7 +46,7 @@ def preprocess_array(
     image, label, bbox, mask = crop_to_nonzero(image, label)
     data = normalize(image, plan.normalization, mask)
     spacing = meta.spacing
-    target = config.spacing
+    target = full_target_spacing(spacing, config.spacing)  # a (y, x) target keeps z as it is
     axis = anisotropic_axis(spacing)  # thick slices in the input: never interpolate across them cubically
     if axis is None and config.separate_z:
         axis = config.anisotropic_axis
@@ -88,7 +88,7 @@ def _save_atomic_npy(path: Path, arr: np.ndarray) -> None:
 
 def _preprocess_one(args) -> str:
     case, plan, config, out_dir, seed = args
-    image, label, meta = load_case(case)
+    image, label, meta = load_case(case, len(plan.channel_names))
     data, seg, props = preprocess_array(image, meta, plan, config, label)
     seg_dtype = label_dtype(plan.num_classes - 1)
     _save_atomic_npy(out_dir / f"{case.name}.npy", data)

@@ -19,6 +19,14 @@ def new_shape(shape, spacing, target_spacing) -> tuple[int, ...]:
     return tuple(max(1, int(round(s * sp / tsp))) for s, sp, tsp in zip(shape, spacing, target_spacing))
 
 
+def full_target_spacing(spacing, target_spacing) -> tuple[float, ...]:
+    """The (z, y, x) target for an image of ``spacing``: a 2-element (y, x) target (a plan of 2D
+    images) resamples only the in-plane axes and keeps z as it is."""
+    if len(target_spacing) == len(spacing) - 1:
+        return (float(spacing[0]), *map(float, target_spacing))
+    return tuple(map(float, target_spacing))
+
+
 def anisotropic_axis(spacing) -> int | None:
     """The single axis whose spacing is > 3x the finest one, or None."""
     spacing = np.asarray(spacing, dtype=float)
