@@ -230,9 +230,11 @@ def test_busi_end_to_end(tmp_path):
     assert list(plan.configurations) == ["2d"]
     (cache,) = api.preprocess(ds, ws, workers=1, progress=False)  # default configuration: 2d
     assert cache.name == "data_1x1" and np.load(cache / f"{names[0]}.npy").shape[:2] == (1, 1)
+    n_stages = len(plan.configuration("2d").model_kwargs["features"])
     cfg = TrainingConfig(
-        epochs=2, iterations_per_epoch=2, val_iterations=1, batch_size=2, device="cpu", num_threads=2, seed=0
-    )
+        epochs=2, iterations_per_epoch=2, val_iterations=1, batch_size=2, device="cpu", num_threads=2, seed=0,
+        model_kwargs={"features": [min(4 * 2**i, 32) for i in range(n_stages)]},  # the plan's topology, thin
+    )  # fmt: skip
     summary = api.train(ds, ws, fold=0, config=cfg, log=lambda _: None)
     model = ws / "results" / ds.name / "unet__2d"
     assert (model / "model.json").is_file() and summary["num_cases"] >= 1
@@ -243,12 +245,15 @@ def test_busi_end_to_end(tmp_path):
     inp.mkdir()
     for n in names[:3]:
         shutil.copyfile(ds / "imagesTr" / f"{n}_0000.png", inp / f"{n}_0000.png")
-    r = runner.invoke(app, ["predict", "-m", str(model), "-i", str(inp), "-o", str(out), "--no-tta", "--device", "cpu"])
+    r = runner.invoke(
+        app, ["predict", "-m", str(model), "-i", str(inp), "-o", str(out), "--no-tta", "--device", "cpu", "--overlay"]
+    )
     assert r.exit_code == 0, r.output
     for n in names[:3]:
         pred = np.array(Image.open(out / f"{n}.png"))
         ref = np.array(Image.open(ds / "labelsTr" / f"{n}.png"))
         assert pred.shape == ref.shape and set(np.unique(pred)) <= {0, 1}
+        assert Image.open(out / f"{n}_overlay.png").size[0] >= 200  # the image itself, not 3 thin slices
     r = runner.invoke(
         app, ["evaluate", "--pred", str(out), "--ref", str(ds / "labelsTr"), "-l", str(ds / "dataset.json")]
     )

@@ -27,7 +27,7 @@ def run_predict(
     from medseg.evaluation.report import overlay_png, structure_volumes, write_volumes_table
     from medseg.inference.predictor import Predictor
     from medseg.io.dataset import cases_from_input
-    from medseg.io.image import check_writable_dir, prediction_ending, read_image
+    from medseg.io.image import check_writable_dir, prediction_ending, read_image, read_image_channels
     from medseg.io.jsonio import write_json
 
     t0 = time.perf_counter()
@@ -52,7 +52,7 @@ def run_predict(
         rows.append((case.name, vols))
         res["volumes_ml"] = {k: round(v["volume_ml"], 4) for k, v in vols.items()}
         if overlay:
-            image, _ = read_image(case.images[0])
+            image = read_image_channels(case.images[0])[0].mean(0)  # an RGB photo: its grey level
             res["overlay"] = str(
                 overlay_png(image, seg, meta.spacing, output / f"{case.name}_overlay.png", labels=labels)
             )

@@ -157,9 +157,9 @@ def evaluate_folder(
     if roi_dir is not None and not roi_dir.is_dir():
         raise DatasetError(roi_dir, "region-of-interest mask folder not found")
     if names is None:
-        names = sorted(
-            p.name[: -len(file_ending)] for p in pred_dir.glob(f"*{file_ending}") if not p.name.startswith(".")
-        )
+        found = {p.name[: -len(file_ending)] for p in pred_dir.glob(f"*{file_ending}") if not p.name.startswith(".")}
+        # `predict --overlay` writes CASE_overlay.png beside CASE.png: a picture, not a prediction
+        names = sorted(n for n in found if not (n.endswith("_overlay") and n[: -len("_overlay")] in found))
     if not names:
         raise DatasetError(pred_dir, f"no predictions ending in {file_ending}")
     per_case = {}

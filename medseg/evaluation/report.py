@@ -66,7 +66,8 @@ def overlay_png(
     alpha: float = 0.45,
     labels: dict[str, int] | None = None,
 ) -> Path:
-    """Axial, coronal and sagittal slices through the label centroid, labels blended in colour.
+    """Axial, coronal and sagittal slices through the label centroid (a 2D image: the image itself),
+    labels blended in colour.
 
     Slices are resized with the voxel spacing so anatomy keeps its physical aspect ratio. With
     ``labels`` (name -> value), a legend strip names each colour.
@@ -77,7 +78,7 @@ def overlay_png(
     center = fg.mean(0).round().astype(int) if len(fg) else np.array(seg.shape) // 2
     gray = _window(image.astype(np.float32))
     panels = []
-    for axis in range(3):
+    for axis in range(3) if seg.shape[0] > 1 else (0,):  # a 2D image (1, H, W): its one plane
         sl = [slice(None)] * 3
         sl[axis] = int(center[axis])
         g, s = gray[tuple(sl)], seg[tuple(sl)]
