@@ -23,11 +23,11 @@ PUBLISHED = {
     "stunet_h": (1457.33e6, 12.60e12),
 }
 ZOO = ["stunet_s", "stunet_b", "stunet_l", "stunet_h", "resenc", "resenc_m", "resenc_l"]
-HEAD = {"stunet": "seg_outputs.", "resenc": "decoder.seg_layers."}
 
 
-def _head_prefix(name: str) -> str:
-    return HEAD[name.split("_")[0]]
+def _in_head(name: str, key: str) -> bool:
+    """Whether tensor ``key`` lies in the output heads the registry entry declares."""
+    return any(key == h or key.startswith(h + ".") for h in get_entry(name).head)
 
 
 def _tiny(name: str, num_classes: int = 3, **overrides):
@@ -178,7 +178,7 @@ def test_tiny_forward_backward_deep_supervision(name):
     sum(o.float().square().mean() for o in outs).backward()
     grads = {n: p.grad for n, p in model.named_parameters()}
     assert all(g is not None and torch.isfinite(g).all() for g in grads.values())
-    assert any(g.abs().sum() > 0 for n, g in grads.items() if n.startswith(_head_prefix(name)))
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if _in_head(name, n))
     model.eval()
     model_nods, _ = _tiny(name, deep_supervision=False)
     model_nods.load_state_dict(model.state_dict())  # same heads with and without deep supervision
@@ -196,9 +196,8 @@ def test_head_replacement_changes_only_the_heads(name):
     sa, sb = a.state_dict(), b.state_dict()
     assert sa.keys() == sb.keys()
     differ = {k for k in sa if sa[k].shape != sb[k].shape}
-    head = _head_prefix(name)
-    assert differ == {k for k in sa if k.startswith(head)} and differ
-    missing, unexpected = b.load_state_dict({k: v for k, v in sa.items() if not k.startswith(head)}, strict=False)
+    assert differ == {k for k in sa if _in_head(name, k)} and differ
+    missing, unexpected = b.load_state_dict({k: v for k, v in sa.items() if not _in_head(name, k)}, strict=False)
     assert set(missing) == differ and not unexpected
 
 

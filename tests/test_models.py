@@ -1,6 +1,7 @@
-"""Model zoo tests, generated from the registry: every registered model is built with its tiny
-``test_config``, run forward/backward, checked for deep-supervision order and saved/loaded
-through the safetensors checkpoint path used in production."""
+"""Model zoo tests, generated from the registry: every registered model, whatever its task, is built
+with its tiny ``test_config``, run forward/backward, saved as a model folder (model.json spec +
+safetensors, the production path) and rebuilt from the spec alone to identical output; its declared
+encoder and head name real parameters. Segmentation models are also checked for deep-supervision order."""
 
 from __future__ import annotations
 
@@ -9,8 +10,9 @@ import math
 import pytest
 import torch
 
-from medseg.io.checkpoint import load_weights, save_weights
+from medseg.io.checkpoint import ModelSpec, load_spec, load_weights, save_spec, save_weights
 from medseg.models import create_model, get_entry, list_models, register_model, registry
+from medseg.planning.plan import Configuration, Normalization, Plan
 
 torch.set_num_threads(1)
 
@@ -45,7 +47,28 @@ def _outputs(out) -> list[torch.Tensor]:
     return list(out) if isinstance(out, (list, tuple)) else [out]
 
 
+def _tensors(out) -> list[torch.Tensor]:
+    """Every tensor of a forward's result: a tensor, a list of scales, a dict or dataclass of named maps."""
+    if isinstance(out, torch.Tensor):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    elif hasattr(out, "__dataclass_fields__"):
+        out = [getattr(out, f) for f in out.__dataclass_fields__]
+    return [t for o in out if o is not None for t in _tensors(o)] if isinstance(out, (list, tuple)) else []
+
+
+def _spec(name: str, shape: tuple[int, ...]) -> ModelSpec:
+    """A model.json for the tiny model, as training writes it (kwargs go through JSON)."""
+    kwargs = {k: v for k, v in get_entry(name).test_config.items() if k != "input_size"}
+    conf = Configuration("zoo", (1.0, 1.0, 1.0), shape, shape, 2, model=name, model_kwargs=kwargs)
+    labels = {"background": 0, **{f"class_{i}": i for i in range(1, NUM_CLASSES)}}
+    plan = Plan("Dataset999_Zoo", ("MRI",), labels, (Normalization("zscore"),), {"zoo": conf})
+    return ModelSpec(name, kwargs, IN_CHANNELS, NUM_CLASSES, labels, plan, "zoo")
+
+
 MODELS = list_models()
+SEGMENTATION = [n for n in MODELS if get_entry(n).task == "segmentation"]
 
 
 def test_registry_lists_the_builtin_unet():
@@ -59,15 +82,17 @@ def test_forward_backward(name):
     shape = _input_shape(get_entry(name))
     x = torch.randn(2, IN_CHANNELS, *shape)
     out = model(x)
-    assert isinstance(out, torch.Tensor), "without deep supervision forward returns one logits tensor"
-    assert out.shape == (2, NUM_CLASSES, *shape)
-    assert torch.isfinite(out).all()
-    out.float().square().mean().backward()
+    if get_entry(name).task == "segmentation":
+        assert isinstance(out, torch.Tensor), "without deep supervision forward returns one logits tensor"
+        assert out.shape == (2, NUM_CLASSES, *shape)
+    outs = _tensors(out)
+    assert outs and all(torch.isfinite(o).all() for o in outs)
+    sum(o.float().square().mean() for o in outs).backward()
     grads = [p.grad for p in model.parameters() if p.grad is not None]
     assert grads and any(float(g.abs().sum()) > 0 for g in grads)
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", SEGMENTATION)
 def test_deep_supervision_scales(name):
     model = _build(name, deep_supervision=True)
     shape = _input_shape(get_entry(name))
@@ -91,16 +116,66 @@ def test_unet_deep_supervision_has_one_output_per_decoder_stage():
 
 
 @pytest.mark.parametrize("name", MODELS)
-def test_safetensors_round_trip_gives_identical_output(name, tmp_path):
+def test_model_folder_round_trip_gives_identical_output(name, tmp_path):
+    """Saved as training saves it (model.json + fold_0/model.safetensors), rebuilt from the spec alone."""
     model = _build(name, deep_supervision=False, seed=0).eval()
-    x = torch.randn(1, IN_CHANNELS, *_input_shape(get_entry(name)))
+    shape = _input_shape(get_entry(name))
+    x = torch.randn(1, IN_CHANNELS, *shape)
+    save_spec(tmp_path, _spec(name, shape))
     save_weights(tmp_path / "fold_0", model.state_dict(), info={"fold": "0"})
-    other = _build(name, deep_supervision=False, seed=1).eval()
+    torch.manual_seed(1)
+    other = load_spec(tmp_path).build(deep_supervision=False).eval()
     with torch.no_grad():
-        expected = model(x)
-        assert not torch.equal(other(x), expected), "a differently seeded model must differ (test sanity)"
+        expected = _tensors(model(x))
+        differs = [not torch.equal(a, b) for a, b in zip(_tensors(other(x)), expected)]
+        assert any(differs), "a differently seeded model must differ (test sanity)"
         other.load_state_dict(load_weights(tmp_path / "fold_0"))
-        assert torch.equal(other(x), expected)
+        got = _tensors(other(x))
+        assert len(got) == len(expected) and all(torch.equal(a, b) for a, b in zip(got, expected))
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_declared_encoder_and_head_name_real_parameters(name):
+    """Each declared encoder/head module holds parameters (freezing and fine-tuning rely on the names);
+    the head holds every tensor whose shape follows the class count, the encoder none of them."""
+    from medseg.training.transfer import encoder_parameters
+
+    entry = get_entry(name)
+    assert entry.task and isinstance(entry.task, str)
+    model = _build(name, deep_supervision=True)
+    for prefix in (*entry.encoder, *entry.head):
+        assert entry.parameters_under(model, (prefix,)), f"{name}: '{prefix}' matches no parameter"
+    encoder = {n for n, _ in entry.parameters_under(model, entry.encoder)}
+    head = {n for n, _ in entry.parameters_under(model, entry.head)}
+    assert not encoder & head
+    more = create_model(
+        name, IN_CHANNELS, NUM_CLASSES + 2, **{k: v for k, v in entry.test_config.items() if k != "input_size"}
+    )
+    shapes = {n: p.shape for n, p in more.named_parameters()}
+    follows_classes = {n for n, p in model.named_parameters() if shapes[n] != p.shape}
+    assert follows_classes <= head, f"{name}: class-count tensors outside the head: {sorted(follows_classes - head)}"
+    if entry.encoder:  # what --freeze-encoder-epochs freezes
+        assert {id(p) for p in encoder_parameters(model)} == {
+            id(p) for _, p in entry.parameters_under(model, entry.encoder)
+        }
+
+
+@pytest.mark.parametrize("name", [n for n in MODELS if get_entry(n).memory_estimate is not None])
+def test_memory_estimate_grows_with_the_patch(name):
+    entry = get_entry(name)
+    kwargs = {k: v for k, v in entry.test_config.items() if k != "input_size"}
+    shape = _input_shape(entry)
+    small = entry.memory_estimate(shape, kwargs, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
+    big = entry.memory_estimate([2 * s for s in shape], kwargs, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES)
+    assert 0 < small < big
+    if entry.planner is not None:  # the architecture it plans for a topology builds and has a cost
+        from medseg.models.flops import build_meta
+
+        dims = len(shape)
+        strides = kwargs["strides"]
+        planned = {**entry.planner.model_kwargs(strides, [[3] * dims] * len(strides), dims), "spatial_dims": dims}
+        assert isinstance(build_meta(name, IN_CHANNELS, NUM_CLASSES, **planned), torch.nn.Module)
+        assert entry.memory_estimate(shape, planned, in_channels=IN_CHANNELS, num_classes=NUM_CLASSES) > small
 
 
 @pytest.mark.parametrize("name", MODELS)

@@ -215,7 +215,7 @@ def _one_warning(stderr: str) -> str:
 
 
 JSON_KEYS = {
-    "name", "description", "requires", "available", "patch", "in_channels", "num_classes",
+    "name", "description", "task", "encoder", "head", "requires", "available", "patch", "in_channels", "num_classes",
     "params", "flops", "macs", "topology", "test_config_params", "error",
 }  # fmt: skip
 
@@ -245,6 +245,9 @@ def test_models_command_json_with_entry_point_plugins(plugin_path, tmp_path):
     assert toy["requires"] == {} and toy["available"] and toy["description"] == "toy third-party network"
     assert toy["params"] == 1 * 4 * 27 + 4 + 4 * 3 + 3  # default width 4, 3 classes, on the meta device
     assert toy["test_config_params"] == 1 * 2 * 27 + 2 + 2 * 2 + 2  # create_model(..., 1, 2, width=2)
+    assert toy["task"] == "segmentation" and toy["encoder"] == [] and toy["head"] == []  # registry defaults
+    assert rows["unet"]["task"] == "segmentation" and rows["unet"]["encoder"] == ["encoder"]
+    assert rows["unet"]["head"] == ["heads"]
     # ResEnc's default 6-stage topology cannot take 40x56x40: it is measured as planned for the patch
     assert rows["resenc_m"]["topology"] == "planned" and rows["unet"]["topology"] == "default"
 

@@ -59,12 +59,13 @@ def plan(
     """Fingerprint the dataset and write a plan (typed, editable JSON)."""
     from medseg import api
     from medseg.io.image import check_writable_dir
-    from medseg.models.resenc import PRESETS
+    from medseg.models.registry import plannable_models
     from medseg.workspace import Workspace
 
-    unknown = [p for p in preset if p not in PRESETS]
+    known = plannable_models()  # registry models with a planner hook: resenc_l, resenc_m
+    unknown = [p for p in preset if p not in known]
     if unknown:
-        _fail(f"--preset: unknown {', '.join(unknown)} (choose from {', '.join(PRESETS)})")
+        _fail(f"--preset: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
     ws = Workspace.resolve(workspace)
     check_writable_dir(ws.root)  # fail before fingerprinting, not after
     p = api.plan(dataset, workspace, budget=budget, presets=preset)
@@ -321,6 +322,9 @@ def models(
         row = {
             "name": name,
             "description": e.description,
+            "task": e.task,
+            "encoder": list(e.encoder),
+            "head": list(e.head),
             "requires": req,
             "available": all(req.values()),
             "patch": list(patch),

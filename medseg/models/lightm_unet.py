@@ -201,7 +201,14 @@ def _description() -> str:
     return f"LightM-UNet: Mamba (RVM) encoder + DWConv decoder, 2D/3D; PyTorch selective scan on CPU ({fast})"
 
 
-@register_model("lightm_unet", test_config=dict(_TEST_CONFIG), description=_description())
+@register_model(
+    "lightm_unet",
+    test_config=dict(_TEST_CONFIG),
+    description=_description(),
+    task="segmentation",
+    encoder=("convInit", "down_layers"),
+    head=("conv_final", "ds_heads"),
+)
 def build_lightm_unet(
     in_channels: int,
     num_classes: int,

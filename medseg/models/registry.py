@@ -2,8 +2,14 @@
 
 Every architecture joins with one decorator::
 
-    @register_model("unet", test_config={...}, requires=())
+    @register_model("unet", test_config={...}, requires=(), task="segmentation",
+                    encoder=("encoder",), head=("heads",))
     def build_unet(in_channels, num_classes, *, spatial_dims=3, deep_supervision=True, **arch): ...
+
+The entry is all that code outside the model module knows about an architecture: its task, which
+parameters form its encoder (frozen by ``--freeze-encoder-epochs``) and its output heads (the tensors
+that depend on the class count, fresh when fine-tuning to another label set), and optionally how the
+planner sizes it (``memory_estimate`` + ``planner``, as nnU-Net's ResEnc M/L planners do).
 
 Other packages add models through the ``medseg.models`` entry-point group (``name = package.module``
 in their ``entry_points.txt`` / ``[project.entry-points."medseg.models"]``); each entry point is imported
@@ -23,15 +29,37 @@ import torch.nn as nn
 
 
 @dataclass(frozen=True)
+class PlannerHook:
+    """How the planner sizes a model on its own GPU budget (nnU-Net's ResEnc M/L planners): the patch
+    shrinks until ``memory_estimate`` x the reference batch (2 in 3d, 12 in 2d) fits ``memory_gb``, then
+    the batch fills it. ``model_kwargs(strides, kernel_sizes, spatial_dims)`` is the architecture the
+    plan names for a topology (widths and depths are the model's business, not the planner's)."""
+
+    memory_gb: float
+    model_kwargs: Callable[[list, list, int], dict]
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     name: str
     builder: Callable[..., nn.Module]
     test_config: dict = field(default_factory=dict)  # tiny kwargs used by the generated tests
     requires: tuple[str, ...] = ()  # optional import names it needs
     description: str = ""
+    task: str = "segmentation"  # the task (medseg.tasks) it is trained and predicted for
+    encoder: tuple[str, ...] = ()  # module names of the encoder: frozen by --freeze-encoder-epochs
+    head: tuple[str, ...] = ()  # module names of the output heads: their shapes follow the class count
+    # memory_estimate(patch_size, model_kwargs, *, in_channels, num_classes) -> GiB of one training sample
+    memory_estimate: Callable[..., float] | None = None
+    planner: PlannerHook | None = None  # lets `medseg plan --preset NAME` plan a configuration for it
 
     def available(self) -> dict[str, bool]:
         return {mod: importlib.util.find_spec(mod) is not None for mod in self.requires}
+
+    def parameters_under(self, model: nn.Module, prefixes: tuple[str, ...]) -> list[tuple[str, nn.Parameter]]:
+        """``model``'s named parameters inside the modules ``prefixes`` (``"encoder"`` matches
+        ``encoder.0.conv.weight``, not ``encoder_proj.weight``)."""
+        return [(n, p) for n, p in model.named_parameters() if any(n == q or n.startswith(q + ".") for q in prefixes)]
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -39,14 +67,38 @@ _ENTRY_POINTS_LOADED = False
 
 
 def register_model(
-    name: str, *, test_config: dict | None = None, requires: tuple[str, ...] = (), description: str = ""
+    name: str,
+    *,
+    test_config: dict | None = None,
+    requires: tuple[str, ...] = (),
+    description: str = "",
+    task: str = "segmentation",
+    encoder: tuple[str, ...] = (),
+    head: tuple[str, ...] = (),
+    memory_estimate: Callable[..., float] | None = None,
+    planner: PlannerHook | None = None,
 ):
+    """Register a builder under ``name``; see :class:`ModelEntry` for the fields. ``encoder`` and
+    ``head`` name modules (``"encoder"``, ``"decoder.seg_layers"``); the generated model tests check
+    that each matches parameters and that the head holds every tensor whose shape follows the class count."""
+    if planner is not None and memory_estimate is None:
+        raise ValueError(f"model '{name}': a planner hook needs a memory_estimate")
+
     def deco(fn):
         if name in _REGISTRY and _REGISTRY[name].builder is not fn:
             raise ValueError(f"model '{name}' is already registered")
         doc = (fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = ModelEntry(
-            name, fn, dict(test_config or {}), tuple(requires), description or (doc[0] if doc else "")
+            name,
+            fn,
+            dict(test_config or {}),
+            tuple(requires),
+            description or (doc[0] if doc else ""),
+            task=task,
+            encoder=tuple(encoder),
+            head=tuple(head),
+            memory_estimate=memory_estimate,
+            planner=planner,
         )
         return fn
 
@@ -87,9 +139,21 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+def plannable_models() -> list[str]:
+    """Registered models the planner can size itself (a ``planner`` hook): the ``--preset`` choices."""
+    _load_builtin_and_plugins()
+    return sorted(n for n, e in _REGISTRY.items() if e.planner is not None)
+
+
 def create_model(name: str, in_channels: int, num_classes: int, **kwargs) -> nn.Module:
-    """Build a registered model. kwargs are architecture arguments (saved in checkpoints)."""
-    return get_entry(name).builder(in_channels, num_classes, **kwargs)
+    """Build a registered model. kwargs are architecture arguments (saved in checkpoints).
+
+    The module is tagged with its registry name (``model.registry_name``, as timm attaches its
+    ``pretrained_cfg``), so code holding only the network can find its entry (encoder, head)."""
+    model = get_entry(name).builder(in_channels, num_classes, **kwargs)
+    if isinstance(model, nn.Module):
+        model.registry_name = name
+    return model
 
 
 def accepted_kwargs(name: str, keys) -> set[str]:

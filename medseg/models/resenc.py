@@ -25,7 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from medseg.models.registry import register_model
+from medseg.models.registry import PlannerHook, register_model
 from medseg.models.unet import check_transpose, permute_spatial, unpermute_spatial
 
 ENCODER_BLOCKS = (1, 3, 4, 6, 6, 6, 6, 6, 6, 6, 6, 6, 6)  # nnU-Net's UNet_blocks_per_stage_encoder
@@ -256,10 +256,16 @@ def nnunet_features(n_stages: int, spatial_dims: int = 3) -> list[int]:
     return [min(BASE_FEATURES * 2**i, cap) for i in range(n_stages)]
 
 
+ENCODER, HEAD = ("encoder",), ("decoder.seg_layers",)  # dynamic-network-architectures' module names
+
+
 @register_model(
     "resenc",
     test_config=dict(_TEST_CONFIG),
     description="nnU-Net v2 residual-encoder U-Net (ResEnc), topology from the plan",
+    task="segmentation",
+    encoder=ENCODER,
+    head=HEAD,
 )
 def build_resenc(
     in_channels: int,
@@ -316,11 +322,43 @@ def build_resenc(
     )
 
 
+def planned_kwargs(strides, kernel_sizes, spatial_dims: int) -> dict:
+    """The ResEnc architecture nnU-Net's ResEnc planners give a topology: nnU-Net's widths and encoder depths."""
+    n = len(strides)
+    blocks = list(ENCODER_BLOCKS[:n]) + [ENCODER_BLOCKS[-1]] * max(0, n - len(ENCODER_BLOCKS))
+    feats = nnunet_features(n, spatial_dims)
+    return {"features": feats, "strides": strides, "kernel_sizes": kernel_sizes, "blocks_per_stage": blocks}
+
+
+def preset_memory_estimate(name: str):
+    """nnU-Net's VRAM model for preset ``name``: the network's conv feature-map elements at batch 1
+    (measured on the meta device), scaled so the preset's reference value at the reference batch
+    (2 in 3d, 12 in 2d) is its reference GB."""
+    p = PRESETS[name]
+
+    def memory_estimate(patch_size, model_kwargs: dict, *, in_channels: int, num_classes: int) -> float:
+        from medseg.models.flops import build_meta, feature_map_elements
+
+        dim = int(model_kwargs.get("spatial_dims", 3))
+        net = build_meta(name, in_channels, num_classes, **model_kwargs)
+        elements = feature_map_elements(net, patch_size, in_channels)
+        return p["reference_gb"] * elements / ((2 if dim == 3 else 12) * p[f"reference_val_{dim}d"])
+
+    return memory_estimate
+
+
 def _register_preset(name: str, label: str):
     gb = PRESETS[name]["vram_target_gb"]
 
     @register_model(
-        name, test_config=dict(_TEST_CONFIG), description=f"nnU-Net ResEnc {label} preset (planned for {gb} GB VRAM)"
+        name,
+        test_config=dict(_TEST_CONFIG),
+        description=f"nnU-Net ResEnc {label} preset (planned for {gb} GB VRAM)",
+        task="segmentation",
+        encoder=ENCODER,
+        head=HEAD,
+        memory_estimate=preset_memory_estimate(name),
+        planner=PlannerHook(memory_gb=gb, model_kwargs=planned_kwargs),
     )
     def build(
         in_channels: int,

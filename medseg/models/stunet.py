@@ -199,7 +199,14 @@ def _build(
 def _register(preset: str, label: str):
     description = f"STU-Net-{label} residual U-Net (official widths; loads released STU-Net checkpoints)"
 
-    @register_model(preset, test_config=dict(_TEST_CONFIG), description=description)
+    @register_model(
+        preset,
+        test_config=dict(_TEST_CONFIG),
+        description=description,
+        task="segmentation",
+        encoder=("conv_blocks_context",),
+        head=("seg_outputs",),
+    )
     def build(
         in_channels: int,
         num_classes: int,

@@ -155,6 +155,9 @@ def _init_weights(m: nn.Module) -> None:
         "spatial_dims": 3,
     },
     description="nnU-Net plain conv U-Net (2D/3D), planned by medseg",
+    task="segmentation",
+    encoder=("encoder",),
+    head=("heads",),
 )
 def build_unet(
     in_channels: int,

@@ -4,10 +4,11 @@ Budgets: ``gpu`` sizes the network like nnU-Net v2 for an 8 GiB GPU (base 32 fea
 ``cpu`` keeps nnU-Net's patch and topology rules but halves the widths (base 16) and caps the
 batch so one training iteration stays around a second on a 2-core machine.
 
-ResEnc presets (``make_plan(..., presets=("resenc_m", "resenc_l"))``, ``medseg plan --preset``) add a
-``3d_fullres_<preset>`` configuration planned like nnU-Net's nnUNetPlannerResEncM/L: the same patch and
-topology rules, but the patch is shrunk until the residual-encoder network's conv feature-map elements
-(measured on the meta device) fit the preset's own GPU budget, whatever ``budget`` says.
+Presets (``make_plan(..., presets=("resenc_m", "resenc_l"))``, ``medseg plan --preset``) are registry
+models that declare a planner hook; each adds a ``3d_fullres_<preset>`` configuration planned like
+nnU-Net's nnUNetPlannerResEncM/L: the same patch and topology rules, but the patch is shrunk until the
+model's own memory estimate fits the model's own GPU budget, whatever ``budget`` says. What the network
+looks like for a topology and what it costs is the model's business (``medseg.models.registry``).
 """
 
 from __future__ import annotations
@@ -200,9 +201,9 @@ def plan_configuration(
     )
 
 
-def plan_resenc_configuration(
+def plan_model_configuration(
     name: str,
-    preset: str,
+    model: str,
     spacing,
     median_shape,
     num_channels: int,
@@ -211,42 +212,43 @@ def plan_resenc_configuration(
     dataset_voxels: float,
     anisotropic_axis=None,
 ) -> Configuration:
-    """nnU-Net's ResEncUNetPlanner for ``preset`` (``resenc_m`` | ``resenc_l``, medseg.models.resenc.PRESETS).
+    """nnU-Net's ResEncUNetPlanner rules for registry model ``model`` (one with a planner hook, e.g.
+    ``resenc_m`` | ``resenc_l``).
 
-    The cost of a patch is the ResEnc network's conv feature-map elements at batch 1 (nnU-Net's
-    ``compute_conv_feature_map_size``), the limit the preset's reference value scaled to its VRAM target;
-    the batch then fills the budget (reference batch 2 in 3d, 12 in 2d), capped only at the whole dataset
-    (nnU-Net's ``max_dataset_covered = 1`` for these presets), never below 2.
+    The cost of a patch is the model's ``memory_estimate`` (GiB per training sample) at the reference
+    batch (2 in 3d, 12 in 2d), the limit the hook's ``memory_gb``; the batch then fills the budget,
+    capped only at the whole dataset (nnU-Net's ``max_dataset_covered = 1`` for these presets), never below 2.
     """
-    from medseg.models.flops import build_meta, feature_map_elements
-    from medseg.models.resenc import ENCODER_BLOCKS, PRESETS, nnunet_features
+    from medseg.models.registry import get_entry, plannable_models
 
-    if preset not in PRESETS:
-        raise ValueError(f"unknown ResEnc preset {preset!r}; choose from {', '.join(PRESETS)}")
-    p = PRESETS[preset]
+    entry = get_entry(model)
+    if entry.planner is None:
+        raise ValueError(f"model {model!r} has no planner hook; plannable: {', '.join(plannable_models())}")
+    hook = entry.planner
     spacing = np.asarray(spacing, float)
     median_shape = np.asarray(median_shape, float)
     dim = len(spacing)
-    ref_val, ref_batch = p[f"reference_val_{dim}d"], (2 if dim == 3 else 12)
-    reference = ref_val * p["vram_target_gb"] / p["reference_gb"]
+    ref_batch = 2 if dim == 3 else 12
 
     def arch(strides, kernels) -> dict:
-        n = len(strides)
-        blocks = list(ENCODER_BLOCKS[:n]) + [ENCODER_BLOCKS[-1]] * max(0, n - len(ENCODER_BLOCKS))
-        feats = nnunet_features(n, dim)
-        return {"features": feats, "strides": strides, "kernel_sizes": kernels, "blocks_per_stage": blocks}
+        return {**hook.model_kwargs(strides, kernels, dim), "spatial_dims": dim}
 
-    cache: dict[str, int] = {}
+    cache: dict[str, float] = {}
 
-    def elements(padded, strides, kernels) -> int:
+    def per_sample(padded, strides, kernels) -> float:
         key = f"{list(padded)}_{strides}_{kernels}"
         if key not in cache:
-            net = build_meta(preset, num_channels, num_classes, spatial_dims=dim, **arch(strides, kernels))
-            cache[key] = feature_map_elements(net, padded, num_channels)
+            cache[key] = entry.memory_estimate(
+                padded, arch(strides, kernels), in_channels=num_channels, num_classes=num_classes
+            )
         return cache[key]
 
-    strides, kernels, padded, _, estimate = fit_patch(spacing, median_shape, elements, reference)
-    batch = round(reference / estimate * ref_batch)
+    def cost(padded, strides, kernels) -> float:
+        return per_sample(padded, strides, kernels) * ref_batch
+
+    strides, kernels, padded, _, _ = fit_patch(spacing, median_shape, cost, hook.memory_gb)
+    sample_gb = per_sample(padded, strides, kernels)
+    batch = round(hook.memory_gb / sample_gb)
     batch = int(max(min(batch, round(dataset_voxels / np.prod(padded, dtype=np.float64))), 2))
     return Configuration(
         name=name,
@@ -254,11 +256,11 @@ def plan_resenc_configuration(
         median_shape=tuple(int(s) for s in median_shape),
         patch_size=tuple(int(v) for v in padded),
         batch_size=batch,
-        model=preset,
-        model_kwargs={**arch(strides, kernels), "spatial_dims": dim},
+        model=model,
+        model_kwargs=arch(strides, kernels),
         separate_z=anisotropic_axis is not None,
         anisotropic_axis=anisotropic_axis,
-        estimated_memory_gb=round(p["reference_gb"] * estimate * batch / (ref_batch * ref_val), 3),
+        estimated_memory_gb=round(sample_gb * batch, 3),
     )
 
 
@@ -279,14 +281,17 @@ def plan_normalization(info: DatasetInfo, fp: Fingerprint) -> tuple[Normalizatio
 
 
 def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu", presets=()) -> Plan:
-    """``presets``: ResEnc presets (``resenc_m``, ``resenc_l``) to add as ``3d_fullres_<preset>``."""
+    """``presets``: registry models with a planner hook (``resenc_m``, ``resenc_l``) to add as
+    ``3d_fullres_<preset>``."""
     if budget not in BUDGETS:
         raise ValueError(f"unknown budget {budget!r}; choose from {', '.join(BUDGETS)}")
-    from medseg.models.resenc import PRESETS
+    if presets:
+        from medseg.models.registry import plannable_models
 
-    unknown = [p for p in presets if p not in PRESETS]
-    if unknown:
-        raise ValueError(f"unknown ResEnc preset(s) {', '.join(unknown)}; choose from {', '.join(PRESETS)}")
+        known = plannable_models()
+        unknown = [p for p in presets if p not in known]
+        if unknown:
+            raise ValueError(f"unknown preset(s) {', '.join(unknown)}; choose from {', '.join(known)}")
     b = BUDGETS[budget]
     if is_2d_dataset(fp):
         return make_plan_2d(info, fp, b, presets)
@@ -306,7 +311,7 @@ def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu", presets=(
     configs["3d_fullres"] = full
     labels = dict(info.labels)
     for preset in dict.fromkeys(presets):  # same spacing as 3d_fullres: it shares its preprocessed data
-        configs[f"3d_fullres_{preset}"] = plan_resenc_configuration(
+        configs[f"3d_fullres_{preset}"] = plan_model_configuration(
             f"3d_fullres_{preset}",
             preset,
             tsp,

@@ -19,10 +19,6 @@ import torch
 
 from medseg.errors import CheckpointError
 
-# parameter-name prefixes of the encoder in the registry's models (unet/resenc: ``encoder``;
-# STU-Net: ``conv_blocks_context``), for --freeze-encoder-epochs
-ENCODER_PREFIXES = ("encoder.", "conv_blocks_context.", "convInit.", "down_layers.")  # LightM-UNet: the last two
-
 
 @dataclass
 class PretrainedSource:
@@ -151,11 +147,21 @@ def fit_patch(patch, divisor) -> tuple[int, ...]:
     return tuple(int(math.ceil(p / d) * d) for p, d in zip(patch, divisor))
 
 
-def encoder_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    params = [p for n, p in model.named_parameters() if n.startswith(ENCODER_PREFIXES)]
+def encoder_parameters(model: torch.nn.Module, model_name: str | None = None) -> list[torch.nn.Parameter]:
+    """The encoder's parameters (for --freeze-encoder-epochs), as the registry entry of ``model_name``
+    declares them (default: the name :func:`~medseg.models.create_model` tagged the model with)."""
+    from medseg.models.registry import get_entry
+
+    name = model_name or getattr(model, "registry_name", None)
+    if name is None:
+        raise ValueError(
+            f"{type(model).__name__} was not built by the model registry; --freeze-encoder-epochs cannot tell its encoder"
+        )
+    entry = get_entry(name)
+    params = [p for _, p in entry.parameters_under(model, entry.encoder)]
     if not params:
         raise ValueError(
-            f"{type(model).__name__} has no parameters named {' or '.join(p + '*' for p in ENCODER_PREFIXES)}; "
+            f"model '{name}' declares no encoder parameters (register_model(..., encoder=...)); "
             "--freeze-encoder-epochs cannot tell its encoder"
         )
     return params
