@@ -119,7 +119,16 @@ def train(
         0, help="Fine-tuning: keep the pretrained encoder frozen for the first N epochs."
     ),
     checkpoint_every: int = typer.Option(10, help="Epochs between resumable checkpoints."),
-    augmentation: str = typer.Option("default", help="default | none"),
+    augmentation: str = typer.Option("default", help="Augmentation preset: default | none | no_mirror | light."),
+    task: str | None = typer.Option(None, help="Task (default: the model's; segmentation)."),
+    loss: str | None = typer.Option(None, help="Loss: dice_ce | dice_bce | masked_l1 | masked_l2 (default: the task's)."),
+    optimizer: str = typer.Option("sgd_nesterov", help="sgd_nesterov | adamw | adam."),
+    schedule: str = typer.Option("poly", help="LR schedule: poly | warmup_cosine | constant."),
+    weight_decay: float = typer.Option(3e-5, help="Weight decay (AdamW: decoupled)."),
+    ema_decay: float | None = typer.Option(None, help="Keep an EMA of the weights (e.g. 0.999); it is exported."),
+    param_groups: str | None = typer.Option(
+        None, help='JSON list of per-group LR scales, e.g. \'[{"prefix": "encoder.", "lr_scale": 0.1}]\'.'
+    ),
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     threads: int | None = typer.Option(None, help="CPU threads for torch."),
@@ -147,14 +156,13 @@ def train(
 
         if model not in list_models():
             _fail(f"--model: unknown model '{model}' (registered: {', '.join(list_models())})")
-    overrides = {}
-    if model_kwargs:
-        try:
-            overrides = json.loads(model_kwargs)
-        except json.JSONDecodeError as exc:
-            _fail(f"--model-kwargs: not valid JSON ({exc})")
-        if not isinstance(overrides, dict):
-            _fail("--model-kwargs: expected a JSON object")
+    from medseg.cli.options import json_value
+
+    try:
+        overrides = json_value(model_kwargs, "--model-kwargs", dict) if model_kwargs else {}
+        groups = json_value(param_groups, "--param-groups", list) if param_groups else []
+    except ValueError as exc:
+        _fail(str(exc))
     cfg = TrainingConfig(
         epochs=epochs,
         iterations_per_epoch=iterations,
@@ -165,6 +173,13 @@ def train(
         freeze_encoder_epochs=freeze_encoder_epochs,
         checkpoint_every=checkpoint_every,
         augmentation=augmentation,
+        task=task,
+        loss=loss,
+        optimizer=optimizer,
+        schedule=schedule,
+        weight_decay=weight_decay,
+        ema_decay=ema_decay,
+        param_groups=groups,
         device=device,
         seed=seed,
         num_threads=threads,
@@ -175,6 +190,10 @@ def train(
         model_kwargs=overrides,
         pretrained=pretrained,
     )
+    try:
+        cfg.check()
+    except ValueError as exc:
+        _fail(str(exc))
     summary = api.train(
         dataset, workspace, configuration=configuration, fold=fold, config=cfg, resume=resume, output=output, log=_err
     )
@@ -206,10 +225,21 @@ def predict(
         help='JSON mapping the model\'s labels onto another label set, e.g. {"Anterior": "hippocampus", '
         '"Posterior": "hippocampus"}; unmapped classes become background (docs/transfer.md).',
     ),
+    condition: list[str] = typer.Option(
+        [], "--condition", help="Model input for every case, NAME=JSON, e.g. boxes='[[4,10,12,9,30,40]]' (repeatable)."
+    ),
+    conditions: Path | None = typer.Option(
+        None, "--conditions", help='JSON file of per-case model inputs: {"CASE": {"NAME": value}}.'
+    ),
 ):
     """Segment images with a trained model; writes label maps, volumes.csv and optional overlays."""
     from medseg.apps.segment import run_predict
+    from medseg.cli.options import parse_conditions
 
+    try:
+        common, per_case = parse_conditions(condition, conditions)
+    except ValueError as exc:
+        _fail(str(exc))
     run_predict(
         model,
         input,
@@ -224,6 +254,8 @@ def predict(
         overwrite=overwrite,
         label_map=label_map,
         amp=False if fp32 else None,
+        conditions=common,
+        case_conditions=per_case,
         echo=print,
     )
 

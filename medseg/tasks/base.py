@@ -96,5 +96,8 @@ class Task:
 
 
 def get_task(name: str, num_classes: int, **options) -> Task:
-    """An instance of the registered task ``name``."""
-    return TASKS.get(name)(num_classes, **options)
+    """An instance of the registered task ``name`` (its ``name`` is the registry's, also for a
+    subclass of another task)."""
+    task = TASKS.get(name)(num_classes, **options)
+    task.name = name
+    return task
