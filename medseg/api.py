@@ -31,11 +31,16 @@ def verify(dataset: str | Path):
     return verify_dataset(dataset)
 
 
-def plan(dataset: str | Path, workspace=None, *, budget: str = "cpu", presets=(), progress: bool = True) -> Plan:
+def plan(
+    dataset: str | Path, workspace=None, *, budget: str = "cpu", presets=(), normalization: dict | None = None,
+    progress: bool = True,
+) -> Plan:  # fmt: skip
     """Fingerprint the dataset and write ``plan.json`` (+ fingerprint.json) into the workspace.
 
     ``presets``: ResEnc presets (``resenc_m``, ``resenc_l``) planned as extra ``3d_fullres_<preset>``
-    configurations with nnU-Net's ResEnc planner and the preset's own GPU budget."""
+    configurations with nnU-Net's ResEnc planner and the preset's own GPU budget. ``normalization``:
+    {channel index: scheme} overriding the planned normalisation (``range:0,10``, ``imagenet``, ``ct``,
+    ``zscore``, ``zscore_masked``, ``none``; see :func:`medseg.planning.planner.normalization_from_spec`)."""
     from medseg.planning.fingerprint import compute_fingerprint
     from medseg.planning.planner import make_plan
 
@@ -43,6 +48,17 @@ def plan(dataset: str | Path, workspace=None, *, budget: str = "cpu", presets=()
     info = load_dataset_json(dataset)
     fp = compute_fingerprint(dataset, progress=progress)
     p = make_plan(info, fp, budget, presets=tuple(presets))
+    if normalization:
+        from dataclasses import replace
+
+        from medseg.planning.planner import normalization_from_spec
+
+        schemes = list(p.normalization)
+        for c, spec in normalization.items():
+            if not 0 <= int(c) < len(schemes):
+                raise ValueError(f"normalisation for channel {c}: the dataset has {len(schemes)} channel(s)")
+            schemes[int(c)] = normalization_from_spec(spec, int(c), len(schemes), fp)
+        p = replace(p, normalization=tuple(schemes))
     fp.save(ws.fingerprint_path(info.name))
     p.save(ws.plan_path(info.name))
     write_json(ws.preprocessed(info.name) / "dataset_info.json", {"raw_folder": str(Path(dataset).resolve())})

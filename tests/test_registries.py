@@ -160,3 +160,18 @@ def test_segmentation_task_validation_metric():
     assert summary["pseudo_dice"] == [pytest.approx(2 / 3, abs=1e-4), pytest.approx(2 / 3, abs=1e-4)]
     assert task.validation_summary(None) == {"pseudo_dice": [], "mean_pseudo_dice": None}
     assert not math.isnan(summary["mean_pseudo_dice"])
+
+
+def test_plan_normalisation_chosen_by_name(tmp_path):
+    from conftest import REPO
+
+    from medseg import api
+
+    data = REPO / "tests" / "fixtures" / "busi_4"
+    p = api.plan(data, workspace=tmp_path / "ws", normalization={0: "range:0,255"}, progress=False)
+    assert p.normalization[0] == Normalization("range", clip_low=0.0, clip_high=255.0)
+    assert api.load_plan(data, tmp_path / "ws").normalization == p.normalization  # in plan.json, hence model.json
+    with pytest.raises(ValueError, match="range:LOW,HIGH"):
+        api.plan(data, workspace=tmp_path / "ws2", normalization={0: "range:10"}, progress=False)
+    with pytest.raises(ValueError, match="unknown normalisation scheme 'zcore'"):
+        api.plan(data, workspace=tmp_path / "ws3", normalization={0: "zcore"}, progress=False)

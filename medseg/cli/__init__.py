@@ -55,6 +55,10 @@ def plan(
         help="Also plan a ResEnc preset (resenc_m: 8 GB, resenc_l: 24 GB, nnU-Net's ResEnc planners) as "
         "configuration 3d_fullres_<preset>; repeatable. Its GPU budget applies whatever --budget says.",
     ),
+    normalization: list[str] = typer.Option(
+        [], "--normalization", help="CHANNEL=SCHEME overriding the planned one, e.g. 0=range:0,10 (PET SUV), "
+        "0=range:-150,250 (CT window), 0=imagenet, 0=ct, 0=zscore, 0=zscore_masked, 0=none; repeatable.",
+    ),
 ):
     """Fingerprint the dataset and write a plan (typed, editable JSON)."""
     from medseg import api
@@ -68,7 +72,16 @@ def plan(
         _fail(f"--preset: unknown {', '.join(unknown)} (choose from {', '.join(known)})")
     ws = Workspace.resolve(workspace)
     check_writable_dir(ws.root)  # fail before fingerprinting, not after
-    p = api.plan(dataset, workspace, budget=budget, presets=preset)
+    overrides = {}
+    for item in normalization:
+        channel, sep, scheme = item.partition("=")
+        if not sep or not channel.strip().isdigit():
+            _fail(f"--normalization: expected CHANNEL=SCHEME (e.g. 0=range:0,10), got {item!r}")
+        overrides[int(channel)] = scheme.strip()
+    try:
+        p = api.plan(dataset, workspace, budget=budget, presets=preset, normalization=overrides)
+    except ValueError as exc:
+        _fail(str(exc))
     for name, c in p.configurations.items():
         model = "" if c.model == "unet" else f"  model {c.model}"
         print(

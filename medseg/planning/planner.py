@@ -280,6 +280,32 @@ def plan_normalization(info: DatasetInfo, fp: Fingerprint) -> tuple[Normalizatio
     return tuple(out)
 
 
+def normalization_from_spec(spec: str, channel: int, num_channels: int, fp: Fingerprint) -> Normalization:
+    """A user's choice for one channel, by scheme name: ``zscore``, ``zscore_masked``, ``ct``
+    (statistics from the fingerprint), ``range:LOW,HIGH`` (fixed window -> [0, 1]), ``imagenet``,
+    ``none``, or any other registered scheme without parameters."""
+    from medseg.preprocessing.normalization import NORMALIZATIONS, imagenet_normalization
+
+    name, _, args = spec.partition(":")
+    if name == "zscore_masked":
+        return Normalization("zscore", True)
+    if name == "ct":
+        st = fp.intensity[channel]
+        return Normalization("ct", False, st["percentile_00_5"], st["percentile_99_5"], st["mean"], st["std"])
+    if name == "range":
+        try:
+            low, high = (float(v) for v in args.split(","))
+        except ValueError:
+            raise ValueError(f"normalisation '{spec}': expected range:LOW,HIGH, e.g. range:0,10") from None
+        if not high > low:
+            raise ValueError(f"normalisation '{spec}': LOW must be below HIGH")
+        return Normalization("range", clip_low=low, clip_high=high)
+    if name == "imagenet":
+        return imagenet_normalization(num_channels)[channel]
+    NORMALIZATIONS.entry(name)  # unknown: one error listing the registered schemes
+    return Normalization(name)
+
+
 def make_plan(info: DatasetInfo, fp: Fingerprint, budget: str = "cpu", presets=()) -> Plan:
     """``presets``: registry models with a planner hook (``resenc_m``, ``resenc_l``) to add as
     ``3d_fullres_<preset>``."""
