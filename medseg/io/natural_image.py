@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from medseg.errors import ImageReadError, OutputError
-from medseg.io.image import NATURAL_SPACING, ImageMeta, atomic_target, ensure_writable_dir
+from medseg.io.image import NATURAL_SPACING, ImageMeta, atomic_target, ensure_writable_dir, label_dtype
 
 _ALPHA_MODES = ("LA", "La", "PA")  # grey/palette + alpha: the alpha is dropped, as nnU-Net does
 
@@ -78,7 +78,7 @@ def write_natural_image(array: np.ndarray, path: Path) -> Path:
     limit = 255 if suffix == ".bmp" else 65535
     if lo < 0 or hi > limit:
         raise OutputError(path, f"cannot write image: values {lo}..{hi} do not fit a {suffix} file (0..{limit})")
-    return _write_atomic(np.ascontiguousarray(arr.astype(np.uint8 if hi <= 255 else np.uint16)), path)
+    return _write_atomic(np.ascontiguousarray(arr.astype(label_dtype(hi))), path)
 
 
 def _write_atomic(arr: np.ndarray, path: Path) -> Path:
