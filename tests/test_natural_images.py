@@ -71,6 +71,19 @@ def test_rgb_file_gives_three_channels_alpha_dropped(tmp_path, rng):
     assert data.dtype == np.float32 and data.shape == (3, 1, 20, 30)
 
 
+def test_case_channel_counts_are_one_line_errors(tmp_path):
+    grey = FIXTURE / "imagesTr" / "busi_benign_001_0000.png"
+    Image.open(grey).convert("RGB").save(tmp_path / "rgb_0000.png")
+    with pytest.raises(DatasetError, match=r"is an RGB image \(3 channels\); the model needs 1 channel") as exc:
+        read_case_channels([tmp_path / "rgb_0000.png"], 1, needs="the model needs")
+    assert exc.value.path == str(tmp_path / "rgb_0000.png")
+    with pytest.raises(DatasetError, match=r"is a grey image \(1 channel\); the model needs 3 channels") as exc:
+        read_case_channels([grey], 3, needs="the model needs")
+    assert exc.value.path == str(grey)
+    data, meta = read_case_channels([grey, grey], 2)  # one grey file per channel works too
+    assert data.shape == (2, *meta.shape)
+
+
 def test_grey_16_bit_image_and_palette_label(tmp_path):
     grey = (np.arange(24, dtype=np.uint16).reshape(4, 6) * 2000).astype(np.uint16)
     Image.fromarray(grey).save(tmp_path / "g.png")
