@@ -83,3 +83,25 @@ def crash_training_at(monkeypatch, epoch: int):
 
     monkeypatch.setattr(Trainer, "train_epoch", crashing)
     return lambda: monkeypatch.setattr(Trainer, "train_epoch", original)
+
+
+@pytest.fixture
+def isolated_registries():
+    """Entries a test registers (models, tasks, losses, ...) are removed again afterwards, so that
+    registry-driven tests elsewhere (``medseg models``, the model zoo) see only the real ones."""
+    from medseg.augment.presets import AUGMENTATIONS
+    from medseg.models import registry as models
+    from medseg.preprocessing.normalization import NORMALIZATIONS
+    from medseg.tasks import TASKS
+    from medseg.training.losses import LOSSES
+    from medseg.training.optim import OPTIMIZERS
+    from medseg.training.schedules import SCHEDULES
+
+    models.list_models()  # load the built-ins first
+    registries = [r._entries for r in (AUGMENTATIONS, NORMALIZATIONS, TASKS, LOSSES, OPTIMIZERS, SCHEDULES)]
+    registries.append(models._REGISTRY)
+    saved = [dict(r) for r in registries]
+    yield
+    for r, s in zip(registries, saved):
+        r.clear()
+        r.update(s)

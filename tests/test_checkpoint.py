@@ -198,7 +198,7 @@ def test_ensemble_averages_fold_logits(model_folder):
     assert f0.folds == ["0"] and f1.folds == ["1"]
     x = torch.randn(1, 1, *PATCH)
     with torch.no_grad():
-        a, b, ab = f0._predict_tiles(x), f1._predict_tiles(x), both._predict_tiles(x)
+        a, b, ab = (p._predict_tiles(x)["logits"] for p in (f0, f1, both))
     assert not torch.allclose(a, b)
     torch.testing.assert_close(ab, (a + b) / 2, atol=1e-5, rtol=1e-5)
 

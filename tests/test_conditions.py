@@ -116,7 +116,7 @@ class PointEcho(torch.nn.Module):
         return {"logits": torch.stack([torch.zeros_like(fg), fg], 1), "ood_score": x[:, :1].float()}
 
 
-def test_predictor_passes_points_and_exports_named_maps(tmp_path):
+def test_predictor_passes_points_and_exports_named_maps(tmp_path, isolated_registries):
     from medseg.inference.predictor import Predictor
     from medseg.io.checkpoint import ModelSpec
     from medseg.io.image import read_image

@@ -27,7 +27,7 @@ def _load_example():
 
 
 @pytest.mark.realdata
-def test_click_segmentation_example_trains_resumes_and_predicts(tmp_path):
+def test_click_segmentation_example_trains_resumes_and_predicts(tmp_path, isolated_registries):
     example = _load_example()
     data = copy_hippo_cases(tmp_path / "Dataset004_Hippocampus", ["hippocampus_001", "hippocampus_003"])
     ws = tmp_path / "ws"

@@ -34,7 +34,7 @@ def test_builtin_entries_and_unknown_names():
     TrainingConfig(task="segmentation", loss="dice_bce", optimizer="adamw", schedule="constant").check()
 
 
-def test_one_function_and_one_decorator_adds_an_entry():
+def test_one_function_and_one_decorator_adds_an_entry(isolated_registries):
     @register_schedule("halving_test")
     def halving(initial, step, total, cfg):
         """Halve at half time."""
