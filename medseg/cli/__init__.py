@@ -56,7 +56,9 @@ def plan(
         "configuration 3d_fullres_<preset>; repeatable. Its GPU budget applies whatever --budget says.",
     ),
     normalization: list[str] = typer.Option(
-        [], "--normalization", help="CHANNEL=SCHEME overriding the planned one, e.g. 0=range:0,10 (PET SUV), "
+        [],
+        "--normalization",
+        help="CHANNEL=SCHEME overriding the planned one, e.g. 0=range:0,10 (PET SUV), "
         "0=range:-150,250 (CT window), 0=imagenet, 0=ct, 0=zscore, 0=zscore_masked, 0=none; repeatable.",
     ),
 ):
@@ -134,7 +136,9 @@ def train(
     checkpoint_every: int = typer.Option(10, help="Epochs between resumable checkpoints."),
     augmentation: str = typer.Option("default", help="Augmentation preset: default | none | no_mirror | light."),
     task: str | None = typer.Option(None, help="Task (default: the model's; segmentation)."),
-    loss: str | None = typer.Option(None, help="Loss: dice_ce | dice_bce | masked_l1 | masked_l2 (default: the task's)."),
+    loss: str | None = typer.Option(
+        None, help="Loss: dice_ce | dice_bce | masked_l1 | masked_l2 (default: the task's)."
+    ),
     optimizer: str = typer.Option("sgd_nesterov", help="sgd_nesterov | adamw | adam."),
     schedule: str = typer.Option("poly", help="LR schedule: poly | warmup_cosine | constant."),
     weight_decay: float = typer.Option(3e-5, help="Weight decay (AdamW: decoupled)."),
