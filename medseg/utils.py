@@ -38,7 +38,17 @@ def resolve_device(name: str):
 
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    from medseg.errors import MedsegError
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise MedsegError(None, f"--device: unknown device '{name}' (auto, cpu, cuda, cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise MedsegError(None, f"--device {name}: this torch has no CUDA device (use --device cpu or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise MedsegError(None, f"--device {name}: only {torch.cuda.device_count()} CUDA device(s)")
+    return device
 
 
 def native_bf16_cpu() -> bool:

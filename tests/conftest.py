@@ -97,8 +97,11 @@ def isolated_registries():
     from medseg.training.optim import OPTIMIZERS
     from medseg.training.schedules import SCHEDULES
 
-    models.list_models()  # load the built-ins first
-    registries = [r._entries for r in (AUGMENTATIONS, NORMALIZATIONS, TASKS, LOSSES, OPTIMIZERS, SCHEDULES)]
+    models.list_models()  # load the built-ins first (the lazy loaders run once)
+    named = (AUGMENTATIONS, NORMALIZATIONS, TASKS, LOSSES, OPTIMIZERS, SCHEDULES)
+    for registry in named:
+        registry.names()
+    registries = [r._entries for r in named]
     registries.append(models._REGISTRY)
     saved = [dict(r) for r in registries]
     yield

@@ -4,6 +4,7 @@ to the NIfTI label map; segment numbers equal label values; geometry taken from 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 import subprocess
 import sys
 
@@ -89,3 +90,22 @@ def test_label_map_off_the_series_grid_is_a_one_line_error(tmp_path):
     )
     assert run.returncode != 0 and "Traceback" not in run.stderr and "small.nii.gz" in run.stderr
     assert run.stderr.strip().count("\n") == 0 and not out.exists()
+
+
+def test_series_without_type2_patient_attributes(tmp_path):
+    """TCIA's anonymised series have no PatientBirthDate (type 2: may be absent in practice, must be
+    present in a SEG): the SEG gets it empty; the source files are not touched."""
+    from medseg.io.dicom_seg import write_dicom_seg
+
+    series = require(SHARED_DATA / "tcia_pgbm_hippocrop_dicom" / "Study1_13_HCropVolume")
+    files = [Path(f) for f in series_files(series)]
+    assert "PatientBirthDate" not in pydicom.dcmread(files[0], stop_before_pixels=True)
+    before = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()
+    arr, _ = read_image(series)
+    seg = np.zeros(arr.shape, np.uint8)
+    seg[5:10, 20:30, 20:30] = 1
+    out = write_dicom_seg(series, seg, {"background": 0, "hippocampus": 1}, tmp_path / "seg.dcm")
+    back, names = read_dicom_seg(out, series)
+    assert np.array_equal(back, seg) and names == {"hippocampus": 1}
+    assert pydicom.dcmread(out).PatientBirthDate == ""
+    assert hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() == before

@@ -64,4 +64,24 @@ def test_click_segmentation_example_trains_resumes_and_predicts(tmp_path, isolat
     assert seg.shape == image.shape[1:] and seg.dtype == np.uint8
     with pytest.raises(TypeError):  # the model needs its click
         predictor.predict_array(image, meta)
+
+    # the same through `medseg predict`: one click for every case, and a per-case file overriding it
+    from typer.testing import CliRunner
+
+    from medseg.cli import app
+    from medseg.io.image import read_image
+
+    clicks = tmp_path / "clicks.json"
+    clicks.write_text(json.dumps({case.name: {"points": [[17, 25, 15]]}}))
+    (tmp_path / "scans").mkdir()
+    (tmp_path / "scans" / case.images[0].name).write_bytes(case.images[0].read_bytes())
+    args = ["predict", "-m", str(full), "-i", str(tmp_path / "scans"), "-o", str(tmp_path / "cli"), "--fp32"]
+    res = CliRunner().invoke(app, [*args, "--condition", "points=[[1, 2, 3]]", "--conditions", str(clicks)])
+    assert res.exit_code == 0, res.output
+    cli_seg, _ = __import__("medseg.io.image", fromlist=["read_image"]).read_image(
+        tmp_path / "cli" / f"{case.name}.nii.gz"
+    )
+    assert np.array_equal(cli_seg, seg), "the per-case click won, as in the API call"
+    bad = CliRunner().invoke(app, [*args, "--condition", "points[[1,2,3]]"])
+    assert bad.exit_code == 2 and "NAME=JSON" in bad.output
     del example

@@ -149,7 +149,7 @@ def test_normalisation_schemes():
 
 
 def test_segmentation_task_validation_metric():
-    task = get_task("segmentation", 3)
+    task = get_task("segmentation", 3, labels={"background": 0, "Anterior": 1, "Posterior": 2})
     state = task.validation_state()
     ref = torch.tensor([[[0, 1, 2, 2]]])[:, None]  # (B, 1, 1, 4)
     logits = torch.zeros(1, 3, 1, 4)
@@ -160,6 +160,7 @@ def test_segmentation_task_validation_metric():
     assert summary["pseudo_dice"] == [pytest.approx(2 / 3, abs=1e-4), pytest.approx(2 / 3, abs=1e-4)]
     assert task.validation_summary(None) == {"pseudo_dice": [], "mean_pseudo_dice": None}
     assert not math.isnan(summary["mean_pseudo_dice"])
+    assert task.summary_line(summary) == "pseudo-Dice Anterior 0.6667  Posterior 0.6667"
 
 
 def test_plan_normalisation_chosen_by_name(tmp_path):

@@ -27,10 +27,17 @@ def run_predict(
     from medseg.evaluation.report import overlay_png, structure_volumes, write_volumes_table
     from medseg.inference.predictor import Predictor
     from medseg.io.dataset import cases_from_input
-    from medseg.io.image import check_writable_dir, prediction_ending, read_image, read_image_channels
+    from medseg.io.image import (
+        check_output_apart,
+        check_writable_dir,
+        prediction_ending,
+        read_image,
+        read_image_channels,
+    )
     from medseg.io.jsonio import write_json
 
     t0 = time.perf_counter()
+    check_output_apart(output, input)  # never write label maps over (or among) the input images
     output = check_writable_dir(output)  # created only once a case is predicted
     predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map, amp=amp)
     cases = cases_from_input(input, predictor.spec.in_channels)

@@ -21,6 +21,23 @@ app = typer.Typer(
 WS_HELP = "Workspace folder for preprocessed data and models (default: $MEDSEG_WORKSPACE or ./medseg_workspace)."
 
 
+def _show_version(value: bool) -> None:
+    if value:
+        from medseg import __version__
+
+        print(f"medseg {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_show_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:
+    """medseg: self-configuring 3D medical image segmentation."""
+
+
 def _fail(msg: str, code: int = 2):
     print(f"medseg: error: {msg}", file=sys.stderr)
     raise typer.Exit(code)
@@ -66,8 +83,11 @@ def plan(
     from medseg import api
     from medseg.io.image import check_writable_dir
     from medseg.models.registry import plannable_models
+    from medseg.planning.planner import BUDGETS
     from medseg.workspace import Workspace
 
+    if budget not in BUDGETS:
+        _fail(f"--budget: unknown '{budget}' (choose from {', '.join(sorted(BUDGETS))})")
     known = plannable_models()  # registry models with a planner hook: resenc_l, resenc_m
     unknown = [p for p in preset if p not in known]
     if unknown:
@@ -252,6 +272,9 @@ def predict(
     """Segment images with a trained model; writes label maps, volumes.csv and optional overlays."""
     from medseg.apps.segment import run_predict
     from medseg.cli.options import parse_conditions
+
+    if not 0 < step <= 1:
+        _fail(f"--step must be in (0, 1] (a fraction of the patch), got {step}")
 
     try:
         common, per_case = parse_conditions(condition, conditions)

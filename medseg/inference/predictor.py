@@ -6,6 +6,7 @@ of all flips. Export is in each input's native geometry (un-crop, resample back)
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 from medseg.errors import CheckpointError
 from medseg.inference.conditions import prepare_conditions, tile_conditions
 from medseg.inference.export import map_to_native, segmentation_from_logits, to_input_grid
+from medseg.inference.provenance import check_output_folder, record_output_folder, weights_digest
 from medseg.inference.sliding_window import sliding_window_predict
 from medseg.inference.streaming import streaming_segmentation
 from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_weights, resolve_model
@@ -77,7 +79,7 @@ class Predictor:
         reduced precision (None: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise; False:
         always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32."""
         self.spec = spec
-        self.task = get_task(spec.task, spec.num_classes)  # what the model's outputs mean
+        self.task = get_task(spec.task, spec.num_classes, labels=dict(spec.labels))  # what the outputs mean
         self.mapping = _label_mapping(label_map, spec.labels)
         self.plan = spec.plan
         self.conf = spec.plan.configuration(spec.configuration)
@@ -110,6 +112,9 @@ class Predictor:
                 ) from None
             self.models.append(net.to(self.device).eval())
         self.folds = list(fold_weights)
+        self.weights_digest = weights_digest(fold_weights)
+        if not 0 < step <= 1:
+            raise ValueError(f"--step must be in (0, 1] (a fraction of the patch), got {step}")
         self.tta = tta
         self.step = step
         self.tile_batch = tile_batch or (4 if self.device.type == "cuda" else 1)
@@ -122,6 +127,16 @@ class Predictor:
         if self.conf.numerics not in ("medseg", "nnunet"):
             raise CheckpointError(root / "model.json", f"unknown numerics '{self.conf.numerics}' (medseg or nnunet)")
 
+    def provenance(self, **options) -> dict:
+        """What decides a folder run's outputs: the weights (digest per fold), labels, model name and
+        the options that change the result (see :mod:`medseg.inference.provenance`)."""
+        extra = {k: json.loads(json.dumps(v, default=str)) for k, v in options.items() if v}
+        precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32"
+        return {
+            "model": self.spec.model, "weights": self.weights_digest, "labels": self.labels, "tta": self.tta,
+            "step": self.step, "precision": precision, "options": extra,
+        }  # fmt: skip
+
     @property
     def labels(self) -> dict[str, int]:
         """The label set of the written label maps: the model's, or the label map's targets."""
@@ -131,9 +146,13 @@ class Predictor:
     def from_folder(cls, model: str | Path, folds=None, **kwargs) -> Predictor:
         folder = resolve_model(model)
         spec = load_spec(folder)
-        folds = [str(f) for f in folds] if folds else available_folds(folder)
+        found = available_folds(folder)
+        folds = [str(f) for f in folds] if folds else found
         if not folds:
             raise CheckpointError(folder, "model folder holds no fold_*/ weights")
+        missing = [f for f in folds if f not in found]
+        if missing:
+            raise CheckpointError(folder, f"has no fold {missing[0]} (folds: {', '.join(found) or 'none'})")
         weights = {f: load_weights(folder / f"fold_{f}") for f in folds}
         return cls(spec, weights, source=folder, **kwargs)
 
@@ -252,10 +271,21 @@ class Predictor:
         from medseg.inference.postprocess import keep_largest_component
         from medseg.utils import track
 
-        out_dir = ensure_writable_dir(out_dir)
+        out_dir = Path(out_dir)  # created with the first output: a failed first case leaves no empty folder
+        # what changes the label maps (probabilities are an extra file, not another result)
+        provenance = self.provenance(
+            largest_component=largest_component, file_ending=file_ending, conditions=conditions,
+            case_conditions=case_conditions,
+        )  # fmt: skip
+        existing = any((out_dir / f"{c.name}{file_ending}").exists() for c in cases)
+        check_output_folder(out_dir, provenance, overwrite=overwrite, any_existing=existing)
         results = []
         for case in track(cases, description="predict", enabled=progress):
             target = out_dir / f"{case.name}{file_ending}"
+            if any(target.resolve() == Path(f).resolve() for f in case.images):
+                from medseg.errors import OutputError
+
+                raise OutputError(target, "is an input image of this case; choose another output folder")
             if target.exists() and not overwrite:
                 results.append({"case": case.name, "output": str(target), "skipped": True})
                 continue
@@ -263,6 +293,8 @@ class Predictor:
             image, meta = self.read_case(case)
             cond = {**(conditions or {}), **(case_conditions or {}).get(case.name, {})}
             maps = self.predict_maps(image, meta, return_probabilities=save_probabilities, **cond)
+            ensure_writable_dir(out_dir)
+            record_output_folder(out_dir, provenance)
             seg, probs = maps.pop("labels"), maps.pop("probabilities", None)
             written = write_named_maps(maps, meta, out_dir, case.name, file_ending)  # before the label map
             if largest_component:
@@ -306,7 +338,7 @@ def write_named_maps(maps: dict[str, np.ndarray], meta: ImageMeta, out_dir: Path
         ending = ".tif"
     written = []
     for name, values in maps.items():
-        channels = [values] if values.ndim == 3 else list(values) if values.shape[0] > 1 else [values[0]]
+        channels = list(values)  # (K, z, y, x): one file per channel
         for k, v in enumerate(channels):
             suffix = f"_{k}" if len(channels) > 1 else ""
             written.append(str(write_image(v.astype(np.float32), meta, out_dir / f"{case}_{name}{suffix}{ending}")))

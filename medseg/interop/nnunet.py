@@ -26,7 +26,6 @@ import os
 import pickle
 import re
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -284,7 +283,9 @@ def import_nnunet(
         _check_weights(spec, states[f], source, trainer)
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{output.name}.importing-", dir=output.parent))
+    from medseg.io.atomic import temp_dir_beside
+
+    tmp = temp_dir_beside(output, ".importing")  # renamed into place: ordinary permissions, not 0700
     try:
         save_spec(tmp, spec)
         for f, state in states.items():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -135,10 +134,12 @@ def save_weights(fold_dir: Path, state_dict: dict, *, info: dict | None = None) 
 
     fold_dir.mkdir(parents=True, exist_ok=True)
     target = fold_dir / "model.safetensors"
-    fd, tmp = tempfile.mkstemp(prefix=".model.", suffix=".safetensors.part", dir=fold_dir)
-    os.close(fd)
+    from medseg.io.atomic import default_mode, temp_file_beside
+
+    tmp = temp_file_beside(target, ".safetensors.part")
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     save_file(tensors, tmp, metadata={"format": FORMAT})
+    default_mode(tmp)  # safetensors writes its file private (0600)
     os.replace(tmp, target)
     write_json(fold_dir / "checkpoint.json", {**(info or {}), "weights": target.name, "sha256": sha256(target)})
     return target

@@ -84,6 +84,11 @@ def load_dataset_json(folder: str | Path) -> DatasetInfo:
         labels[name] = value
     if 0 not in labels.values():
         raise DatasetError(path, "labels must include background with value 0")
+    seen: dict[int, str] = {}
+    for name, value in labels.items():
+        if value in seen:
+            raise DatasetError(path, f"labels '{seen[value]}' and '{name}' have the same value {value}")
+        seen[value] = name
     ending = d.get("file_ending", ".nii.gz")
     if image_suffix("x" + ending) is None:
         raise DatasetError(path, f"file_ending '{ending}' is not a supported image type")

@@ -58,6 +58,20 @@ def _with_uids_from_file_meta(ds):
     return ds
 
 
+# Type-2 attributes of the Patient and General Study modules: required to be present, allowed empty.
+# Anonymised series (TCIA's among them) omit some; highdicom copies them from the source and fails on
+# a missing one, so the in-memory copies get them empty, as the standard allows (files are not touched).
+TYPE2_COPIED = ("PatientName", "PatientID", "PatientBirthDate", "PatientSex", "StudyDate", "StudyTime",
+                "ReferringPhysicianName", "StudyID", "AccessionNumber")  # fmt: skip
+
+
+def _with_empty_type2(ds):
+    for keyword in TYPE2_COPIED:
+        if keyword not in ds:
+            setattr(ds, keyword, "")
+    return ds
+
+
 def write_dicom_seg(
     series_dir: str | Path,
     seg: np.ndarray,
@@ -78,7 +92,7 @@ def write_dicom_seg(
     from medseg.io.image import atomic_target, label_dtype
 
     files = series_files(series_dir)
-    sources = [_with_uids_from_file_meta(pydicom.dcmread(f)) for f in files]
+    sources = [_with_empty_type2(_with_uids_from_file_meta(pydicom.dcmread(f))) for f in files]
     rows, cols = int(sources[0].Rows), int(sources[0].Columns)
     if seg.shape != (len(sources), rows, cols):
         raise ValueError(f"label map shape {seg.shape} is not the series grid {(len(sources), rows, cols)}")

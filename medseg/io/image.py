@@ -253,6 +253,17 @@ def _restore_nonfinite(chunks, layout: _NiftiLayout, arr: np.ndarray) -> np.ndar
     return arr
 
 
+def _gzip_head(path: Path, n: int = 544) -> bytes:
+    """Up to ``n`` decompressed bytes from the start of a gzip file, also when the file is cut short
+    (``gzip.open(...).read`` raises then, and a cut header must be judged, not skipped)."""
+    with open(path, "rb") as fh:
+        raw = fh.read(1 << 16)
+    try:
+        return zlib.decompressobj(wbits=31).decompress(raw, n)
+    except zlib.error:
+        return b""
+
+
 def _check_nifti(path: Path, arr: np.ndarray) -> np.ndarray:
     """Raise ImageReadError for a truncated NIfTI; return ``arr`` with any NaN/Inf restored."""
     name = path.name.lower()
@@ -260,11 +271,15 @@ def _check_nifti(path: Path, arr: np.ndarray) -> np.ndarray:
     if not (gz or name.endswith(".nii")):
         return arr
     try:
-        with (gzip.open if gz else open)(path, "rb") as fh:
-            layout = _nifti_layout(fh.read(544))
-    except (OSError, EOFError, zlib.error):
+        head = _gzip_head(path) if gz else path.open("rb").read(544)
+    except OSError:
         return arr  # ITK read it, so leave the judgement to ITK
+    layout = _nifti_layout(head)
     if layout is None:
+        if gz and len(head) < 348:  # ITK made an image of a cut-off header: mostly zeros, never data
+            raise ImageReadError(
+                path, f"truncated: only {len(head)} bytes after decompression, a NIfTI header needs 348"
+            )
         return arr
     if not gz:
         size = path.stat().st_size
@@ -428,10 +443,9 @@ def _sitk_image(array: np.ndarray, meta: ImageMeta):
 
 def atomic_target(path: Path) -> Path:
     """A temp path in the same folder as ``path`` with the same suffix, for write-then-rename."""
-    suffix = image_suffix(path) or path.suffix
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".part{suffix}", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
+    from medseg.io.atomic import temp_file_beside
+
+    return temp_file_beside(path, f".part{image_suffix(path) or path.suffix}")
 
 
 def ensure_writable_dir(folder: str | Path) -> Path:
@@ -444,6 +458,21 @@ def ensure_writable_dir(folder: str | Path) -> Path:
     except OSError as exc:
         raise OutputError(folder, f"output folder is not writable ({exc.strerror or exc})") from None
     return folder
+
+
+def check_output_apart(output: str | Path, source: str | Path) -> None:
+    """Refuse an output folder that could overwrite or mix with the inputs: for a folder of inputs,
+    an output that is that folder, lies inside it or contains it; for one input file, its own folder
+    (``scan.nii.gz`` would be replaced by its label map)."""
+    out, src = Path(output).absolute().resolve(), Path(source).absolute().resolve()
+    if src.is_file():
+        clash = out == src.parent
+    else:
+        clash = out == src or src in out.parents or out in src.parents
+    if clash:
+        raise OutputError(
+            output, f"output folder must be apart from the input {source} (it could overwrite the inputs)"
+        )
 
 
 def check_writable_dir(folder: str | Path) -> Path:
@@ -483,7 +512,9 @@ def write_image(array: np.ndarray, meta: ImageMeta, path: str | Path, *, compres
         array = array.astype(np.uint8)
     elif array.dtype == np.float16:  # no float16 pixel type in ITK
         array = array.astype(np.float32)
-    tmp_dir = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent))
+    from medseg.io.atomic import temp_dir_beside
+
+    tmp_dir = temp_dir_beside(path)
     try:
         sitk.WriteImage(_sitk_image(array, meta), str(tmp_dir / path.name), compress)
         for f in sorted(tmp_dir.iterdir(), key=lambda f: f.name == path.name):

@@ -57,7 +57,19 @@ class TrainingConfig:
         return AUGMENTATIONS.get(self.augmentation)(spatial_dims, anisotropic)
 
     def check(self) -> None:
-        """Raise ValueError naming the first unknown registry name (before any work starts)."""
+        """Raise ValueError naming the first unknown registry name or out-of-range number (before any
+        work starts)."""
+        for name, value, low in (("--epochs", self.epochs, 1), ("--iterations", self.iterations_per_epoch, 1),
+                                 ("--val-iterations", self.val_iterations, 0), ("--batch-size", self.batch_size, 1),
+                                 ("--checkpoint-every", self.checkpoint_every, 1)):  # fmt: skip
+            if value is not None and value < low:
+                raise ValueError(f"{name} must be at least {low}, got {value}")
+        if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
+            raise ValueError(f"--time-budget must be a positive number of minutes, got {self.time_budget_minutes}")
+        if not self.initial_lr > 0:
+            raise ValueError(f"--lr must be positive, got {self.initial_lr}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
         from medseg.augment.presets import AUGMENTATIONS
         from medseg.tasks import TASKS
         from medseg.training.losses import LOSSES

@@ -85,6 +85,12 @@ class Trainer:
             get_split(Path(preprocessed_dir), names, fold)
         distributed.barrier(self.dist)
         self.train_names, self.val_names = get_split(Path(preprocessed_dir), names, fold, write=False)
+        if not self.train_names:
+            from medseg.errors import DatasetError
+
+            raise DatasetError(
+                preprocessed_dir, f"fold {fold} has no training case ({len(names)} case(s) in all); use -f all"
+            )
         model_name, model_kwargs = config.model or self.conf.model, planned_kwargs(self.conf, config)
         pretrained = None
         if config.pretrained:
@@ -93,48 +99,15 @@ class Trainer:
             pretrained = resolve_pretrained(config.pretrained)
             model_name, model_kwargs = self._adopt_pretrained(pretrained, model_name, model_kwargs)
         self._fit_patch_to(model_kwargs, configuration)
-        plan = self.plan
-        self.task = get_task(self._task_name(model_name), plan.num_classes)
+        self.task = get_task(self._task_name(model_name), self.plan.num_classes, labels=dict(self.plan.labels))
         self.loss_fn = LOSSES.get(config.loss or self.task.loss_name)
         self.schedule = SCHEDULES.get(config.schedule)
-        self.spec = ModelSpec(
-            model=model_name,
-            model_kwargs=model_kwargs,
-            in_channels=len(plan.channel_names),
-            num_classes=plan.num_classes,
-            labels=dict(plan.labels),
-            plan=plan,
-            configuration=configuration,
-            pretrained=pretrained.record() if pretrained else None,
-            task=self.task.name,
-            training={**config.recipe(), "task": self.task.name, "loss": config.loss or self.task.loss_name},
-        )
+        self.spec = self._model_spec(model_name, model_kwargs, configuration, pretrained)
         torch.manual_seed(config.seed)  # same seed -> same initial weights on every rank
         self.model = self.spec.build(deep_supervision=config.deep_supervision).to(self.device)
         if pretrained:
             self._load_pretrained(pretrained)
-        self._encoder = None
-        if config.freeze_encoder_epochs > 0:
-            from medseg.errors import MedsegError
-            from medseg.training.transfer import encoder_parameters
-
-            try:
-                self._encoder = encoder_parameters(self.model)
-            except ValueError as exc:
-                raise MedsegError(None, f"--freeze-encoder-epochs: {exc}") from None
-        self._drop_encoder_grads = False
-        try:
-            self.optimizer = build_optimizer(self.model, config)
-        except ValueError as exc:  # a parameter group that matches nothing, an unknown optimiser
-            from medseg.errors import MedsegError
-
-            raise MedsegError(None, str(exc)) from None
-        self.ema = WeightEMA(self.model, config.ema_decay) if config.ema_decay else None
-        self.lr = config.initial_lr
-        # loss scaling is for float16 only: bfloat16 has float32's exponent range
-        self.scaler = torch.amp.GradScaler(
-            "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
-        )
+        self._setup_optimisation()
         self.ddp_model = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -144,6 +117,47 @@ class Trainer:
         aniso = self.conf.anisotropic_axis is not None
         self.augment = config.augment_config(self.conf.spatial_dims, aniso)
         self.batch_size = max(1, (config.batch_size or self.conf.batch_size) // self.dist.world_size)
+
+    def _model_spec(self, model_name: str, model_kwargs: dict, configuration: str, pretrained) -> ModelSpec:
+        """What model.json records: the network, the plan, the task and the recipe's registry names."""
+        plan, cfg = self.plan, self.cfg
+        return ModelSpec(
+            model=model_name,
+            model_kwargs=model_kwargs,
+            in_channels=len(plan.channel_names),
+            num_classes=plan.num_classes,
+            labels=dict(plan.labels),
+            plan=plan,
+            configuration=configuration,
+            pretrained=pretrained.record() if pretrained else None,
+            task=self.task.name,
+            training={**cfg.recipe(), "task": self.task.name, "loss": cfg.loss or self.task.loss_name},
+        )
+
+    def _setup_optimisation(self) -> None:
+        """Encoder freezing, optimiser with its parameter groups, EMA and the loss scaler."""
+        from medseg.errors import MedsegError
+
+        cfg = self.cfg
+        self._encoder = None
+        if cfg.freeze_encoder_epochs > 0:
+            from medseg.training.transfer import encoder_parameters
+
+            try:
+                self._encoder = encoder_parameters(self.model, self.spec.model)
+            except ValueError as exc:
+                raise MedsegError(None, f"--freeze-encoder-epochs: {exc}") from None
+        self._drop_encoder_grads = False
+        try:
+            self.optimizer = build_optimizer(self.model, cfg)
+        except ValueError as exc:  # a parameter group that matches nothing, an unknown optimiser
+            raise MedsegError(None, str(exc)) from None
+        self.ema = WeightEMA(self.model, cfg.ema_decay) if cfg.ema_decay else None
+        self.lr = cfg.initial_lr
+        # loss scaling is for float16 only: bfloat16 has float32's exponent range
+        self.scaler = torch.amp.GradScaler(
+            "cuda", enabled=self.amp_dtype == torch.float16 and self.device.type == "cuda"
+        )
 
     def _task_name(self, model_name: str) -> str:
         """TrainingConfig.task, else the task the model's registry entry declares."""
@@ -446,7 +460,7 @@ class Trainer:
         }
         self.history.append(rec)
         self.log(
-            f"epoch {epoch + 1}/{self.cfg.epochs}  loss {train_loss:.4f}  val {rec['val_loss']}  "
+            f"epoch {epoch + 1}/{self.cfg.epochs}  loss {train_loss:.4f}  val loss {rec['val_loss']}  "
             f"{self.task.summary_line(metrics)}  lr {rec['lr']:.5f}  {rec['seconds']:.1f}s"
         )
         if self.dist.is_main:
