@@ -4,9 +4,9 @@ to the NIfTI label map; segment numbers equal label values; geometry taken from 
 from __future__ import annotations
 
 import hashlib
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest

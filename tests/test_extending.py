@@ -78,9 +78,7 @@ def test_click_segmentation_example_trains_resumes_and_predicts(tmp_path, isolat
     args = ["predict", "-m", str(full), "-i", str(tmp_path / "scans"), "-o", str(tmp_path / "cli"), "--fp32"]
     res = CliRunner().invoke(app, [*args, "--condition", "points=[[1, 2, 3]]", "--conditions", str(clicks)])
     assert res.exit_code == 0, res.output
-    cli_seg, _ = __import__("medseg.io.image", fromlist=["read_image"]).read_image(
-        tmp_path / "cli" / f"{case.name}.nii.gz"
-    )
+    cli_seg, _ = read_image(tmp_path / "cli" / f"{case.name}.nii.gz")
     assert np.array_equal(cli_seg, seg), "the per-case click won, as in the API call"
     bad = CliRunner().invoke(app, [*args, "--condition", "points[[1,2,3]]"])
     assert bad.exit_code == 2 and "NAME=JSON" in bad.output
