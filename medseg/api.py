@@ -118,11 +118,11 @@ def train(
     out = Path(output) if output else ws.results(info.name, configuration, model_name)
     pre = ws.preprocessed(info.name)
     trainer = Trainer(p, configuration, cache_folder(pre, conf), pre, out, fold, config, log=log)
-    history = trainer.fit(resume=resume)
-    return final_validation(trainer, Path(dataset), history, log=log)
+    trainer.fit(resume=resume)
+    return final_validation(trainer, Path(dataset), log=log)
 
 
-def final_validation(trainer, raw_folder: Path, history: list[dict], *, log=print) -> dict:
+def final_validation(trainer, raw_folder: Path, *, log=print) -> dict:
     """The step after ``fit()``: predict the fold's validation cases from the raw files and evaluate
     them in native space (rank 0 only; skipped without validation cases or with
     ``final_validation=False``). A run that was already complete returns its earlier summary."""

@@ -172,7 +172,8 @@ def test_custom_splits_are_honoured(prepared, tmp_path):
 
     # the final validation predicts exactly the split's validation cases
     t1.cfg = replace(TINY, epochs=1, final_validation=True)
-    summary = api.final_validation(t1, dataset, t1.fit())
+    t1.fit()
+    summary = api.final_validation(t1, dataset)
     assert sorted(summary["per_case"]) == cases[:2]
     assert sorted(p.name for p in (tmp_path / "c" / "fold_1" / "validation").glob("*.nii.gz")) == [
         f"{c}.nii.gz" for c in cases[:2]

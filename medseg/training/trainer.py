@@ -165,7 +165,7 @@ class Trainer:
             return self.cfg.task
         from medseg.models.registry import get_entry
 
-        return getattr(get_entry(model_name), "task", None) or "segmentation"
+        return get_entry(model_name).task
 
     # ---------------------------------------------------------------- transfer learning
     def _adopt_pretrained(self, pretrained, model_name: str, model_kwargs: dict) -> tuple[str, dict]:
