@@ -82,4 +82,8 @@ def test_click_segmentation_example_trains_resumes_and_predicts(tmp_path, isolat
     assert np.array_equal(cli_seg, seg), "the per-case click won, as in the API call"
     bad = CliRunner().invoke(app, [*args, "--condition", "points[[1,2,3]]"])
     assert bad.exit_code == 2 and "NAME=JSON" in bad.output
+    from medseg.errors import MedsegError
+
+    with pytest.raises(MedsegError, match=r"'boxes' must be \(N, 6\)"):
+        predictor.predict_array(image, meta, points=[[17.0, 25.0, 15.0]], boxes=[[1, 2, 3, 4]])
     del example

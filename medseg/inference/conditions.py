@@ -24,7 +24,11 @@ def _as_points(value, key: str) -> np.ndarray:
     if arr.ndim == 1:
         arr = arr[None]
     if arr.ndim != 2 or arr.shape[1] != width:
-        raise ValueError(f"condition '{key}' must be (N, {width}) voxel coordinates (z, y, x), got shape {arr.shape}")
+        from medseg.errors import MedsegError  # the CLI prints it in one line
+
+        raise MedsegError(
+            None, f"condition '{key}' must be (N, {width}) voxel coordinates (z, y, x), got shape {arr.shape}"
+        )
     return arr.reshape(-1, 3)
 
 
