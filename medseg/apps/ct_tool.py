@@ -166,9 +166,10 @@ def _preview(ct, seg, meta, labels: dict[str, int], path: Path) -> Path:
     from medseg.evaluation.report import overlay_png
 
     ct_window = np.clip(ct.astype(np.float32), -400, 600)  # soft-tissue window
-    present = {n: v for n, v in labels.items() if (seg == v).any()}
-    biggest = dict(sorted(present.items(), key=lambda kv: -int((seg == kv[1]).sum()))[:12])
-    return overlay_png(ct_window, seg, meta.spacing, path, size=320, labels=biggest)
+    counts = np.bincount(seg.ravel().astype(np.int64), minlength=max(labels.values(), default=0) + 1)
+    # every present structure, biggest first: the legend names as many as fit, then "+N more"
+    present = sorted(((n, v) for n, v in labels.items() if counts[v]), key=lambda kv: -counts[kv[1]])
+    return overlay_png(ct_window, seg, meta.spacing, path, size=320, labels=dict(present))
 
 
 def _write_dicom_seg(input: Path, seg, labels, path: Path) -> Path | None:

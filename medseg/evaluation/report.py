@@ -10,20 +10,29 @@ import numpy as np
 
 from medseg.io.jsonio import write_text_atomic
 
-PALETTE = [
-    (0, 0, 0),
-    (230, 25, 75),
-    (60, 180, 75),
-    (255, 225, 25),
-    (0, 130, 200),
-    (245, 130, 48),
-    (145, 30, 180),
-    (70, 240, 240),
-    (240, 50, 230),
-    (210, 245, 60),
-    (250, 190, 212),
-    (0, 128, 128),
-]
+# three irrational rotations (golden ratio; the plastic number's 1/rho and 1/rho^2, fractional parts):
+# each label's hue, lightness and saturation step by a different amount, so no two labels coincide
+_HUE, _LIGHT, _SAT = 0.6180339887498949, 0.7548776662466927, 0.5698402909980532
+
+
+def label_colour(value: int) -> tuple[int, int, int]:
+    """RGB of label ``value`` in every preview and overlay (0, background: black).
+
+    The hue steps by the golden ratio, so any run of labels spreads over the colour wheel, and
+    lightness (0.35-0.70) and saturation (0.65-1.0) step by other irrational amounts, so labels whose
+    hues nearly coincide (values 21, 34, 55 ... apart, the Fibonacci gaps) still differ in shade: 255
+    labels, no repeats, none black or white. (A fixed 12-colour list repeated every 12 labels, giving
+    TotalSegmentator's liver and hip_left one colour and every 12th label black.)
+    """
+    import colorsys
+
+    value = int(value)
+    if value == 0:
+        return (0, 0, 0)
+    light = 0.35 + 0.35 * ((value * _LIGHT) % 1.0)
+    sat = 0.65 + 0.35 * ((value * _SAT) % 1.0)
+    r, g, b = colorsys.hls_to_rgb((value * _HUE) % 1.0, light, sat)
+    return (round(r * 255), round(g * 255), round(b * 255))
 
 
 def structure_volumes(seg: np.ndarray, spacing, labels: dict[str, int]) -> dict[str, dict]:
@@ -56,6 +65,46 @@ def _window(img: np.ndarray) -> np.ndarray:
     return (np.clip((img - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
 
 
+LEGEND_ROW = 16  # pixels per legend line
+LEGEND_MAX_ROWS = 6  # more labels than fit: the first ones, then "+N more"
+
+
+def legend_layout(entries: list[tuple[str, int]], width: int, textlength, max_rows: int = LEGEND_MAX_ROWS) -> list:
+    """Rows of (x, text, value) placing each legend entry (a swatch then its name) within ``width``
+    pixels, wrapping to a new row; entries beyond ``max_rows`` rows become one "+N more" (value None).
+    Names too long for a row are cut with an ellipsis. ``textlength``: pixels of a string."""
+
+    def fit(text: str, room: float) -> str:
+        if textlength(text) <= room:
+            return text
+        while text and textlength(text + "...") > room:
+            text = text[:-1]
+        return text + "..."
+
+    rows: list[list] = [[]]
+    x = 4
+    for name, value in entries:
+        name = fit(name, width - 4 - 14 - 4)
+        need = 14 + int(textlength(name))
+        if rows[-1] and x + need > width - 4:
+            rows.append([])
+            x = 4
+        rows[-1].append((x, name, value))
+        x += need + 12
+    if not entries or len(rows) <= max_rows:
+        return rows if entries else []
+    rows = rows[:max_rows]
+    last = rows[-1]
+    while True:  # drop entries from the end of the last row until "+N more" fits after them
+        more = f"+{len(entries) - sum(map(len, rows))} more"
+        x = last[-1][0] + 14 + int(textlength(last[-1][1])) + 12 if last else 4
+        if not last or x + textlength(more) <= width - 4:
+            break
+        last.pop()
+    last.append((x, more, None))
+    return rows
+
+
 def overlay_png(
     image: np.ndarray,
     seg: np.ndarray,
@@ -70,7 +119,9 @@ def overlay_png(
     labels blended in colour.
 
     Slices are resized with the voxel spacing so anatomy keeps its physical aspect ratio. With
-    ``labels`` (name -> value), a legend strip names each colour.
+    ``labels`` (name -> value), a legend under the slices names each colour, wrapped to the image
+    width; past :data:`LEGEND_MAX_ROWS` rows it ends in "+N more" (pass the labels most worth naming
+    first). Colours come from :func:`label_colour`.
     """
     from PIL import Image, ImageDraw
 
@@ -86,7 +137,7 @@ def overlay_png(
         for lab in np.unique(s):
             if lab == 0:
                 continue
-            colour = np.array(PALETTE[int(lab) % len(PALETTE)], np.float32)
+            colour = np.array(label_colour(lab), np.float32)
             m = s == lab
             rgb[m] = (1 - alpha) * rgb[m] + alpha * colour
         rows_mm = g.shape[0] * [sp for i, sp in enumerate(spacing) if i != axis][0]
@@ -95,19 +146,22 @@ def overlay_png(
         im = Image.fromarray(rgb.astype(np.uint8)[::-1] if axis != 0 else rgb.astype(np.uint8))
         im = im.resize((max(1, int(cols_mm * scale)), max(1, int(rows_mm * scale))), Image.NEAREST)
         panels.append(im)
-    legend = [(n, v) for n, v in (labels or {}).items() if int(v) != 0]
-    strip = 18 if legend else 0
-    canvas = Image.new("RGB", (sum(p.width for p in panels) + 8 * (len(panels) - 1), size + strip))
+    width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
+    legend = [(str(n), int(v)) for n, v in (labels or {}).items() if int(v) != 0]
+    rows = legend_layout(legend, width, ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength)
+    canvas = Image.new("RGB", (width, size + (LEGEND_ROW * len(rows) + 4 if rows else 0)))
     x = 0
     for p in panels:
         canvas.paste(p, (x, (size - p.height) // 2))
         x += p.width + 8
-    draw, x = ImageDraw.Draw(canvas), 4
-    for name, value in legend:
-        colour = tuple(PALETTE[int(value) % len(PALETTE)])
-        draw.rectangle((x, size + 4, x + 10, size + 14), fill=colour)
-        draw.text((x + 14, size + 3), str(name), fill=(255, 255, 255))
-        x += 14 + int(draw.textlength(str(name))) + 12
+    draw = ImageDraw.Draw(canvas)
+    for r, row in enumerate(rows):
+        y = size + 4 + r * LEGEND_ROW
+        for x, name, value in row:
+            if value is not None:
+                draw.rectangle((x, y + 1, x + 10, y + 11), fill=label_colour(value))
+                x += 14
+            draw.text((x, y), name, fill=(255, 255, 255))
     path = Path(path)
     tmp = path.with_name(f".{path.name}.part.png")
     canvas.save(tmp)
