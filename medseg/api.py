@@ -119,7 +119,10 @@ def train(
     pre = ws.preprocessed(info.name)
     trainer = Trainer(p, configuration, cache_folder(pre, conf), pre, out, fold, config, log=log)
     trainer.fit(resume=resume)
-    return final_validation(trainer, Path(dataset), log=log)
+    summary = final_validation(trainer, Path(dataset), log=log)
+    if summary:  # where it was written, for the one-screen summary (the file has every case)
+        summary = {**summary, "summary_file": str(trainer.fold_dir / "validation" / "summary.json")}
+    return summary
 
 
 def final_validation(trainer, raw_folder: Path, *, log=print) -> dict:

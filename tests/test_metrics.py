@@ -142,6 +142,27 @@ def test_evaluate_case_and_summarise():
     assert row_b[4] == "" and float(row_b[2]) == 0.0
 
 
+def test_summary_lines_say_how_many_cases_had_an_undefined_hd95():
+    from medseg.evaluation.report import metrics_summary_lines
+
+    ref = np.zeros((8, 8, 8), np.uint8)
+    ref[1:4, 1:4, 1:4] = 1
+    ref[5:7, 5:7, 5:7] = 2
+    missed = ref.copy()
+    missed[5:7, 5:7, 5:7] = 0  # class b missed: no surface to measure a distance to
+    labels = {"background": 0, "a": 1, "b": 2}
+    cases = {n: evaluate_case(p, ref, (1, 1, 1), labels) for n, p in (("x", missed), ("y", ref), ("z", missed))}
+    lines = metrics_summary_lines(summarise(cases))
+    (line_b,) = [line for line in lines if line.startswith("b ")]
+    assert "HD95 undefined in 2 of 3 cases" in line_b
+    assert "undefined" not in next(line for line in lines if line.startswith("a "))
+    assert lines[-1].startswith("3 cases; HD95 undefined in 2 of them")
+    whole = metrics_summary_lines(summarise({"y": cases["y"]}))
+    assert whole[-1] == "1 case; HD95 defined for every case and class"
+    many = summarise({"y": {f"c{i}": cases["y"]["a"] for i in range(30)}})
+    assert len(metrics_summary_lines(many)) < 25  # one screen, whatever the class count
+
+
 # ----------------------------------------------------------------------------- folders
 def _write(path, arr, spacing):
     write_image(arr.astype(np.uint8), ImageMeta(spacing=spacing, shape=arr.shape), path)

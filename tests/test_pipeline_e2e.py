@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,8 +63,14 @@ def trained(hippo_dataset, tmp_path_factory):
         TINY_NET,
         cwd=work,
     )
-    printed = json.loads(out.stdout)
-    assert set(printed) == {"foreground_mean", "mean"}
+    # a one-screen summary, not a JSON dump; the full summary is in the file it names
+    assert not out.stdout.lstrip().startswith("{") and len(out.stdout.splitlines()) < 25
+    assert f"-> {model / 'fold_0' / 'validation' / 'summary.json'}" in out.stdout
+    assert "Anterior" in out.stdout and "Dice" in out.stdout and "cases; HD95" in out.stdout
+    # epochs are counted from 1 on the console and in training_log.jsonl alike
+    logged = [json.loads(line)["epoch"] for line in (model / "fold_0" / "training_log.jsonl").read_text().splitlines()]
+    console = [int(m) for m in re.findall(r"^epoch (\d+)/2 ", out.stderr, re.M)]
+    assert logged == console == [1, 2]
     return work, model
 
 
@@ -72,9 +79,13 @@ def test_training_outputs(trained, hippo_dataset):
     spec = json.loads((model / "model.json").read_text())
     assert spec["model"] == "unet" and spec["model_kwargs"]["features"] == [4, 8, 16, 32]
     assert spec["labels"] == {"background": 0, "Anterior": 1, "Posterior": 2}
+    # the training range predict compares each case with (medseg.planning.ood)
+    data = spec["training_data"]
+    assert data["num_cases"] == 10 and data["spacing_mm"] == {"min": [1.0, 1.0, 1.0], "max": [1.0, 1.0, 1.0]}
+    assert all(20 < e < 70 for e in data["extent_mm"]["min"] + data["extent_mm"]["max"])
     fold = model / "fold_0"
     assert (fold / "model.safetensors").is_file() and (fold / "checkpoint.json").is_file()
-    assert [json.loads(line)["epoch"] for line in (fold / "training_log.jsonl").read_text().splitlines()] == [0, 1]
+    assert [json.loads(line)["epoch"] for line in (fold / "training_log.jsonl").read_text().splitlines()] == [1, 2]
     # final validation: the fold's validation cases predicted in native space and evaluated
     summary = json.loads((fold / "validation" / "summary.json").read_text())
     splits = json.loads(next((work / "ws").glob("preprocessed/*/splits_final.json")).read_text())
@@ -114,7 +125,7 @@ def test_resume_of_a_finished_run_is_a_clean_no_op(trained, hippo_dataset):
     )
     assert "already trained" in out.stderr
     assert (model / "fold_0" / "model.safetensors").read_bytes() == before
-    assert "foreground_mean" in json.loads(out.stdout)  # the earlier validation summary
+    assert "final validation" in out.stdout and "Anterior" in out.stdout  # the earlier validation summary
 
 
 def test_bad_model_kwargs_is_a_one_line_error(trained, hippo_dataset):
@@ -136,6 +147,7 @@ def test_predict_and_evaluate(trained, hippo_dataset):
 
     out = medseg("predict", "-m", model, "-i", inp, "-o", pred, "--probabilities", "--overlay", cwd=work)
     assert "2 predicted" in out.stdout
+    assert "warning" not in out.stderr, "cases like the training data are not out of distribution"
     for c in cases:
         seg, sm = read_image(pred / f"{c}.nii.gz")
         img, im = read_image(inp / f"{c}_0000.nii.gz")
@@ -181,6 +193,10 @@ def test_predict_and_evaluate(trained, hippo_dataset):
     )
     assert "Anterior" in out.stdout and "Posterior" in out.stdout
     summary = json.loads(report.read_text())
+    undefined = sum(any(m["hd95"] is None for m in c.values()) for c in summary["per_case"].values())
+    assert f"2 cases; HD95 undefined in {undefined} of them" in out.stdout or (
+        undefined == 0 and "2 cases; HD95 defined for every case and class" in out.stdout
+    )
     assert summary["num_cases"] == 2 and sorted(summary["per_case"]) == cases
     for m in summary["mean"].values():
         assert 0.0 <= m["dice"] <= 1.0

@@ -71,13 +71,13 @@ def test_resume_is_exact(prepared, tmp_path, monkeypatch):
         train(prepared, tmp_path / "resumed", cfg)
     fold = tmp_path / "resumed" / "fold_0"
     assert json.loads((fold / "checkpoint.json").read_text())["epoch"] == 2
-    assert [r["epoch"] for r in log_records(fold)] == [0, 1, 2]
+    assert [r["epoch"] for r in log_records(fold)] == [1, 2, 3]  # counted from 1, as on the console
     restore()
 
     train(prepared, tmp_path / "resumed", cfg, resume=True)
     assert_same_weights(load_weights(tmp_path / "straight" / "fold_0"), load_weights(fold))
     straight, resumed = log_records(tmp_path / "straight" / "fold_0"), log_records(fold)
-    assert [r["epoch"] for r in resumed] == [0, 1, 2, 3], "replayed epoch is logged once"
+    assert [r["epoch"] for r in resumed] == [1, 2, 3, 4], "replayed epoch is logged once"
     assert [r["train_loss"] for r in resumed] == [r["train_loss"] for r in straight]
     assert [r["lr"] for r in resumed] == [r["lr"] for r in straight]
     assert json.loads((fold / "checkpoint.json").read_text())["epoch"] == 4
@@ -106,14 +106,14 @@ def test_extend_a_finished_run(prepared, tmp_path):
     assert_same_weights(after2, load_weights(fold))
 
     train(prepared, out, replace(TINY, epochs=3), resume=True)
-    assert [r["epoch"] for r in log_records(fold)] == [0, 1, 2]
+    assert [r["epoch"] for r in log_records(fold)] == [1, 2, 3]
     assert json.loads((fold / "checkpoint.json").read_text())["epoch"] == 3
     after3 = load_weights(fold)
     assert any(not torch.equal(after2[k], after3[k]) for k in after2), "the extra epoch trained"
 
     # without --resume the run starts over (and its log with it)
     train(prepared, out, replace(TINY, epochs=1))
-    assert [r["epoch"] for r in log_records(fold)] == [0]
+    assert [r["epoch"] for r in log_records(fold)] == [1]
 
 
 def test_fold_all_trains_without_validation(prepared, tmp_path):
@@ -219,5 +219,5 @@ def test_time_budget_survives_resume(prepared, tmp_path, monkeypatch):
     restore()
     train(prepared, tmp_path / "m", cfg, resume=True)  # --epochs 1000 again: the budget decides, as before
     records = log_records(tmp_path / "m" / "fold_0")
-    assert [r["epoch"] for r in records] == list(range(len(records)))
+    assert [r["epoch"] for r in records] == list(range(1, len(records) + 1))
     assert len(records) == max(1, int(6 // records[0]["seconds"]))

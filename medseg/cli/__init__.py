@@ -234,8 +234,12 @@ def train(
     summary = api.train(
         dataset, workspace, configuration=configuration, fold=fold, config=cfg, resume=resume, output=output, log=_err
     )
-    if summary:
-        print(json.dumps({"foreground_mean": summary["foreground_mean"], "mean": summary["mean"]}, indent=1))
+    if summary:  # the full summary is in its file; a person reads one screen
+        from medseg.evaluation.report import metrics_summary_lines
+
+        print(f"final validation (native space) -> {summary['summary_file']}")
+        for line in metrics_summary_lines(summary):
+            print(f"  {line}")
 
 
 @app.command()
@@ -320,10 +324,11 @@ def evaluate(
     s = api.evaluate(
         pred, ref, dataset_json=dataset_json, output=output, nsd_tolerance_mm=nsd_tolerance, roi_masks=roi_masks
     )
-    for name, m in s["mean"].items():
-        hd = "n/a" if m["hd95"] is None else f"{m['hd95']:.2f} mm"
-        print(f"{name:20s} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  HD95 {hd}  NSD@{nsd_tolerance}mm {m['nsd']:.4f}")
-    print(f"{s['num_cases']} cases; written {output} and {Path(output).with_suffix('.csv')}")
+    from medseg.evaluation.report import metrics_summary_lines
+
+    for line in metrics_summary_lines(s):
+        print(line)
+    print(f"written {output} and {Path(output).with_suffix('.csv')}")
 
 
 @app.command("export-model")

@@ -171,3 +171,36 @@ def overlay_png(
 
 def write_volumes_table(path: Path, rows) -> Path:
     return write_text_atomic(path, volumes_csv(rows))
+
+
+def metrics_summary_lines(summary: dict, *, max_classes: int = 20) -> list[str]:
+    """One screen for an evaluation summary (``evaluate_folder``'s dict): a line per class (the
+    first ``max_classes``, then a count), the foreground mean, and how many cases had an undefined
+    HD95 (a structure present in only one of prediction and reference: no distance exists, so
+    that case is left out of the class's HD95 mean; a mean over fewer cases than the Dice's)."""
+    n = summary.get("num_cases", 0)
+    tol = summary.get("nsd_tolerance_mm")
+    nsd = f"NSD@{tol:g}mm" if tol is not None else "NSD"
+
+    def line(name: str, m: dict) -> str:
+        hd = "n/a" if m.get("hd95") is None else f"{m['hd95']:.2f} mm"
+        undefined = m.get("n_undefined_hd95", 0)
+        note = f"  (HD95 undefined in {undefined} of {n} cases)" if undefined else ""
+        return f"{name:20s} Dice {m['dice']:.4f}  IoU {m['iou']:.4f}  HD95 {hd:>9s}  {nsd} {m['nsd']:.4f}{note}"
+
+    items = list(summary["mean"].items())
+    out = [line(name, m) for name, m in items[:max_classes]]
+    if len(items) > max_classes:
+        out.append(f"... and {len(items) - max_classes} more classes")
+    if len(items) > 1 and summary.get("foreground_mean", {}).get("dice") is not None:
+        out.append(line("mean (foreground)", {**summary["foreground_mean"], "n_undefined_hd95": 0}))
+    per_case = summary.get("per_case", {})
+    cases = sum(any(m.get("hd95") is None for m in classes.values()) for classes in per_case.values())
+    n_cases = f"{n} case{'s' if n != 1 else ''}"
+    out.append(
+        f"{n_cases}; HD95 undefined in {cases} of them for at least one class (a structure in only one of "
+        "prediction and reference), left out of those HD95 means"
+        if cases
+        else f"{n_cases}; HD95 defined for every case and class"
+    )
+    return out

@@ -24,6 +24,7 @@ from medseg.augment.transforms import NO_AUGMENTATION
 from medseg.data.cache import cached_case_names, get_split, load_cached_case
 from medseg.data.sampler import PatchSampler
 from medseg.io.checkpoint import ModelSpec, save_spec, save_weights
+from medseg.planning.ood import training_data_from
 from medseg.planning.plan import Plan
 from medseg.tasks import Batch, get_task
 from medseg.training import distributed
@@ -103,6 +104,7 @@ class Trainer:
         self.loss_fn = LOSSES.get(config.loss or self.task.loss_name)
         self.schedule = SCHEDULES.get(config.schedule)
         self.spec = self._model_spec(model_name, model_kwargs, configuration, pretrained)
+        self.spec.training_data = training_data_from(Path(preprocessed_dir) / "fingerprint.json")
         torch.manual_seed(config.seed)  # same seed -> same initial weights on every rank
         self.model = self.spec.build(deep_supervision=config.deep_supervision).to(self.device)
         if pretrained:
@@ -305,7 +307,7 @@ class Trainer:
             self.ema.load_state_dict(state["ema"])
         self.start_epoch = int(state["epoch"])
         self.history = json.loads(state["history"])
-        self.log(f"resumed from {path} at epoch {self.start_epoch}")
+        self.log(f"resumed from {path} after epoch {self.start_epoch}")
         return True
 
     def _rewrite_log(self) -> None:
@@ -355,14 +357,14 @@ class Trainer:
         frozen = epoch < self.cfg.freeze_encoder_epochs
         self._set_encoder_frozen(frozen)
         if self._encoder is not None and epoch == self.start_epoch and frozen:
-            self.log(f"encoder frozen until epoch {self.cfg.freeze_encoder_epochs}")
+            self.log(f"encoder frozen for epochs 1-{self.cfg.freeze_encoder_epochs}")
         elif self._encoder is not None and epoch == self.cfg.freeze_encoder_epochs:
             self.log(f"epoch {epoch + 1}: encoder unfrozen")
         losses = []
         from medseg.utils import track
 
         iters = range(self.cfg.iterations_per_epoch)
-        for it in track(iters, description=f"epoch {epoch}", enabled=self.dist.is_main):
+        for it in track(iters, description=f"epoch {epoch + 1}/{self.cfg.epochs}", enabled=self.dist.is_main):
             self.lr = self.schedule(
                 self.cfg.initial_lr, epoch * self.cfg.iterations_per_epoch + it, total_steps, self.cfg
             )
@@ -451,7 +453,7 @@ class Trainer:
         train_loss = self.train_epoch(epoch, sampler)
         val_loss, metrics = self.validate(epoch, val_sampler)
         rec = {
-            "epoch": epoch,
+            "epoch": epoch + 1,  # counted from 1, as on the console and in the checkpoint ("after epoch N")
             "train_loss": round(train_loss, 5),
             "val_loss": None if math.isnan(val_loss) else round(val_loss, 5),
             **metrics,
