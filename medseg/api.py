@@ -46,7 +46,9 @@ def plan(
 
     ws = _ws(workspace)
     info = load_dataset_json(dataset)
-    fp = compute_fingerprint(dataset, progress=progress)
+    from medseg.preprocessing.pipeline import checked_record
+
+    fp = compute_fingerprint(dataset, progress=progress, record=checked_record(ws.preprocessed(info.name)))
     p = make_plan(info, fp, budget, presets=tuple(presets))
     if normalization:
         from dataclasses import replace
@@ -99,7 +101,8 @@ def train(
     output: str | Path | None = None,
     log=print,
 ) -> dict:
-    from medseg.preprocessing.pipeline import cache_folder
+    from medseg.io.verify import check_dataset
+    from medseg.preprocessing.pipeline import cache_folder, checked_record
     from medseg.training.config import TrainingConfig
     from medseg.training.trainer import Trainer
 
@@ -107,6 +110,7 @@ def train(
     config = config or TrainingConfig()
     info = load_dataset_json(dataset)
     p = load_plan(dataset, ws)
+    check_dataset(dataset, record=checked_record(ws.preprocessed(info.name)))  # files changed since preprocess
     configuration = configuration or p.default_configuration  # 3d_fullres; 2d for 2D images
     conf = p.configuration(configuration)
     model_name = config.model or conf.model

@@ -181,6 +181,24 @@ def put_value(path: Path, value, dtype=None) -> None:
     _write_array_like(arr, img, path)
 
 
+def shift_origin(path: Path) -> None:
+    """The same array 5 mm further along the first axis: it fits the image's grid, not its place."""
+    sitk = _sitk()
+    img = sitk.ReadImage(str(path))
+    img.SetOrigin(tuple(o + d for o, d in zip(img.GetOrigin(), (5.0, 0.0, 0.0))))
+    sitk.WriteImage(img, str(path))
+
+
+def flip_direction(path: Path) -> None:
+    """The first axis pointing the other way (a left-right flipped label), origin and array kept."""
+    sitk = _sitk()
+    img = sitk.ReadImage(str(path))
+    d = list(img.GetDirection())
+    d[0], d[3], d[6] = -d[0], -d[3], -d[6]
+    img.SetDirection(d)
+    sitk.WriteImage(img, str(path))
+
+
 def make_2d(path: Path) -> None:
     sitk = _sitk()
     img = sitk.ReadImage(str(path))
@@ -242,6 +260,14 @@ DATASET_BREAKERS = {
     "missing_label": _missing_label,
     "missing_channel": _break_missing_channel,
     "label_value_not_in_dataset_json": _one(lambda p: put_value(p, 7), lab, CASES[0], r"label value.*\b7\b"),
+    "fractional_label_value": _one(
+        lambda p: put_value(p, 0.5, np.float32), lab, CASES[1], r"label values \[0\.5\] not in dataset.json"
+    ),
+    "negative_label_value": _one(
+        lambda p: put_value(p, -1, np.int16), lab, CASES[2], r"label values \[-1\] not in dataset.json"
+    ),
+    "label_origin_shifted": _one(shift_origin, lab, CASES[0], r"origin .* differs from hippocampus_001_0000"),
+    "label_direction_flipped": _one(flip_direction, lab, CASES[1], r"orientation \(direction .*\) differs"),
     "nan_in_image": _one(lambda p: put_value(p, np.nan, np.float32), img, CASES[1], "NaN"),
     "inf_in_image": _one(lambda p: put_value(p, np.inf, np.float32), img, CASES[2], "Inf"),
     "image_2d": _one(make_2d, img, CASES[0], r"\b2D\b"),
@@ -325,6 +351,27 @@ def test_plan_unwritable_workspace(dataset_runs):
     sc = dataset_runs["unwritable_workspace"]
     assert_one_line_error(sc.results["plan"], *sc.expected[0])
     sc.assert_inputs_unchanged()
+
+
+def test_preprocess_and_train_refuse_a_label_broken_after_plan(tmp_path):
+    """plan, preprocess and train run verify's checks (medseg.io.verify.check_dataset): a label
+    changed after a good plan and preprocess is refused by both, in one line, before any work."""
+    ds = make_dataset(tmp_path / "ds")
+    ws = tmp_path / "ws"
+    for args in (["plan", ds, "-w", ws], ["preprocess", ds, "-w", ws]):
+        res = run_cli(args, tmp_path)
+        assert res.returncode == 0, res.stderr
+    record = next(ws.rglob("checked_cases.json"))
+    checked = json.loads(record.read_text())
+    assert sorted(checked["cases"]) == CASES
+    broken = lab(ds, CASES[1])
+    put_value(broken, 0.5, np.float32)
+    before, cache_before = snapshot(ds), files_under(ws)
+    for args in (["preprocess", ds, "-w", ws], ["train", ds, "-w", ws, "-f", "all", "--epochs", "1"]):
+        assert_one_line_error(run_cli(args, tmp_path), broken, r"label values \[0\.5\] not in dataset.json")
+    assert snapshot(ds) == before
+    assert files_under(ws) == cache_before, "a refused command changed the workspace"
+    assert json.loads(record.read_text()) == checked, "the record of checked cases took in the broken case"
 
 
 # --------------------------------------------------------------------------------------------
@@ -470,6 +517,8 @@ INPUT_BREAKERS = {
     "missing_channel": ("model_2ch", _input_2ch_missing),
     "channel_shape_mismatch": ("model_2ch", _input_2ch(crop_shape, r"shape .* differs")),
     "channel_spacing_mismatch": ("model_2ch", _input_2ch(change_spacing, r"spacing .* differs")),
+    "channel_origin_shifted": ("model_2ch", _input_2ch(shift_origin, r"origin .* differs from channel 0")),
+    "channel_direction_flipped": ("model_2ch", _input_2ch(flip_direction, r"orientation \(direction .*\) differs")),
 }
 
 

@@ -23,6 +23,7 @@ from medseg.inference.streaming import streaming_segmentation
 from medseg.io.checkpoint import ModelSpec, available_folds, load_spec, load_weights, resolve_model
 from medseg.io.dataset import Case
 from medseg.io.image import ImageMeta, ensure_writable_dir, write_image
+from medseg.planning.ood import case_summary, ood_reasons, ood_warning
 from medseg.preprocessing.pipeline import preprocess_array
 from medseg.tasks import get_task
 from medseg.utils import autocast_context, autocast_dtype, resolve_device
@@ -252,6 +253,14 @@ class Predictor:
 
         return read_case_channels(case.images, self.spec.in_channels, error=ImageReadError, needs="the model needs")
 
+    def ood_reasons(self, image: np.ndarray, meta: ImageMeta) -> list[str]:
+        """Why a case (C, z, y, x, as read) is far outside the model's training data ([]: it is not,
+        or the model folder records no training range); see :mod:`medseg.planning.ood`."""
+        if not self.spec.training_data:
+            return []
+        schemes = [n.scheme for n in self.plan.normalization]
+        return ood_reasons(case_summary(image, meta), self.spec.training_data, schemes, self.plan.orientation)
+
     def predict_cases(
         self,
         cases: list[Case],
@@ -264,10 +273,13 @@ class Predictor:
         progress: bool = True,
         conditions: dict | None = None,
         case_conditions: dict[str, dict] | None = None,
+        warn=None,
     ) -> list[dict]:
         """Predict and write ``OUT/CASE<file_ending>`` (and ``OUT/CASE_<map>`` for each further named
         map of the model); cases already written are skipped unless overwrite. ``conditions``: the
-        model's extra inputs for every case; ``case_conditions``: per case name, on top of them."""
+        model's extra inputs for every case; ``case_conditions``: per case name, on top of them.
+        ``warn``: receives the one-line warning for a case far outside the training data (default:
+        printed to stderr); the case's result lists the reasons under ``"ood"``."""
         from medseg.inference.postprocess import keep_largest_component
         from medseg.utils import track
 
@@ -291,6 +303,9 @@ class Predictor:
                 continue
             t0 = time.perf_counter()
             image, meta = self.read_case(case)
+            ood = self.ood_reasons(image, meta)
+            if ood:
+                (warn or _print_warning)(ood_warning(case.images[0], ood))
             cond = {**(conditions or {}), **(case_conditions or {}).get(case.name, {})}
             maps = self.predict_maps(image, meta, return_probabilities=save_probabilities, **cond)
             ensure_writable_dir(out_dir)
@@ -325,10 +340,17 @@ class Predictor:
                     "seconds": round(time.perf_counter() - t0, 3),
                     "spacing": list(meta.spacing),
                     **({"maps": written} if written else {}),
+                    **({"ood": ood} if ood else {}),
                     "voxel_counts": {int(k): int(v) for k, v in zip(*np.unique(seg, return_counts=True))},
                 }
             )
         return results
+
+
+def _print_warning(line: str) -> None:
+    import sys
+
+    print(line, file=sys.stderr)
 
 
 def write_named_maps(maps: dict[str, np.ndarray], meta: ImageMeta, out_dir: Path, case: str, ending: str) -> list[str]:

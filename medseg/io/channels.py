@@ -22,11 +22,11 @@ def read_case_channels(
 
     A file gives one channel, or three for an RGB(A) natural image (nnU-Net's convention: one
     ``CASE_0000.png`` supplies channels R, G, B). ``expected_channels`` (None: no check) must equal
-    the channels read in all. Channels off the first file's voxel grid and NaN/Inf intensities raise
+    the channels read in all. Channels off the first file's voxel grid (shape, spacing, origin, direction) and NaN/Inf intensities raise
     ``error`` naming the file (either would silently corrupt a plan, the cache or a prediction); a
     wrong channel count raises DatasetError, worded with ``needs`` ("the model needs", ...).
     """
-    from medseg.io.verify import grid_problem, nonfinite_problem
+    from medseg.io.verify import geometry_problem, nonfinite_problem
 
     images = [Path(f) for f in images]
     if not images:
@@ -37,7 +37,7 @@ def read_case_channels(
     arrays, meta, first = [], None, images[0]
     for f in images:
         arr, m = read_image_channels(f)
-        reason = nonfinite_problem(arr) or (grid_problem(m, meta, f"channel 0 ({first.name})") if meta else None)
+        reason = nonfinite_problem(arr) or (geometry_problem(m, meta, f"channel 0 ({first.name})") if meta else None)
         if reason:
             raise error(f, reason)
         meta = meta or m

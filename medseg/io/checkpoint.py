@@ -42,11 +42,16 @@ class ModelSpec:
     pretrained: dict | None = None  # fine-tuned models: {"source", "weights", "sha256"} of the initialisation
     task: str = "segmentation"  # medseg.tasks registry name: what a batch holds, what inference returns
     training: dict | None = None  # the recipe's registry names (loss, optimizer, schedule, EMA, augmentation)
+    # range of the training cases (spacing, extent, intensity, orientation; medseg.planning.ood): predict
+    # warns on a case far outside it. None (older model folders, imported models): no check
+    training_data: dict | None = None
 
     def to_json(self) -> dict:
         extra = {"pretrained": self.pretrained} if self.pretrained else {}
         if self.training:
             extra["training"] = self.training
+        if self.training_data:
+            extra["training_data"] = self.training_data
         return {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -83,6 +88,7 @@ class ModelSpec:
                 pretrained=d.get("pretrained"),
                 task=d.get("task", "segmentation"),  # model folders before tasks existed: segmentation
                 training=d.get("training"),
+                training_data=d.get("training_data"),
             )
         except KeyError as exc:
             raise CheckpointError(source, f"model spec lacks key {exc}") from None

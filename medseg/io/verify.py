@@ -1,7 +1,13 @@
-"""``medseg verify``: check every case of a raw dataset and report all problems at once."""
+"""The dataset checks: ``medseg verify`` reports every problem at once; ``plan``, ``preprocess`` and
+``train`` run the same checks through :func:`check_dataset` and refuse the first problem.
+
+A case that passed is recorded (its files' path, size and modification time, and dataset.json's) in
+the workspace, so later commands read only files that changed since.
+"""
 
 from __future__ import annotations
 
+import json
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +21,7 @@ from medseg.io.image import ImageMeta, is_natural_image, read_image, read_image_
 SPACING_RTOL = 1e-3
 ORIGIN_ATOL_MM = 1e-2
 DIRECTION_ATOL = 1e-3
+CHECKS_VERSION = 1  # raise when a check is added: older records of checked cases are then ignored
 
 
 def grid_problem(meta: ImageMeta, ref: ImageMeta, ref_name: str) -> str | None:
@@ -33,6 +40,28 @@ def grid_problem(meta: ImageMeta, ref: ImageMeta, ref_name: str) -> str | None:
     return None
 
 
+def geometry_problem(meta: ImageMeta, ref: ImageMeta, ref_name: str) -> str | None:
+    """Like :func:`grid_problem`, and also the origin and direction: a label (or channel) with a
+    shifted origin or a flipped axis lies elsewhere in the patient though its array fits.
+
+    Shared by verify, plan/preprocess/train (label and channels vs channel 0) and predict (channels).
+    """
+    reason = grid_problem(meta, ref, ref_name)
+    if reason:
+        return reason
+    if not np.allclose(meta.origin, ref.origin, atol=ORIGIN_ATOL_MM):
+        return (
+            f"origin {tuple(round(o, 3) for o in meta.origin)} mm differs from "
+            f"{ref_name} {tuple(round(o, 3) for o in ref.origin)} mm"
+        )
+    if not np.allclose(meta.direction, ref.direction, atol=DIRECTION_ATOL):
+        return (
+            f"orientation (direction {tuple(round(d, 3) for d in meta.direction)}) differs from "
+            f"{ref_name} ({tuple(round(d, 3) for d in ref.direction)})"
+        )
+    return None
+
+
 def nonfinite_problem(arr: np.ndarray) -> str | None:
     """NaN/Inf voxels poison normalisation statistics and network outputs."""
     if np.issubdtype(arr.dtype, np.floating) and not np.isfinite(arr).all():
@@ -41,9 +70,11 @@ def nonfinite_problem(arr: np.ndarray) -> str | None:
 
 
 def label_value_problem(arr: np.ndarray, labels: dict[str, int]) -> str | None:
-    """Values in a label map that dataset.json does not define (silently dropped otherwise)."""
+    """Values in a label map that dataset.json does not define (silently dropped otherwise), checked
+    on the values as stored: a 0.5 or a -1 would become 0 or 255 once cast to an integer label."""
     allowed = sorted(set(labels.values()))
     unknown = sorted(set(np.unique(arr).tolist()) - set(allowed))
+    unknown = [int(v) if float(v).is_integer() else float(v) for v in unknown]
     if unknown:
         return f"label values {unknown[:10]} not in dataset.json labels {allowed}"
     return None
@@ -98,13 +129,9 @@ def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
             ref = (f, meta)
             continue
         rf, rm = ref
-        reason = grid_problem(meta, rm, rf.name)
+        reason = geometry_problem(meta, rm, rf.name)
         if reason:
             problems.append(Problem(str(f), reason))
-        elif not np.allclose(meta.origin, rm.origin, atol=ORIGIN_ATOL_MM):
-            problems.append(Problem(str(f), f"origin differs from {rf.name}"))
-        elif not np.allclose(meta.direction, rm.direction, atol=DIRECTION_ATOL):
-            problems.append(Problem(str(f), f"orientation (direction) differs from {rf.name}"))
     natural = is_natural_image(info.file_ending)
     if natural and counts and len(counts) == len(case.images) and len(case.images) <= info.num_channels:
         from medseg.io.channels import channel_count_problem
@@ -117,29 +144,95 @@ def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
     return problems
 
 
-def verify_dataset(folder: str | Path, *, workers: int | None = None) -> tuple[int, list[Problem]]:
-    """Return (number of cases, problems). Raises DatasetError only if nothing can be checked."""
-    from medseg.utils import default_workers
+def _stray_labels(folder: Path, info: DatasetInfo, cases: list[Case]) -> list[Problem]:
+    label_dir = folder / "labelsTr"
+    if not label_dir.is_dir():
+        return []
+    names = {c.name for c in cases}
+    return [
+        Problem(str(f), "label without image")
+        for f in sorted(label_dir.iterdir())
+        if f.name.endswith(info.file_ending) and f.name[: -len(info.file_ending)] not in names
+    ]
 
-    folder = Path(folder)
+
+def _list_for_checking(folder: Path) -> tuple[DatasetInfo, list[Case]]:
     info = load_dataset_json(folder)
     img_dir = folder / "imagesTr"
     if img_dir.is_dir() and not any(p for p in img_dir.iterdir() if not p.name.startswith(".")):
         raise DatasetError(img_dir, "folder is empty")
-    cases = list_cases(folder, info, strict=False)
-    problems: list[Problem] = []
-    label_dir = folder / "labelsTr"
-    if label_dir.is_dir():
-        names = {c.name for c in cases}
-        for f in sorted(label_dir.iterdir()):
-            if f.name.endswith(info.file_ending) and f.name[: -len(info.file_ending)] not in names:
-                problems.append(Problem(str(f), "label without image"))
+    return info, list_cases(folder, info, strict=False)
+
+
+def _checked_cases(cases: list[Case], info: DatasetInfo, workers: int | None, progress: bool = False):
+    """Yield (case, problems) in order, the cases read by ``workers`` processes."""
+    from medseg.utils import default_workers, track
+
     workers = min(workers or default_workers(), len(cases))
     if workers > 1:
         with ProcessPoolExecutor(workers) as pool:
-            for ps in pool.map(_check_case, cases, [info] * len(cases), chunksize=4):
-                problems.extend(ps)
+            results = pool.map(_check_case, cases, [info] * len(cases), chunksize=4)
+            try:
+                yield from zip(cases, track(results, total=len(cases), description="check", enabled=progress))
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)  # a refused case stops the rest
     else:
-        for c in cases:
-            problems.extend(_check_case(c, info))
+        for c in track(cases, description="check", enabled=progress):
+            yield c, _check_case(c, info)
+
+
+def verify_dataset(folder: str | Path, *, workers: int | None = None) -> tuple[int, list[Problem]]:
+    """Return (number of cases, problems). Raises DatasetError only if nothing can be checked."""
+    folder = Path(folder)
+    info, cases = _list_for_checking(folder)
+    problems = _stray_labels(folder, info, cases)
+    for _, ps in _checked_cases(cases, info, workers):
+        problems.extend(ps)
     return len(cases), problems
+
+
+def _stat(path: Path) -> list:
+    st = path.stat()
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _case_key(case: Case) -> list:
+    return [_stat(f) for f in (*case.images, *([case.label] if case.label else []))]
+
+
+def check_dataset(
+    folder: str | Path, *, record: str | Path | None = None, workers: int | None = None, progress: bool = False
+) -> int:
+    """Refuse a dataset that ``verify`` would report: raise its first problem as a DatasetError
+    (one line: the file and the reason). Returns the number of cases.
+
+    The gate in front of every command that reads a raw dataset (plan, preprocess, train), so that
+    none of them trains on data verify refuses. ``record`` (a JSON file in the workspace) lists the
+    cases that passed, keyed by their files' path, size and modification time (and dataset.json's):
+    unchanged cases are not read again. It is written only when every case passes, so a refused
+    dataset leaves no file behind.
+    """
+    from medseg.io.jsonio import write_json
+
+    folder = Path(folder)
+    info, cases = _list_for_checking(folder)
+    stray = _stray_labels(folder, info, cases)
+    if stray:
+        raise DatasetError(stray[0].path, stray[0].reason)
+    header = {"checks": CHECKS_VERSION, "dataset_json": _stat(folder / "dataset.json")}
+    done: dict = {}
+    if record is not None and Path(record).is_file():
+        try:
+            old = json.loads(Path(record).read_text())
+            if {k: old.get(k) for k in header} == header:
+                done = old.get("cases", {})
+        except (OSError, ValueError, AttributeError):
+            done = {}  # an unreadable record only costs a re-check
+    keys = {c.name: _case_key(c) for c in cases if c.label is not None}
+    todo = [c for c in cases if c.name not in keys or done.get(c.name) != keys[c.name]]
+    for _, problems in _checked_cases(todo, info, workers, progress):
+        if problems:
+            raise DatasetError(problems[0].path, problems[0].reason)
+    if record is not None and (todo or set(done) != set(keys)):
+        write_json(record, {**header, "cases": keys})
+    return len(cases)

@@ -31,6 +31,9 @@ class Fingerprint:
     intensity: list[dict]  # per channel: mean, std, percentile_00_5, percentile_99_5, min, max
     class_fraction: dict[str, float]  # mean fraction of voxels per label value
     num_cases: int
+    # per case: spacing, extent (mm), orientation, intensity percentiles (medseg.planning.ood.case_summary),
+    # reduced to the model's training range (model.json "training_data"); None in older fingerprints
+    case_summaries: list[dict] | None = None
 
     def save(self, path: str | Path) -> Path:
         from medseg.io.jsonio import write_json
@@ -45,26 +48,35 @@ class Fingerprint:
 def load_case(case: Case, num_channels: int | None = None) -> tuple[np.ndarray, np.ndarray | None, object]:
     """Read all channels (C, z, y, x) and the label of a case; geometry from channel 0.
 
-    Raises DatasetError naming the file if a channel or the label is off channel 0's voxel grid,
-    an image holds NaN/Inf (either would silently corrupt the plan or the cache), or the files do
-    not give ``num_channels`` channels (an RGB file where dataset.json declares one, ...).
+    Raises DatasetError naming the file if a channel or the label is off channel 0's voxel grid
+    (shape, spacing, origin, direction), an image holds NaN/Inf (either would silently corrupt the
+    plan or the cache), the files do not give ``num_channels`` channels (an RGB file where
+    dataset.json declares one, ...), or a label value would change in the cast to an integer label
+    (0.5, -1). The full set of checks runs before, in :func:`medseg.io.verify.check_dataset`.
     """
     from medseg.io.channels import read_case_channels
-    from medseg.io.verify import grid_problem
+    from medseg.io.verify import geometry_problem
 
     image, meta = read_case_channels(case.images, num_channels)
     label = None
     if case.label is not None:
         label, lm = read_image(case.label)
-        reason = grid_problem(lm, meta, case.images[0].name)
+        reason = geometry_problem(lm, meta, case.images[0].name)
         if reason:
             raise DatasetError(case.label, reason)
-        label = label.astype(label_dtype(int(label.max())), copy=False)
+        cast = label.astype(label_dtype(max(int(label.max()), 0)), copy=False)
+        if cast is not label and not np.array_equal(cast, label):
+            bad = np.unique(label[cast != label])[:10].tolist()
+            raise DatasetError(case.label, f"label values {bad} are not non-negative integers")
+        label = cast
     return image, label, meta
 
 
 def _case_stats(case: Case, seed: int, num_channels: int | None = None) -> dict:
+    from medseg.planning.ood import case_summary
+
     image, label, meta = load_case(case, num_channels)
+    summary = case_summary(image, meta)
     full = int(np.prod(image.shape[1:]))
     image, label, _, _ = crop_to_nonzero(image, label)
     rng = np.random.default_rng(seed)
@@ -84,16 +96,22 @@ def _case_stats(case: Case, seed: int, num_channels: int | None = None) -> dict:
         "crop": float(np.prod(image.shape[1:]) / full),
         "samples": samples,
         "counts": counts / max(counts.sum(), 1),
+        "summary": summary,
     }
 
 
 def compute_fingerprint(
-    dataset_folder: str | Path, *, workers: int | None = None, progress: bool = True
+    dataset_folder: str | Path, *, workers: int | None = None, progress: bool = True, record: str | Path | None = None
 ) -> Fingerprint:
+    """``record``: the workspace's record of checked cases (see :func:`medseg.io.verify.check_dataset`,
+    which refuses a dataset ``medseg verify`` would report before anything is computed)."""
+    from medseg.io.verify import check_dataset
+    from medseg.utils import default_workers, track
+
     folder = Path(dataset_folder)
+    check_dataset(folder, record=record, workers=workers, progress=progress)
     info: DatasetInfo = load_dataset_json(folder)
     cases = list_cases(folder, info)
-    from medseg.utils import default_workers, track
 
     workers = workers or default_workers()
     if workers > 1:
@@ -111,11 +129,6 @@ def compute_fingerprint(
             _case_stats(c, i, info.num_channels)
             for i, c in track(list(enumerate(cases)), description="fingerprint", enabled=progress)
         ]
-    allowed = set(info.labels.values())
-    for case, s in zip(cases, stats):
-        unknown = [int(v) for v in np.flatnonzero(s["counts"]) if int(v) not in allowed]
-        if unknown:
-            raise DatasetError(case.label, f"label values {unknown[:10]} not in dataset.json labels {sorted(allowed)}")
     intensity = []
     for c in range(info.num_channels):
         vals = np.concatenate([s["samples"][c] for s in stats]) if stats else np.zeros(1)
@@ -139,4 +152,5 @@ def compute_fingerprint(
         intensity=intensity,
         class_fraction={str(i): float(f) for i, f in enumerate(frac)},
         num_cases=len(stats),
+        case_summaries=[s["summary"] for s in stats],
     )

@@ -101,6 +101,11 @@ def _preprocess_one(args) -> str:
     return case.name
 
 
+def checked_record(preprocessed_dir: str | Path) -> Path:
+    """Where the dataset's checked cases are recorded (medseg.io.verify.check_dataset)."""
+    return Path(preprocessed_dir) / "checked_cases.json"
+
+
 def cache_folder(preprocessed_dir: Path, config: Configuration) -> Path:
     """2d and 3d_fullres share data at the same spacing; lowres has its own."""
     return preprocessed_dir / ("data_" + "x".join(f"{s:.4g}" for s in config.spacing))
@@ -116,9 +121,11 @@ def preprocess_dataset(
     progress: bool = True,
     overwrite: bool = False,
 ) -> Path:
+    from medseg.io.verify import check_dataset
     from medseg.utils import default_workers, track
 
     folder = Path(dataset_folder)
+    check_dataset(folder, record=checked_record(preprocessed_dir), workers=workers, progress=progress)
     info = load_dataset_json(folder)
     cases: list[Case] = list_cases(folder, info)
     config = plan.configuration(config_name)
