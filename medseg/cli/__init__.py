@@ -461,13 +461,14 @@ def _measure_at_patch(name: str, patch, in_channels: int, num_classes: int):
 
 # the CT, DICOM-SEG and cohort commands live in their own module; importing it registers them on `app`
 from medseg.cli import ct_commands  # noqa: E402,F401
+from medseg.cli import sam_commands  # noqa: E402
 
 
 def main() -> None:
     from medseg.errors import MedsegError
 
     try:
-        app()
+        app(args=sam_commands.join_box_values(sys.argv)[1:])
     except MedsegError as exc:
         print(f"medseg: error: {exc.one_line()}", file=sys.stderr)
         sys.exit(2)

@@ -81,6 +81,8 @@ class Predictor:
         always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32."""
         self.spec = spec
         self.task = get_task(spec.task, spec.num_classes, labels=dict(spec.labels))  # what the outputs mean
+        if not self.task.sliding_window:
+            raise CheckpointError(source or spec.model, f"is a {spec.task} model: segment with `{self.task.prompt_command}`")
         self.mapping = _label_mapping(label_map, spec.labels)
         self.plan = spec.plan
         self.conf = spec.plan.configuration(spec.configuration)

@@ -33,7 +33,7 @@ import torch
 
 from medseg.registry import Registry
 
-TASKS = Registry("task", loader=lambda: __import__("medseg.tasks.segmentation"))
+TASKS = Registry("task", loader=lambda: (__import__("medseg.tasks.segmentation"), __import__("medseg.tasks.prompt_segmentation")))
 register_task = TASKS.register
 
 
@@ -59,6 +59,8 @@ class Task:
     name = "base"
     loss_name = "dice_ce"
     label_output: str | None = "logits"  # the named map that becomes the label map (None: none)
+    sliding_window = True  # False: not tiled by the Predictor (prompt models: ``prompt_command``)
+    prompt_command = ""
 
     def __init__(self, num_classes: int, **options):
         self.num_classes = num_classes

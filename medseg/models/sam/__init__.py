@@ -1,0 +1,1 @@
+"""Segment-Anything family: TinyViT (LiteMedSAM) encoder, SAM prompt encoder and mask decoder."""
