@@ -100,7 +100,11 @@ def train(
     resume: bool = False,
     output: str | Path | None = None,
     log=print,
+    overwrite: bool = True,
 ) -> dict:
+    """Train one fold; returns its final-validation summary (plus ``summary_file``, where it is).
+    ``overwrite=False`` (the CLI's default) refuses a fold that already has a checkpoint unless
+    ``resume``."""
     from medseg.io.verify import check_dataset
     from medseg.preprocessing.pipeline import cache_folder, checked_record
     from medseg.training.config import TrainingConfig
@@ -122,7 +126,7 @@ def train(
     out = Path(output) if output else ws.results(info.name, configuration, model_name)
     pre = ws.preprocessed(info.name)
     trainer = Trainer(p, configuration, cache_folder(pre, conf), pre, out, fold, config, log=log)
-    trainer.fit(resume=resume)
+    trainer.fit(resume=resume, overwrite=overwrite)
     summary = final_validation(trainer, Path(dataset), log=log)
     if summary:  # where it was written, for the one-screen summary (the file has every case)
         summary = {**summary, "summary_file": str(trainer.fold_dir / "validation" / "summary.json")}

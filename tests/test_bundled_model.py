@@ -75,7 +75,7 @@ def test_export_model_copies_inference_files_and_refuses_to_clobber(tmp_path):
     from medseg.io.checkpoint import resolve_model
 
     src = resolve_model("hippocampus")
-    cli = [sys.executable, "-m", "medseg", "export-model", str(src), str(tmp_path / "m")]
+    cli = [sys.executable, "-m", "medseg", "export-model", "-i", str(src), "-o", str(tmp_path / "m")]
     assert subprocess.run(cli, capture_output=True, text=True).returncode == 0
     names = sorted(p.relative_to(tmp_path / "m").as_posix() for p in (tmp_path / "m").rglob("*") if p.is_file())
     assert names == [
@@ -90,8 +90,8 @@ def test_export_model_copies_inference_files_and_refuses_to_clobber(tmp_path):
     assert again.returncode != 0 and "exists and is not empty" in again.stderr and "Traceback" not in again.stderr
     # a tampered source is refused and leaves no half-written destination
     bad = tmp_path / "bad"
-    subprocess.run(cli[:4] + [str(src), str(bad)], check=True, capture_output=True)
+    subprocess.run(cli[:4] + ["-i", str(src), "-o", str(bad)], check=True, capture_output=True)
     (bad / "fold_0/model.safetensors").write_bytes(b"0" * 100)
-    out = subprocess.run(cli[:4] + [str(bad), str(tmp_path / "new")], capture_output=True, text=True)
+    out = subprocess.run(cli[:4] + ["-i", str(bad), "-o", str(tmp_path / "new")], capture_output=True, text=True)
     assert out.returncode != 0 and "model.safetensors" in out.stderr
     assert not (tmp_path / "new").exists() and not (tmp_path / ".new.part").exists()

@@ -50,12 +50,14 @@ def test_totalsegmentator_format_is_byte_identical_to_totalsegmentators_code(ref
         CLI
         + [
             "ct-stats",
-            "--image",
+            "-i",
             str(image),
             "--seg",
             str(seg),
             "-o",
             str(out),
+            "--class-map",
+            "total",
             "--format",
             "totalsegmentator",
             "--metric",
@@ -132,7 +134,9 @@ def test_mismatched_label_map_is_a_one_line_error(tmp_path):
         CLI
         + [
             "ct-stats",
-            "--image",
+            "--class-map",
+            "total",
+            "-i",
             str(tmp_path / "ct.nii.gz"),
             "--seg",
             str(tmp_path / "seg.nii.gz"),

@@ -45,7 +45,9 @@ def model(tmp_path_factory) -> Path:
         (f"{TRAINER}__nnUNetPlans__3d_fullres", out),
         (f"{TRAINER}__nnUNetPlansFast__3d_fullres", out / "fast"),
     ):
-        r = subprocess.run(MEDSEG + ["import-nnunet", str(RESULTS / src), str(dst)], capture_output=True, text=True)
+        r = subprocess.run(
+            MEDSEG + ["import-nnunet", "-i", str(RESULTS / src), "-o", str(dst)], capture_output=True, text=True
+        )
         assert r.returncode == 0, r.stderr
     return out
 
@@ -78,6 +80,39 @@ def test_per_structure_masks_statistics_and_preview(run, tmp_path):
     assert (tmp_path / "out" / "statistics.csv").exists()
     assert (tmp_path / "out" / "preview.png").stat().st_size > 10_000
     assert "liver" in r.stdout and "structures found" in r.stdout
+
+
+def test_side_outputs_are_named_after_the_output_and_nothing_is_overwritten(run, tmp_path):
+    """-o seg.nii.gz: seg_statistics.json/.csv and seg_preview.png beside it, never the fixed names
+    statistics.json/preview.png (which may be someone else's); a second run refuses, --overwrite redoes."""
+    require(CT)
+    out = tmp_path / "results"
+    out.mkdir()
+    theirs = {n: out / n for n in ("statistics.json", "statistics.csv", "preview.png")}
+    for p in theirs.values():
+        p.write_text("not medseg's")
+    args = ("-i", CT, "-o", out / "seg.nii.gz", "--multilabel", "--statistics", "--preview")
+    r = run(*args)
+    assert r.returncode == 0, r.stderr
+    mine = [out / n for n in ("seg.nii.gz", "seg_statistics.json", "seg_statistics.csv", "seg_preview.png")]
+    assert all(p.is_file() for p in mine)
+    assert all(p.read_text() == "not medseg's" for p in theirs.values())
+    stamps = [p.stat().st_mtime_ns for p in mine]
+    again = run(*args)
+    assert again.returncode == 2 and len(again.stderr.strip().splitlines()) == 1
+    assert "seg.nii.gz: already exists" in again.stderr and "--overwrite" in again.stderr
+    assert [p.stat().st_mtime_ns for p in mine] == stamps
+    assert run(*args, "--overwrite").returncode == 0
+
+
+def test_a_class_map_that_does_not_fit_the_model_is_refused(run, tmp_path):
+    """TotalSegmentator's 117-name map on the 12-class fixture model used to write 117 wrongly named
+    masks; now it is one line, exit 2, nothing written (the model's own labels are the default)."""
+    require(CT)
+    r = run("-i", CT, "-o", tmp_path / "out", "--class-map", "total")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1 and "Traceback" not in r.stderr
+    assert "class map names 117 structures (values 1-117) but the model" in r.stderr and "has 12" in r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 
 
 def test_dicom_folder_multilabel_and_dicom_seg_round_trip(run, tmp_path):

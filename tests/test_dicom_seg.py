@@ -35,7 +35,7 @@ def seg_file(tmp_path_factory):
     before = _digest(SERIES)
     out = tmp_path_factory.mktemp("seg") / "ct_seg.dcm"
     run = subprocess.run(
-        CLI + ["dicom-seg", "--series", str(SERIES), "--seg", str(LABELS), "--out", str(out)],
+        CLI + ["dicom-seg", "-i", str(SERIES), "--seg", str(LABELS), "-o", str(out), "--class-map", "total"],
         capture_output=True,
         text=True,
     )
@@ -84,7 +84,18 @@ def test_label_map_off_the_series_grid_is_a_one_line_error(tmp_path):
     )
     out = tmp_path / "x.dcm"
     run = subprocess.run(
-        CLI + ["dicom-seg", "--series", str(SERIES), "--seg", str(tmp_path / "small.nii.gz"), "--out", str(out)],
+        CLI
+        + [
+            "dicom-seg",
+            "-i",
+            str(SERIES),
+            "--seg",
+            str(tmp_path / "small.nii.gz"),
+            "-o",
+            str(out),
+            "--class-map",
+            "total",
+        ],
         capture_output=True,
         text=True,
     )

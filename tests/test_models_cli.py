@@ -137,7 +137,7 @@ def _train_and_predict(prepared, name: str, kwargs: dict, pythonpath: Path | Non
     work, data, ws, inp = prepared
     out, pred = work / f"model_{name}", work / f"pred_{name}"
     train_args = [
-        "train", data, "-w", ws, "--model", name, "--model-kwargs", json.dumps(kwargs),
+        "train", data, "-w", ws, "--arch", name, "--model-kwargs", json.dumps(kwargs),
         "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--checkpoint-every", "1",
         "--threads", "1", "--no-validation", "-o", out,
     ]  # fmt: skip
@@ -297,6 +297,6 @@ def test_plan_preset_adds_a_resenc_configuration(prepared, tmp_path):
 
 def test_unknown_model_is_a_one_line_error(prepared):
     _, data, ws, _ = prepared
-    res = CliRunner().invoke(app, ["train", str(data), "-w", str(ws), "--model", "no_such_net", "--epochs", "1"])
+    res = CliRunner().invoke(app, ["train", str(data), "-w", str(ws), "--arch", "no_such_net", "--epochs", "1"])
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
-    assert res.stderr.startswith("medseg: error: --model: unknown model 'no_such_net'") and "unet" in res.stderr
+    assert res.stderr.startswith("medseg: error: --arch: unknown model 'no_such_net'") and "unet" in res.stderr

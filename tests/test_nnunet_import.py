@@ -104,7 +104,7 @@ def _agreement(kind, imported, capsys):
 
 
 def test_cli_import_then_predict_agrees(tmp_path):
-    r = run_cli("import-nnunet", RESULTS["plain"], tmp_path / "model", cwd=tmp_path)
+    r = run_cli("import-nnunet", "-i", RESULTS["plain"], "-o", tmp_path / "model", cwd=tmp_path)
     assert r.returncode == 0, r.stderr
     assert "model folder written" in r.stdout
     r = run_cli("predict", "-m", tmp_path / "model", "-i", FIXTURE / "images", "-o", tmp_path / "pred",
@@ -220,7 +220,7 @@ def test_pickled_code_is_refused(tmp_path):
     marker = tmp_path / "EXECUTED"
     ck["logging"] = _Payload(marker)
     torch.save(ck, src / "fold_0" / "checkpoint_final.pth")
-    r = run_cli("import-nnunet", src, tmp_path / "out" / "model", cwd=tmp_path)
+    r = run_cli("import-nnunet", "-i", src, "-o", tmp_path / "out" / "model", cwd=tmp_path)
     assert r.returncode == 2
     assert "Traceback" not in r.stderr
     lines = r.stderr.strip().splitlines()
@@ -258,7 +258,7 @@ def test_not_a_checkpoint(tmp_path):
 def test_missing_plans_json(tmp_path):
     src = copy_results("plain", tmp_path / "in")
     (src / "plans.json").unlink()
-    r = run_cli("import-nnunet", src, tmp_path / "model", cwd=tmp_path)
+    r = run_cli("import-nnunet", "-i", src, "-o", tmp_path / "model", cwd=tmp_path)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [
         f"medseg: error: {src / 'plans.json'}: missing plans.json: not an nnU-Net v2 results folder "

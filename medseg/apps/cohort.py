@@ -113,6 +113,11 @@ def process_case(case: CohortCase, out_dir: str | Path, labels: dict[str, int], 
         seg, _ = predictor.predict_array(arr, meta)
         seg_path = out_dir / "segmentations" / f"{case.name}.nii.gz"
         write_image(seg.astype(label_dtype(int(seg.max()))), meta, seg_path)
+    from medseg.ct.class_maps import unnamed_values_problem
+
+    problem = unnamed_values_problem(seg, labels)  # unnamed values would silently drop out of the table
+    if problem:
+        raise DatasetError(case.seg or case.image, problem)
     stats = structure_statistics(image, seg.astype(np.int64, copy=False), meta.spacing, labels, erode_mm=erode_mm)
     rows = []
     for structure, s in stats.items():
@@ -189,9 +194,11 @@ def run_cohort(
     device: str = "auto",
     tta: bool = True,
     erode_mm: float = 0.0,
+    overwrite: bool = False,
     echo=print,
 ) -> dict:
-    """Measure every case of a cohort (skipping those already done) and write the cohort table."""
+    """Measure every case of a cohort (skipping those already done, unless ``overwrite``) and write
+    the cohort table."""
     import os
 
     from medseg.ct.class_maps import load_class_map
@@ -202,15 +209,19 @@ def run_cohort(
     cases = read_cohort(source, segmentations=segmentations)
     if model is None and any(c.seg is None for c in cases):
         raise DatasetError(source, "cases without a label map need a model (-m) or --segmentations")
-    if class_map is None:
-        if model is None:
-            class_map = "total"
-        else:
-            from medseg.io.checkpoint import load_spec, resolve_model
+    if model is not None:  # the model's own labels; a --class-map must fit them
+        from medseg.ct.class_maps import fit_class_map
+        from medseg.io.checkpoint import load_spec, resolve_model
 
-            class_map = dict(load_spec(resolve_model(model)).labels)
-    labels = load_class_map(class_map)
-    done = {c.name for c in cases if (out_dir / "cases" / f"{c.name}.json").exists()}
+        folder = resolve_model(model)
+        labels = fit_class_map(class_map, load_spec(folder).labels, folder)
+    elif class_map is None:
+        raise DatasetError(
+            source, "no class map: the label maps do not say what their values are; pass --class-map or -m MODEL"
+        )
+    else:
+        labels = load_class_map(class_map)
+    done = set() if overwrite else {c.name for c in cases if (out_dir / "cases" / f"{c.name}.json").exists()}
     todo = [c for c in cases if c.name not in done]
     echo(f"cohort: {len(cases)} case(s), {len(done)} already done, {len(todo)} to run ({backend}, {workers} worker(s))")
     failed: dict[str, str] = {}

@@ -69,14 +69,22 @@ def segment_ct(
     class_map: str | Path | None = None,
     device: str = "auto",
     tta: bool = True,
+    overwrite: bool = False,
     echo=print,
 ) -> dict:
-    """Segment one CT; returns the paths written and the structure volumes."""
+    """Segment one CT; returns the paths written and the structure volumes.
+
+    ``output``: a folder (one mask per structure, or ``segmentation.nii.gz`` with ``multilabel``;
+    side outputs ``statistics.json``, ``preview.png``, ``segmentation.dcm`` inside it) or, with
+    ``multilabel``, an image file ``seg.nii.gz`` (side outputs beside it: ``seg_statistics.json``,
+    ``seg_preview.png``, ``seg.dcm``). Outputs that exist are refused unless ``overwrite``
+    (:mod:`medseg.outputs`); ``class_map`` must fit the model's labels."""
     from medseg.apps.ct_stats import write_statistics
-    from medseg.ct.class_maps import load_class_map
+    from medseg.ct.class_maps import fit_class_map
     from medseg.inference.predictor import Predictor
     from medseg.io.checkpoint import resolve_model
     from medseg.io.image import check_writable_dir, label_dtype, read_image, write_image
+    from medseg.outputs import check_new_outputs, side_output, stem
 
     t0 = time.perf_counter()
     input, output = Path(input), Path(output)
@@ -87,11 +95,28 @@ def segment_ct(
     if fast and fast_folder is None:
         raise DatasetError(folder, "--fast: this model has no fast variant (a model folder in MODEL/fast/)")
     main = Predictor.from_folder(fast_folder if fast else folder, device=device, tta=tta)
-    labels = load_class_map(class_map) if class_map else {k: v for k, v in main.spec.labels.items() if v}
+    labels = fit_class_map(class_map, main.spec.labels, fast_folder if fast else folder)
     subset = check_roi_subset(roi_subset, labels) if roi_subset else None
+    wanted = subset or labels
+
+    def side(name: str) -> Path:
+        return side_output(output, name, into_folder=not single_file)
+
+    targets = {"statistics": side("statistics.json"), "preview": side("preview.png")}
+    targets["dicom_seg"] = output.with_name(f"{stem(output)}.dcm") if single_file else out_dir / "segmentation.dcm"
+    planned = [output] if single_file else [out_dir / "segmentation.nii.gz"] if multilabel else []
+    planned += [] if multilabel else [out_dir / f"{name}.nii.gz" for name in wanted]
+    if statistics:
+        planned += [targets["statistics"]] + (
+            [targets["statistics"].with_suffix(".csv")] if stats_format == "medseg" else []
+        )
+    planned += [targets["preview"]] if preview else []
+    planned += [targets["dicom_seg"]] if dicom_seg else []
+    check_new_outputs(planned, overwrite=overwrite)  # before predicting: a refusal costs nothing
 
     ct, meta = read_image(input)
-    if not looks_like_ct(ct):
+    is_ct = looks_like_ct(ct)
+    if not is_ct:
         _warn(f"{input}: does not look like a CT in Hounsfield units (no air near -1000 HU; an MR?); "
               "a CT model will segment it poorly")  # fmt: skip
     image = ct[None].astype(np.float32)
@@ -114,7 +139,6 @@ def segment_ct(
         seg, _ = main.predict_array(image, meta)
     if subset:
         seg = np.where(np.isin(seg, list(subset.values())), seg, 0).astype(seg.dtype)
-    wanted = subset or labels
     written: list[Path] = []
     if multilabel:
         target = output if single_file else out_dir / "segmentation.nii.gz"
@@ -132,7 +156,7 @@ def segment_ct(
     counts = np.bincount(seg.ravel().astype(np.int64), minlength=max(wanted.values()) + 1)
     result["structures"] = {n: counts[v] * spacing_ml for n, v in wanted.items() if counts[v]}
     if statistics:
-        result["statistics"] = out_dir / "statistics.json"
+        result["statistics"] = targets["statistics"]
         write_statistics(
             ct,
             seg,
@@ -141,11 +165,12 @@ def segment_ct(
             result["statistics"],
             fmt=stats_format,
             sources={"image": str(input), "model": str(folder)},
+            hounsfield=is_ct,
         )
     if preview:
-        result["preview"] = _preview(ct, seg, meta, wanted, out_dir / "preview.png")
+        result["preview"] = _preview(ct, seg, meta, wanted, targets["preview"])
     if dicom_seg:
-        result["dicom_seg"] = _write_dicom_seg(input, seg, wanted, out_dir / "segmentation.dcm")
+        result["dicom_seg"] = _write_dicom_seg(input, seg, wanted, targets["dicom_seg"])
     result["seconds"] = round(time.perf_counter() - t0, 2)
     top = sorted(result["structures"].items(), key=lambda kv: -kv[1])[:8]
     echo(f"{input.name}: {len(result['structures'])} of {len(wanted)} structures found in {result['seconds']} s "

@@ -11,14 +11,21 @@ from pathlib import Path
 
 import typer
 
+from medseg.cli.legacy import MedsegGroup
+
 app = typer.Typer(
+    cls=MedsegGroup,  # old option spellings accepted for one release (medseg/cli/legacy.py)
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # plain click help: no "<bool>" beside every flag
     help="medseg: self-configuring 3D medical image segmentation.",
 )
 
 WS_HELP = "Workspace folder for preprocessed data and models (default: $MEDSEG_WORKSPACE or ./medseg_workspace)."
+DATASET_HELP = "Dataset folder (nnU-Net v2 raw layout: dataset.json, imagesTr/, labelsTr/)."
+DEVICE_HELP = "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N."
+OVERWRITE_HELP = "Replace outputs that exist (without it, medseg refuses to write over them)."
 
 
 def _show_version(value: bool) -> None:
@@ -63,7 +70,7 @@ def verify(dataset: Path = typer.Argument(..., help="Dataset folder (nnU-Net v2 
 
 @app.command()
 def plan(
-    dataset: Path,
+    dataset: Path = typer.Argument(..., help=DATASET_HELP),
     workspace: Path | None = typer.Option(None, "-w", "--workspace", help=WS_HELP),
     budget: str = typer.Option("cpu", help="Memory/compute budget to fit the network to: cpu | gpu."),
     preset: list[str] = typer.Option(
@@ -116,7 +123,7 @@ def plan(
 
 @app.command()
 def preprocess(
-    dataset: Path,
+    dataset: Path = typer.Argument(..., help=DATASET_HELP),
     workspace: Path | None = typer.Option(None, "-w", "--workspace", help=WS_HELP),
     configuration: list[str] = typer.Option(
         [], "-c", "--configuration", help="Repeatable (default: 3d_fullres; 2d for a plan of 2D images)."
@@ -132,23 +139,27 @@ def preprocess(
 
 @app.command()
 def train(
-    dataset: Path,
+    dataset: Path = typer.Argument(..., help=DATASET_HELP),
     workspace: Path | None = typer.Option(None, "-w", "--workspace", help=WS_HELP),
     configuration: str | None = typer.Option(
         None, "-c", "--configuration", help="Default: 3d_fullres; 2d for a plan of 2D images."
     ),
-    fold: str = typer.Option("0", "-f", "--fold", help="0-4 or 'all'."),
-    model: str | None = typer.Option(None, "--model", help="Registry name (default: the plan's)."),
+    fold: list[str] = typer.Option(
+        ["0"], "-f", "--fold", help="Fold 0-4 or 'all' (repeatable: trains each in turn; default 0)."
+    ),
+    model: str | None = typer.Option(
+        None, "--arch", help="Network architecture, a registry name (`medseg models`; default: the plan's)."
+    ),
     model_kwargs: str | None = typer.Option(
         None,
         "--model-kwargs",
         help="JSON object overriding the plan's model kwargs, e.g. '{\"features\": [8, 16, 32, 64]}'.",
     ),
-    epochs: int = typer.Option(1000),
-    iterations: int = typer.Option(250, "--iterations", help="Per epoch."),
-    val_iterations: int = typer.Option(20),
-    batch_size: int | None = typer.Option(None),
-    lr: float = typer.Option(1e-2, "--lr"),
+    epochs: int = typer.Option(1000, help="Epochs to train (with --time-budget: what fits)."),
+    iterations: int = typer.Option(250, "--iterations", help="Training iterations (batches) per epoch."),
+    val_iterations: int = typer.Option(20, help="Validation batches per epoch (pseudo-Dice)."),
+    batch_size: int | None = typer.Option(None, help="Patches per batch (default: the plan's)."),
+    lr: float = typer.Option(1e-2, "--lr", help="Initial learning rate."),
     warmup_epochs: int = typer.Option(0, help="Linear LR warm-up over the first N epochs (fine-tuning)."),
     freeze_encoder_epochs: int = typer.Option(
         0, help="Fine-tuning: keep the pretrained encoder frozen for the first N epochs."
@@ -166,8 +177,8 @@ def train(
     param_groups: str | None = typer.Option(
         None, help='JSON list of per-group LR scales, e.g. \'[{"prefix": "encoder.", "lr_scale": 0.1}]\'.'
     ),
-    device: str = typer.Option("auto"),
-    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    seed: int = typer.Option(0, help="Random seed (patches, augmentation, initialisation)."),
     threads: int | None = typer.Option(None, help="CPU threads for torch."),
     amp: bool | None = typer.Option(
         None, "--amp/--no-amp", help="Mixed precision (default: fp16 on CUDA, bf16 on CPUs with native bf16)."
@@ -182,6 +193,9 @@ def train(
     ),
     no_validation: bool = typer.Option(False, "--no-validation", help="Skip the final full-volume validation."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the last checkpoint (also to extend)."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Train a fold that already has a checkpoint again from scratch."
+    ),
     output: Path | None = typer.Option(None, "-o", "--output", help="Model folder (default: in workspace)."),
 ):
     """Train a model from the plan (deep supervision, Dice+CE, SGD+poly LR). torchrun-ready."""
@@ -192,7 +206,7 @@ def train(
         from medseg.models import list_models
 
         if model not in list_models():
-            _fail(f"--model: unknown model '{model}' (registered: {', '.join(list_models())})")
+            _fail(f"--arch: unknown model '{model}' (registered: {', '.join(list_models())})")
     from medseg.cli.options import json_value
 
     try:
@@ -231,15 +245,19 @@ def train(
         cfg.check()
     except ValueError as exc:
         _fail(str(exc))
-    summary = api.train(
-        dataset, workspace, configuration=configuration, fold=fold, config=cfg, resume=resume, output=output, log=_err
-    )
-    if summary:  # the full summary is in its file; a person reads one screen
-        from medseg.evaluation.report import metrics_summary_lines
+    from dataclasses import replace
 
-        print(f"final validation (native space) -> {summary['summary_file']}")
-        for line in metrics_summary_lines(summary):
-            print(f"  {line}")
+    for f in dict.fromkeys(fold):  # each fold in turn, on its own copy (a time budget rewrites epochs)
+        summary = api.train(
+            dataset, workspace, configuration=configuration, fold=f, config=replace(cfg), resume=resume,
+            overwrite=overwrite, output=output, log=_err,
+        )  # fmt: skip
+        if summary:  # the full summary is in its file; a person reads one screen
+            from medseg.evaluation.report import metrics_summary_lines
+
+            print(f"final validation, fold {f} (native space) -> {summary['summary_file']}")
+            for line in metrics_summary_lines(summary):
+                print(f"  {line}")
 
 
 @app.command()
@@ -247,16 +265,20 @@ def predict(
     model: str = typer.Option(..., "-m", "--model", help="Model folder or shipped model name."),
     input: Path = typer.Option(..., "-i", "--input", help="Image file, folder, or DICOM series folder."),
     output: Path = typer.Option(..., "-o", "--output", help="Output folder."),
-    folds: list[str] | None = typer.Option(None, "-f", "--folds", help="Folds to ensemble (default: all)."),
+    folds: list[str] | None = typer.Option(
+        None, "-f", "--fold", help="Fold to ensemble (repeatable; default: every fold the model has)."
+    ),
     no_tta: bool = typer.Option(False, "--no-tta", help="Disable mirror test-time augmentation."),
     step: float = typer.Option(0.5, help="Sliding-window step as a fraction of the patch."),
-    device: str = typer.Option("auto"),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
     probabilities: bool = typer.Option(False, "--probabilities", help="Also save class probabilities (.npz)."),
     largest_component: bool = typer.Option(
         False, "--largest-component", help="Keep only the largest component per label."
     ),
     overlay: bool = typer.Option(False, "--overlay", help="Write a PNG overlay per case."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Redo cases already in OUTPUT."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Redo cases already in OUTPUT (without it they are skipped: a rerun resumes)."
+    ),
     fp32: bool = typer.Option(
         False, "--fp32", help="Network in full fp32 (default: bf16 on CPUs with native bf16, fp16 on CUDA)."
     ),
@@ -306,10 +328,13 @@ def predict(
 
 @app.command()
 def evaluate(
-    pred: Path = typer.Option(..., "--pred", help="Folder of predicted label maps."),
-    ref: Path = typer.Option(..., "--ref", help="Folder of reference label maps."),
+    pred: Path = typer.Option(..., "-i", "--input", "--pred", help="Folder of predicted label maps."),
+    ref: Path = typer.Option(..., "-r", "--reference", "--ref", help="Folder of reference label maps."),
     dataset_json: Path = typer.Option(..., "--labels", "-l", help="dataset.json naming the labels."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="JSON path (CSV written beside)."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="JSON path, CSV written beside (default: INPUT/summary.json)."
+    ),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     nsd_tolerance: float = typer.Option(1.0, help="Surface-Dice tolerance in mm."),
     roi_masks: Path | None = typer.Option(
         None, "--roi-masks", help="Folder of region-of-interest masks CASE.ext: metrics only inside them."
@@ -318,9 +343,11 @@ def evaluate(
     """Dice, IoU, HD95 and normalised surface Dice per class and case."""
     from medseg import api
     from medseg.io.image import check_writable_dir
+    from medseg.outputs import check_new_outputs
 
     output = output or pred / "summary.json"
     check_writable_dir(Path(output).parent)  # fail before computing metrics, not after
+    check_new_outputs([output, Path(output).with_suffix(".csv")], overwrite=overwrite)
     s = api.evaluate(
         pred, ref, dataset_json=dataset_json, output=output, nsd_tolerance_mm=nsd_tolerance, roi_masks=roi_masks
     )
@@ -331,32 +358,59 @@ def evaluate(
     print(f"written {output} and {Path(output).with_suffix('.csv')}")
 
 
+def _input_output(option: Path | None, positional: Path | None, flag: str) -> Path:
+    """``-i``/``-o`` or, for one release, the positional spelling they replace."""
+    if option is not None and positional is not None and option != positional:
+        _fail(f"{flag} given twice ({positional} and {option}); pass it once, as {flag}")
+    if option is None and positional is None:
+        _fail(f"missing {flag}")
+    if option is None:
+        _err(
+            f"medseg: warning: a positional {flag.split('/')[-1].lstrip('-')} is now {flag}; it goes in the next release"
+        )
+    return option if option is not None else positional
+
+
 @app.command("export-model")
 def export_model(
-    source: Path = typer.Argument(..., help="Training output folder (model.json + fold_K/)."),
-    destination: Path = typer.Argument(..., help="New model folder to write."),
-    folds: list[str] | None = typer.Option(None, "-f", "--fold", help="Folds to include (default all)."),
+    input: Path | None = typer.Option(None, "-i", "--input", help="Training output folder (model.json + fold_K/)."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="New model folder to write."),
+    folds: list[str] | None = typer.Option(None, "-f", "--fold", help="Fold to include (repeatable; default all)."),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+    old_source: Path | None = typer.Argument(None, hidden=True),
+    old_destination: Path | None = typer.Argument(None, hidden=True),
 ):
     """Copy only what inference needs (spec, weights, hashes, validation summaries) into a shippable folder."""
     from medseg import api
 
+    source = _input_output(input, old_source, "-i/--input")
+    destination = _input_output(output, old_destination, "-o/--output")
     out = api.package_model(source, destination, folds=folds, overwrite=overwrite)
     print(f"model folder written: {out}")
 
 
 @app.command("import-nnunet")
 def import_nnunet(
-    results_folder: Path = typer.Argument(
-        ..., help="nnU-Net v2 results folder TRAINER__PLANS__CONFIGURATION (dataset.json, plans.json, fold_K/)."
+    input: Path | None = typer.Option(
+        None,
+        "-i",
+        "--input",
+        help="nnU-Net v2 results folder TRAINER__PLANS__CONFIGURATION (dataset.json, plans.json, fold_K/).",
     ),
-    output: Path = typer.Argument(..., help="medseg model folder to write."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="medseg model folder to write."),
     checkpoint: str = typer.Option("final", "--checkpoint", help="final (checkpoint_final.pth) | best."),
-    folds: list[str] | None = typer.Option(None, "-f", "--fold", help="Folds to import (default: all found)."),
+    folds: list[str] | None = typer.Option(
+        None, "-f", "--fold", help="Fold to import (repeatable; default: all found)."
+    ),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing model folder."),
+    old_results: Path | None = typer.Argument(None, hidden=True),
+    old_output: Path | None = typer.Argument(None, hidden=True),
 ):
     """Convert a trained nnU-Net v2 model into a medseg model folder (weights read with weights_only=True)."""
     from medseg.interop.nnunet import import_nnunet as _import
+
+    results_folder = _input_output(input, old_results, "-i/--input")
+    output = _input_output(output, old_output, "-o/--output")
 
     r = _import(results_folder, output, checkpoint=checkpoint, folds=folds, overwrite=overwrite)
     tta = "mirror TTA on axes " + ",".join(map(str, r.mirror_axes)) if r.mirror_axes else "no mirror TTA"
@@ -368,10 +422,19 @@ def import_nnunet(
 
 
 @app.command("convert-msd")
-def convert_msd(msd_folder: Path, output: Path):
+def convert_msd(
+    input: Path | None = typer.Option(
+        None, "-i", "--input", help="MSD task folder (dataset.json, imagesTr/ of 4D NIfTI)."
+    ),
+    output: Path | None = typer.Option(None, "-o", "--output", help="nnU-Net v2 raw dataset folder to write."),
+    old_msd: Path | None = typer.Argument(None, hidden=True),
+    old_output: Path | None = typer.Argument(None, hidden=True),
+):
     """Convert a Medical Segmentation Decathlon task to the nnU-Net v2 raw layout."""
     from medseg.io.dataset import convert_msd as _convert
 
+    msd_folder = _input_output(input, old_msd, "-i/--input")
+    output = _input_output(output, old_output, "-o/--output")
     print(f"converted to {_convert(msd_folder, output)}")
 
 
@@ -461,14 +524,13 @@ def _measure_at_patch(name: str, patch, in_channels: int, num_classes: int):
 
 # the CT, DICOM-SEG and cohort commands live in their own module; importing it registers them on `app`
 from medseg.cli import ct_commands  # noqa: E402,F401
-from medseg.cli import sam_commands  # noqa: E402
 
 
 def main() -> None:
     from medseg.errors import MedsegError
 
     try:
-        app(args=sam_commands.join_box_values(sys.argv)[1:])
+        app()
     except MedsegError as exc:
         print(f"medseg: error: {exc.one_line()}", file=sys.stderr)
         sys.exit(2)

@@ -59,11 +59,19 @@ def _hu_summary(values: np.ndarray, prefix: str = "hu") -> dict:
 
 
 def structure_statistics(
-    ct: np.ndarray, seg: np.ndarray, spacing, labels: dict[str, int], *, erode_mm: float = 0.0
+    ct: np.ndarray,
+    seg: np.ndarray,
+    spacing,
+    labels: dict[str, int],
+    *,
+    erode_mm: float = 0.0,
+    prefix: str = "hu",
 ) -> dict[str, dict]:
     """medseg's per-structure statistics for every structure of ``labels`` (absent ones: 0 voxels).
 
     ``ct`` and ``seg`` share one grid; ``spacing`` in mm, same axis order as the arrays.
+    ``prefix`` names the intensity fields: ``hu_mean`` ... for a CT in HU, ``intensity_mean`` ...
+    for an image whose values are not HU (an MR), so no table calls MR signal "HU".
     """
     if ct.shape != seg.shape:
         raise ValueError(f"image shape {ct.shape} and label shape {seg.shape} differ")
@@ -75,9 +83,9 @@ def structure_statistics(
         box = boxes[value - 1] if value - 1 < len(boxes) else None
         if box is None:
             row = {"label": value, "voxels": 0, "volume_mm3": 0.0, "volume_ml": 0.0, "touches_border": False}
-            row |= _hu_summary(np.empty(0))
+            row |= _hu_summary(np.empty(0), prefix)
             if ball is not None:
-                row |= {"voxels_eroded": 0} | _hu_summary(np.empty(0), "hu_eroded")
+                row |= {"voxels_eroded": 0} | _hu_summary(np.empty(0), f"{prefix}_eroded")
             out[name] = row
             continue
         mask = seg[box] == value
@@ -89,13 +97,13 @@ def structure_statistics(
             "volume_ml": n * voxel_mm3 / 1000.0,
             "touches_border": touches_border(box, seg.shape),
         }
-        row |= _hu_summary(ct[box][mask])
+        row |= _hu_summary(ct[box][mask], prefix)
         if ball is not None:
             # erode inside a box padded by the ball radius; outside the image counts as background
             pad = [(k // 2, k // 2) for k in ball.shape]
             eroded = ndimage.binary_erosion(np.pad(mask, pad), structure=ball)
             eroded = eroded[tuple(slice(a, a + s) for (a, _), s in zip(pad, mask.shape))]
-            row |= {"voxels_eroded": int(eroded.sum())} | _hu_summary(ct[box][eroded], "hu_eroded")
+            row |= {"voxels_eroded": int(eroded.sum())} | _hu_summary(ct[box][eroded], f"{prefix}_eroded")
         out[name] = row
     return out
 

@@ -412,13 +412,24 @@ class Trainer:
             )
         return sampler, val_sampler
 
-    def fit(self, resume: bool = False) -> list[dict]:
+    def fit(self, resume: bool = False, overwrite: bool = True) -> list[dict]:
         """Train to ``cfg.epochs`` (resuming if asked); returns the epoch records. The final
-        validation in native space is a separate step (:func:`medseg.training.validation.validate_fold`)."""
+        validation in native space is a separate step (:func:`medseg.training.validation.validate_fold`).
+
+        A fold that already has a checkpoint is trained again from scratch only with ``overwrite``
+        (the CLI's ``--overwrite``; the API's default, as before); otherwise it is refused before any work."""
         self.ran_epochs = False
         if resume:
             self.try_resume()
         elif (self.fold_dir / STATE_FILE).exists():
+            if not overwrite:
+                from medseg.errors import OutputError
+
+                raise OutputError(
+                    self.fold_dir,
+                    "holds a trained fold; pass --resume to continue it, --overwrite to train it again from scratch, "
+                    "or -o another model folder",
+                )
             self.log(f"note: {self.fold_dir} already has a checkpoint; starting over (use --resume to continue)")
         self._rewrite_log()
         self._fit_epochs_to_budget()
