@@ -121,7 +121,8 @@ def prepare(args, nn_py: Path) -> dict:
     model = work / "medseg_model"
     if not model.exists():
         C.run_measured(
-            [C.medseg_python(), "-m", "medseg", "import-nnunet", results, model], log_file=logs / "import.log"
+            [C.medseg_python(), "-m", "medseg", "import-nnunet", "-i", results, "-o", model],
+            log_file=logs / "import.log",
         )
     cases_dir = work / "test_images"
     shutil.rmtree(cases_dir, ignore_errors=True)

@@ -75,7 +75,9 @@ def main() -> None:
     info = C.machine_info()
     model = work / "model"
     if not model.exists():
-        C.run_measured([py, "-m", "medseg", "import-nnunet", FIXTURE, model], log_file=work / "logs" / "import.log")
+        C.run_measured(
+            [py, "-m", "medseg", "import-nnunet", "-i", FIXTURE, "-o", model], log_file=work / "logs" / "import.log"
+        )
     results = []
     for z in sorted({int(s) for s in args.sizes.split(",")} | {int(s) for s in args.whole_sizes.split(",")}):
         ct = work / f"ct_512x512x{z}.nii.gz"

@@ -224,7 +224,7 @@ def run_setting(s: dict, args, medseg: Medseg, work: Path) -> dict:
     ]  # fmt: skip
     runs = [
         ("scratch (planned net)", []),
-        ("scratch (pretrained net)", ["--model", pre["model"], "--model-kwargs", json.dumps(pre["model_kwargs"])]),
+        ("scratch (pretrained net)", ["--arch", pre["model"], "--model-kwargs", json.dumps(pre["model_kwargs"])]),
         ("fine-tune", ["--pretrained", PRETRAINED]),
     ]
     if conf["model"] == pre["model"] and conf["model_kwargs"] == pre["model_kwargs"]:

@@ -8,7 +8,8 @@ output that is a folder holds its side outputs under plain names (``OUT/statisti
 **Existing outputs** are never replaced silently. Commands that fill a folder case by case
 (``predict``, ``cohort``) skip the cases already done, so an interrupted run resumes; commands
 that write named files or folders (``ct``, ``ct-stats``, ``dicom-seg``, ``evaluate``,
-``export-model``, ``import-nnunet``, ``cohort-analyse``) refuse when one exists. ``--overwrite``
+``export-model``, ``import-nnunet``, ``convert-msd``, ``cohort-analyse``) refuse when one exists;
+``train`` refuses a fold that has a checkpoint unless ``--resume``. ``--overwrite``
 redoes or replaces them in both cases. The check runs before any work, so a refusal costs nothing
 and writes nothing.
 """

@@ -70,6 +70,7 @@ def test_one_spelling_for_input_output_model_and_folds():
             if "--model" in p.opts:
                 assert "-m" in p.opts and "folder" in p.help, f"{name}: -m/--model is a model folder or shipped name"
         writes = {"ct", "ct-stats", "dicom-seg", "predict", "evaluate", "export-model", "import-nnunet", "cohort"}
+        writes |= {"convert-msd"}
         if name in writes | {"train", "cohort-analyse"}:
             assert "--overwrite" in opts, f"{name} needs --overwrite (docs/cli.md: existing outputs)"
             assert "--output" in opts, name
@@ -141,6 +142,12 @@ def test_existing_outputs_are_refused_unless_overwrite(monkeypatch, capsys, tmp_
     code, _, err = run_main(monkeypatch, capsys, *ev)
     assert code == 2 and "summary.json: already exists" in err and "--overwrite" in err
     assert run_main(monkeypatch, capsys, *ev, "--overwrite")[0] == 0
+    # convert-msd into a dataset folder that exists: refused before reading the task
+    (tmp_path / "ds").mkdir()
+    (tmp_path / "ds" / "dataset.json").write_text("{}")
+    code, _, err = run_main(monkeypatch, capsys, "convert-msd", "-i", tmp_path / "task", "-o", tmp_path / "ds")
+    assert code == 2 and "ds/dataset.json: already exists" in err
+    assert (tmp_path / "ds" / "dataset.json").read_text() == "{}"
     # --pred/--ref remain visible spellings of -i/-r
     assert run_main(monkeypatch, capsys, "evaluate", "--pred", pred, "--ref", ref, "-l", HIPPO / "dataset.json",
                     "-o", tmp_path / "e2.json")[0] == 0  # fmt: skip

@@ -427,14 +427,18 @@ def convert_msd(
         None, "-i", "--input", help="MSD task folder (dataset.json, imagesTr/ of 4D NIfTI)."
     ),
     output: Path | None = typer.Option(None, "-o", "--output", help="nnU-Net v2 raw dataset folder to write."),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     old_msd: Path | None = typer.Argument(None, hidden=True),
     old_output: Path | None = typer.Argument(None, hidden=True),
 ):
     """Convert a Medical Segmentation Decathlon task to the nnU-Net v2 raw layout."""
     from medseg.io.dataset import convert_msd as _convert
 
+    from medseg.outputs import check_new_outputs
+
     msd_folder = _input_output(input, old_msd, "-i/--input")
     output = _input_output(output, old_output, "-o/--output")
+    check_new_outputs([output / n for n in ("dataset.json", "imagesTr", "labelsTr")], overwrite=overwrite)
     print(f"converted to {_convert(msd_folder, output)}")
 
 
