@@ -13,7 +13,7 @@ import torch
 from conftest import TrainingInterrupted, crash_training_at
 
 from medseg import api
-from medseg.errors import DatasetError
+from medseg.errors import DatasetError, OutputError
 from medseg.io.checkpoint import available_folds, load_weights
 from medseg.planning.plan import Plan
 from medseg.preprocessing.pipeline import cache_folder
@@ -114,6 +114,20 @@ def test_extend_a_finished_run(prepared, tmp_path):
     # without --resume the run starts over (and its log with it)
     train(prepared, out, replace(TINY, epochs=1))
     assert [r["epoch"] for r in log_records(fold)] == [1]
+
+
+def test_a_trained_fold_is_refused_without_resume_or_overwrite(prepared, tmp_path):
+    """The CLI's rule (overwrite=False): a fold with a checkpoint is neither silently restarted nor
+    touched; --resume continues it, --overwrite restarts it."""
+    out = tmp_path / "m"
+    train(prepared, out, TINY)
+    before = load_weights(out / "fold_0")
+    log = (out / "fold_0" / "training_log.jsonl").read_bytes()
+    with pytest.raises(OutputError, match="holds a trained fold; pass --resume to continue it, --overwrite"):
+        train(prepared, out, TINY, overwrite=False)
+    assert_same_weights(before, load_weights(out / "fold_0"))
+    assert (out / "fold_0" / "training_log.jsonl").read_bytes() == log
+    assert train(prepared, out, TINY, overwrite=False, resume=True) == {}  # already done: a clean no-op
 
 
 def test_fold_all_trains_without_validation(prepared, tmp_path):
