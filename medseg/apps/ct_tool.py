@@ -168,7 +168,7 @@ def segment_ct(
             hounsfield=is_ct,
         )
     if preview:
-        result["preview"] = _preview(ct, seg, meta, wanted, targets["preview"])
+        result["preview"] = _preview(ct, seg, meta, wanted, targets["preview"], hounsfield=is_ct)
     if dicom_seg:
         result["dicom_seg"] = _write_dicom_seg(input, seg, wanted, targets["dicom_seg"])
     result["seconds"] = round(time.perf_counter() - t0, 2)
@@ -187,10 +187,11 @@ def _crop_meta(meta, region):
     return dataclasses.replace(meta, shape=tuple(s.stop - s.start for s in region))
 
 
-def _preview(ct, seg, meta, labels: dict[str, int], path: Path) -> Path:
+def _preview(ct, seg, meta, labels: dict[str, int], path: Path, *, hounsfield: bool = True) -> Path:
     from medseg.evaluation.report import overlay_png
 
-    ct_window = np.clip(ct.astype(np.float32), -400, 600)  # soft-tissue window
+    # a CT: the soft-tissue window (-400..600 HU); anything else: overlay_png's percentile window
+    ct_window = np.clip(ct.astype(np.float32), -400, 600) if hounsfield else ct.astype(np.float32)
     counts = np.bincount(seg.ravel().astype(np.int64), minlength=max(labels.values(), default=0) + 1)
     # every present structure, biggest first: the legend names as many as fit, then "+N more"
     present = sorted(((n, v) for n, v in labels.items() if counts[v]), key=lambda kv: -counts[kv[1]])
