@@ -183,7 +183,7 @@ def _check_run(name: str, run: dict, kwargs: dict) -> None:
     fold = run["out"] / "fold_0"
     assert (fold / "model.safetensors").is_file() and (fold / "checkpoint.json").is_file()
     assert (fold / "training_state.pt").is_file()  # --checkpoint-every 1: resumable
-    assert [json.loads(line)["epoch"] for line in (fold / "training_log.jsonl").read_text().splitlines()] == [0]
+    assert [json.loads(line)["epoch"] for line in (fold / "training_log.jsonl").read_text().splitlines()] == [1]
 
     assert predict.returncode == 0, _report(run["predict_args"], predict)
     seg, seg_meta = read_image(run["pred"] / f"{PREDICT_CASE}.nii.gz")
