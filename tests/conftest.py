@@ -1,4 +1,6 @@
-"""Shared fixtures. Real data comes from ../shared/data (present on developer machines and in CI)."""
+"""Shared fixtures. Real data comes from ../shared/data (present on developer machines and in CI), or
+from the folder in ``MEDSEG_SHARED_DATA``; without it, the few small real cases shipped in
+``tests/fixtures`` (see their SOURCE.md) stand in, so a fresh clone runs the important real-data tests."""
 
 from __future__ import annotations
 
@@ -12,7 +14,18 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" / "data"))
-HIPPO = SHARED_DATA / "msd_hippocampus"
+BUNDLED_DATA = REPO / "tests" / "fixtures"  # small real cases shipped with the repository
+
+
+def real_data(name: str) -> Path:
+    """``SHARED_DATA/name`` when the shared data are there, else the copy of a few of its cases in
+    ``tests/fixtures/name`` (if the repository ships one); tests then ``require`` the files they use."""
+    shared, bundled = SHARED_DATA / name, BUNDLED_DATA / name
+    return shared if shared.is_dir() or not bundled.is_dir() else bundled
+
+
+HIPPO_SHARED = SHARED_DATA / "msd_hippocampus"  # all 208 development cases: for tests that need many
+HIPPO = real_data("msd_hippocampus")  # at least HIPPO_CASES (tests/fixtures ships exactly these)
 
 # A fixed handful of real hippocampus cases for end-to-end tests
 HIPPO_CASES = [
@@ -31,7 +44,7 @@ HIPPO_CASES = [
 
 def require(path: Path) -> Path:
     if not path.exists():
-        pytest.skip(f"real data not available: {path}")
+        pytest.skip(f"real data not available: {path} (see MEDSEG_SHARED_DATA in README.md)")
     return path
 
 

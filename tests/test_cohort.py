@@ -15,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HIPPO, require
+from conftest import HIPPO_SHARED as HIPPO  # 30 cases: more than tests/fixtures ships
+from conftest import require
 
 from medseg.apps.cohort import read_cohort, run_cohort
 from medseg.apps.cohort_analysis import analyse_cohort, correlations

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HIPPO, SHARED_DATA, require
+from conftest import HIPPO, SHARED_DATA, real_data, require
 
 from medseg.errors import DatasetError
 from medseg.io.dataset import cases_from_input, convert_msd, list_cases, load_dataset_json
@@ -18,7 +18,7 @@ from medseg.io.verify import verify_dataset
 pytestmark = pytest.mark.realdata
 
 SPINE = SHARED_DATA / "spinalcord_mri"
-RADIOMICS = SHARED_DATA / "pyradiomics_testcases"
+RADIOMICS = real_data("pyradiomics_testcases")  # tests/fixtures ships breast1 only
 PGBM = SHARED_DATA / "tcia_pgbm_hippocrop_dicom"
 TS_DICOM = SHARED_DATA / "totalsegmentator_examples" / "dicom" / "example_ct_dicom"
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import HIPPO, SHARED_DATA, require
+from conftest import HIPPO, SHARED_DATA, real_data, require
 
 from medseg.errors import ImageReadError, OutputError
 from medseg.io.image import ImageMeta, label_dtype, read_image, write_image
@@ -20,7 +20,7 @@ from medseg.io.image import ImageMeta, label_dtype, read_image, write_image
 pytestmark = pytest.mark.realdata
 
 SPINE = SHARED_DATA / "spinalcord_mri"
-RADIOMICS = SHARED_DATA / "pyradiomics_testcases"
+RADIOMICS = real_data("pyradiomics_testcases")  # tests/fixtures ships breast1 only
 PGBM = SHARED_DATA / "tcia_pgbm_hippocrop_dicom"
 TS_DICOM = SHARED_DATA / "totalsegmentator_examples" / "dicom" / "example_ct_dicom"
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import REPO
+from conftest import REPO, SHARED_DATA, require
 from scipy import ndimage
 
 from medseg.io.image import ImageMeta, read_image, read_image_channels, write_image
@@ -133,3 +133,14 @@ def test_real_validation_cases_pass_and_a_model_without_training_data_skips_the_
     del spec["training_data"]  # a model folder from before the training range was recorded
     (old / "model.json").write_text(json.dumps(spec))
     assert Predictor.from_folder(old, device="cpu").ood_reasons(*read_image_channels(wide)) == []
+
+
+def test_the_whole_brain_mri_of_the_issue_is_flagged():
+    """Issue 17: pyradiomics' brain1 (whole-brain MRI, 0.78 x 0.78 x 6.5 mm) through the hippocampus
+    model gave 32 + 44 mL of "hippocampus" without a word; its 6.5 mm slices and its extent are flagged."""
+    from medseg.inference.predictor import Predictor
+
+    image = require(SHARED_DATA / "pyradiomics_testcases" / "brain1_image.nrrd")
+    reasons = Predictor.from_folder("hippocampus", device="cpu").ood_reasons(*read_image_channels(image))
+    assert any(r.startswith("spacing 6.5 mm") for r in reasons), reasons
+    assert any(r.startswith("extent") for r in reasons), reasons

@@ -313,7 +313,8 @@ def _check_resenc_config(cfg: Configuration, preset: str) -> int:
 
 def test_resenc_presets_on_the_real_hippocampus_fingerprint(no_hang):
     """nnUNetPlannerResEncM/L on MSD hippocampus: ResEnc networks, L's patch >= M's, L's batch larger."""
-    from conftest import HIPPO, require
+    from conftest import HIPPO_SHARED as HIPPO  # the whole dataset's fingerprint, not the 10 shipped cases
+    from conftest import require
 
     from medseg.io.dataset import load_dataset_json
     from medseg.planning.fingerprint import compute_fingerprint

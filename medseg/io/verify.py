@@ -40,6 +40,10 @@ def grid_problem(meta: ImageMeta, ref: ImageMeta, ref_name: str) -> str | None:
     return None
 
 
+def _rounded(values) -> tuple[float, ...]:
+    return tuple(round(float(v), 3) + 0.0 for v in values)  # + 0.0: no "-0.0"
+
+
 def geometry_problem(meta: ImageMeta, ref: ImageMeta, ref_name: str) -> str | None:
     """Like :func:`grid_problem`, and also the origin and direction: a label (or channel) with a
     shifted origin or a flipped axis lies elsewhere in the patient though its array fits.
@@ -50,15 +54,9 @@ def geometry_problem(meta: ImageMeta, ref: ImageMeta, ref_name: str) -> str | No
     if reason:
         return reason
     if not np.allclose(meta.origin, ref.origin, atol=ORIGIN_ATOL_MM):
-        return (
-            f"origin {tuple(round(o, 3) for o in meta.origin)} mm differs from "
-            f"{ref_name} {tuple(round(o, 3) for o in ref.origin)} mm"
-        )
+        return f"origin {_rounded(meta.origin)} mm differs from {ref_name} {_rounded(ref.origin)} mm"
     if not np.allclose(meta.direction, ref.direction, atol=DIRECTION_ATOL):
-        return (
-            f"orientation (direction {tuple(round(d, 3) for d in meta.direction)}) differs from "
-            f"{ref_name} ({tuple(round(d, 3) for d in ref.direction)})"
-        )
+        return f"orientation (direction {_rounded(meta.direction)}) differs from {ref_name} ({_rounded(ref.direction)})"
     return None
 
 

@@ -104,7 +104,8 @@ def _outside(values, low, high, factor: float, what: str, unit: str = " mm") -> 
     for axis, (v, lo, hi) in enumerate(zip(values, low, high)):
         if v > factor * hi or v < lo / factor:
             name = AXES[axis] if len(values) == 3 else str(axis)
-            return f"{what} {v:.3g}{unit} on axis {name} (training {lo:.3g}-{hi:.3g}{unit})"
+            seen = f"{lo:.3g}" if f"{lo:.3g}" == f"{hi:.3g}" else f"{lo:.3g}-{hi:.3g}"
+            return f"{what} {v:.3g}{unit} on axis {name} (training {seen}{unit})"
     return None
 
 
