@@ -59,8 +59,8 @@ LAUNCHER = textwrap.dedent("""
 
     _fit = T.Trainer.fit
 
-    def fit(self, resume=False):
-        out = _fit(self, resume)
+    def fit(self, *args, **kwargs):
+        out = _fit(self, *args, **kwargs)
         info = {"rank": self.dist.rank, "world_size": self.dist.world_size, "batch_size": self.batch_size,
                 "ddp": type(self.ddp_model).__name__, "train": self.train_names, "val": self.val_names,
                 "epochs_logged": len(self.history)}
