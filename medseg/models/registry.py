@@ -109,6 +109,7 @@ def _load_builtin_and_plugins() -> None:
     global _ENTRY_POINTS_LOADED
     import medseg.models.lightm_unet  # noqa: F401
     import medseg.models.resenc  # noqa: F401
+    import medseg.models.sam.imedsam  # noqa: F401
     import medseg.models.sam.litemedsam  # noqa: F401
     import medseg.models.stunet  # noqa: F401
     import medseg.models.unet  # noqa: F401  (registers built-ins)
