@@ -12,8 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from _sam_reference import reference_litemedsam
+
 from medseg.errors import CheckpointError, MedsegError
 from medseg.sam import preprocess
 from medseg.sam.boxes import Box, check_box, parse_box, read_boxes_table
@@ -127,11 +127,12 @@ def test_boxes_table(tmp_path):
 
 
 def test_box_values_are_joined_for_the_parser():
-    from medseg.cli.sam_commands import join_box_values
+    from medseg.cli.legacy import join_numbers
 
-    argv = ["medseg", "sam", "-i", "x", "--box", "1", "2", "3", "4", "--window", "-160", "240", "-o", "y"]
-    assert join_box_values(argv) == ["medseg", "sam", "-i", "x", "--box", "1,2,3,4", "--window", "-160,240", "-o", "y"]
-    assert join_box_values(["medseg", "predict", "--box", "1", "2"]) == ["medseg", "predict", "--box", "1", "2"]
+    args = ["-i", "x", "--box", "1", "2.5", "3", "4", "--window", "-160", "240", "-o", "y", "--box", "1,2,3,4"]
+    assert join_numbers("sam", args) == ["-i", "x", "--box", "1,2.5,3,4", "--window", "-160,240", "-o", "y",
+                                         "--box", "1,2,3,4"]
+    assert join_numbers("predict", ["--box", "1", "2"]) == ["--box", "1", "2"]
 
 
 # ---------------------------------------------------------------- the network against the reference

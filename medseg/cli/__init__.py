@@ -433,7 +433,6 @@ def convert_msd(
 ):
     """Convert a Medical Segmentation Decathlon task to the nnU-Net v2 raw layout."""
     from medseg.io.dataset import convert_msd as _convert
-
     from medseg.outputs import check_new_outputs
 
     msd_folder = _input_output(input, old_msd, "-i/--input")
@@ -456,8 +455,10 @@ def models(
 
     Each network is measured with its builder's default topology; where that cannot take PATCH (a
     total stride that does not divide it), with the topology the planner gives PATCH at 1 mm spacing.
+    A fixed-input model (LiteMedSAM: 3 x 256 x 256, one mask per prompt) is measured at its own input.
     """
     from medseg.models import count_parameters, create_model, get_entry, list_models
+    from medseg.models.flops import measure
 
     rows = []
     for name in list_models():
@@ -485,7 +486,11 @@ def models(
             try:
                 tiny = {k: v for k, v in e.test_config.items() if k != "input_size"}
                 row["test_config_params"] = count_parameters(create_model(name, 1, 2, **tiny))
-                if cost:
+                if cost and e.input_shape:  # a fixed-input model (SAM): its own input, one mask per prompt
+                    c = measure(name, e.input_shape[1:], in_channels=e.input_shape[0], num_classes=1)
+                    shape = "x".join(map(str, e.input_shape))
+                    row.update(params=c.params, flops=c.flops, macs=c.macs, topology=f"fixed input {shape}")
+                elif cost:
                     c, row["topology"] = _measure_at_patch(name, patch, in_channels, num_classes)
                     row.update(params=c.params, flops=c.flops, macs=c.macs)
             except Exception as exc:  # one model that cannot be built on meta must not hide the others
@@ -505,6 +510,8 @@ def models(
         params = f"{r['params'] / 1e6:.2f}M" if r["params"] is not None else "n/a"
         gflops = f"{r['flops'] / 1e9:.1f}" if r["flops"] is not None else "n/a"
         note = " [topology planned for the patch]" if r["topology"] == "planned" else ""
+        if (r["topology"] or "").startswith("fixed input"):
+            note = f" [at its {r['topology']}]"
         note += f"  [{r['error']}]" if r["error"] else ""
         print(f"{r['name']:14s} {params:>10s} {gflops:>9s}  {deps[r['name']]:{width}s}  {r['description']}{note}")
 
@@ -526,8 +533,8 @@ def _measure_at_patch(name: str, patch, in_channels: int, num_classes: int):
     return measure(name, patch, in_channels=in_channels, num_classes=num_classes, **kw), "planned"
 
 
-# the CT, DICOM-SEG and cohort commands live in their own module; importing it registers them on `app`
-from medseg.cli import ct_commands  # noqa: E402,F401
+# the CT, DICOM-SEG and cohort commands, and `sam`, live in their own modules; importing them registers them on `app`
+from medseg.cli import ct_commands, sam_commands  # noqa: E402,F401
 
 
 def main() -> None:

@@ -9,6 +9,7 @@ while they are updated. One table, one rewrite, for every command.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from typer.core import TyperGroup
@@ -39,9 +40,34 @@ def rename_legacy(command: str, args: list[str], warn=None) -> list[str]:
     return out
 
 
+# command -> options documented with several space-separated numbers (``--box 10 20 110 120``)
+MULTI_NUMBER: dict[str, tuple[str, ...]] = {"sam": ("--box", "--window")}
+_NUMBER = re.compile(r"^-?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+
+def join_numbers(command: str, args: list[str], limit: int = 6) -> list[str]:
+    """``--box 10 20 110 120`` -> ``--box 10,20,110,120`` (up to ``limit`` numbers) for the options of
+    :data:`MULTI_NUMBER`, which the parser then reads as one value."""
+    flags = MULTI_NUMBER.get(command, ())
+    out, i = [], 0
+    while i < len(args):
+        out.append(args[i])
+        if args[i] in flags:
+            j = i + 1
+            while j < len(args) and j - i <= limit and _NUMBER.match(args[j]):
+                j += 1
+            if j - i > 2:
+                out.append(",".join(args[i + 1 : j]))
+                i = j
+                continue
+        i += 1
+    return out
+
+
 class MedsegGroup(TyperGroup):
-    """The ``medseg`` command group: rewrites old option spellings for the chosen subcommand."""
+    """The ``medseg`` command group: rewrites old option spellings for the chosen subcommand and joins
+    multi-number options."""
 
     def resolve_command(self, ctx, args):
         name, cmd, rest = super().resolve_command(ctx, args)
-        return name, cmd, rename_legacy(name, list(rest)) if name else rest
+        return name, cmd, join_numbers(name, rename_legacy(name, list(rest))) if name else rest

@@ -2,34 +2,11 @@
 
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import typer
 
 from medseg.cli import _err, _fail, app
-
-_NUMBER = re.compile(r"^-?\d+(\.\d*)?$|^-?\.\d+$")
-
-
-def join_box_values(argv: list[str]) -> list[str]:
-    """``--box 10 20 110 120`` (4 or 6 numbers, the documented form) -> ``--box 10,20,110,120`` for the
-    parser, in the ``sam`` subcommand only; ``--window -160 240`` likewise."""
-    if "sam" not in argv[1:2]:
-        return argv
-    out, i = list(argv[:2]), 2
-    while i < len(argv):
-        out.append(argv[i])
-        if argv[i] in ("--box", "--window"):
-            j = i + 1
-            while j < len(argv) and _NUMBER.match(argv[j]) and j - i <= 6:
-                j += 1
-            if j - i - 1 > 1:
-                out.append(",".join(argv[i + 1 : j]))
-                i = j
-                continue
-        i += 1
-    return out
 
 
 def _window(value: str | None):

@@ -52,6 +52,7 @@ class ModelEntry:
     # memory_estimate(patch_size, model_kwargs, *, in_channels, num_classes) -> GiB of one training sample
     memory_estimate: Callable[..., float] | None = None
     planner: PlannerHook | None = None  # lets `medseg plan --preset NAME` plan a configuration for it
+    input_shape: tuple[int, ...] | None = None  # (C, *spatial) of a fixed-input model (e.g. SAM: 3, 256, 256)
 
     def available(self) -> dict[str, bool]:
         return {mod: importlib.util.find_spec(mod) is not None for mod in self.requires}
@@ -77,6 +78,7 @@ def register_model(
     head: tuple[str, ...] = (),
     memory_estimate: Callable[..., float] | None = None,
     planner: PlannerHook | None = None,
+    input_shape: tuple[int, ...] | None = None,
 ):
     """Register a builder under ``name``; see :class:`ModelEntry` for the fields. ``encoder`` and
     ``head`` name modules (``"encoder"``, ``"decoder.seg_layers"``); the generated model tests check
@@ -99,6 +101,7 @@ def register_model(
             head=tuple(head),
             memory_estimate=memory_estimate,
             planner=planner,
+            input_shape=tuple(input_shape) if input_shape else None,
         )
         return fn
 

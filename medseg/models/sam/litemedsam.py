@@ -54,10 +54,11 @@ class LiteMedSAM(nn.Module):
 
     @torch.no_grad()
     def for_inference(self) -> LiteMedSAM:
-        """Eval mode with BatchNorm folded into the encoder's convolutions."""
+        """Eval mode, BatchNorm folded into the encoder's convolutions, convolution weights channels-last
+        (the encoder keeps its activations channels-last from the first layer to the neck)."""
         self.eval()
         self.image_encoder.fuse_batchnorm()
-        return self
+        return self.to(memory_format=torch.channels_last)
 
 
 @register_model(
@@ -68,6 +69,7 @@ class LiteMedSAM(nn.Module):
                  "window_sizes": [7, 7, 7, 7], "input_size": [64, 64], "spatial_dims": 2},
     encoder=("image_encoder",),
     head=("mask_decoder",),
+    input_shape=(3, 256, 256),
 )
 def build_litemedsam(in_channels: int = 3, num_classes: int = 1, *, spatial_dims: int = 2, deep_supervision=False,
                      **arch) -> LiteMedSAM:

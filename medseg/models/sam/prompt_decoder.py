@@ -96,6 +96,8 @@ class PromptEncoder(nn.Module):
             dense = self.mask_downscaling(masks)
         else:
             dense = weight.reshape(1, -1, 1, 1).expand(batch, -1, *self.image_embedding_size)
+            if not torch.is_grad_enabled():  # a view of a parameter keeps requires_grad without a grad_fn,
+                dense = dense.detach()  # which module hooks (FlopCounterMode) refuse
         return sparse_t, dense
 
 

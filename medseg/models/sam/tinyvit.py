@@ -68,6 +68,16 @@ class MBConv(nn.Module):
         return self.act(x + self.conv3(y))
 
 
+def tokens_to_grid(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Tokens (B, H*W, C) -> (B, C, H, W) as a channels-last view (no copy): convolutions take that layout."""
+    return x.view(x.shape[0], h, w, x.shape[2]).permute(0, 3, 1, 2)
+
+
+def grid_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> tokens (B, H*W, C); a view when ``x`` is channels-last."""
+    return x.permute(0, 2, 3, 1).reshape(x.shape[0], -1, x.shape[1])
+
+
 class PatchMerging(nn.Module):
     """(B, C, H, W) or tokens -> tokens (B, H'W', C') through 1x1, depthwise 3x3 (stride), 1x1."""
 
@@ -81,10 +91,8 @@ class PatchMerging(nn.Module):
 
     def forward(self, x):
         if x.ndim == 3:
-            h, w = self.resolution
-            x = x.transpose(1, 2).reshape(x.shape[0], -1, h, w)
-        x = self.conv3(self.act(self.conv2(self.act(self.conv1(x)))))
-        return x.flatten(2).transpose(1, 2)
+            x = tokens_to_grid(x, *self.resolution)
+        return grid_to_tokens(self.conv3(self.act(self.conv2(self.act(self.conv1(x))))))
 
 
 class WindowAttention(nn.Module):
@@ -103,12 +111,28 @@ class WindowAttention(nn.Module):
         self.attention_biases = nn.Parameter(torch.zeros(num_heads, len(offsets)))
         self.register_buffer("attention_bias_idxs", torch.tensor(idx).view(len(points), len(points)), persistent=False)
 
+    def bias(self, dtype) -> torch.Tensor:
+        """(heads, N, N) relative position biases; gathered once and kept while not training."""
+        if self.training or getattr(self, "_bias", None) is None or self._bias.dtype != dtype:
+            bias = self.attention_biases[:, self.attention_bias_idxs].to(dtype)
+            if self.training:
+                return bias
+            self._bias = bias.detach()
+        return self._bias
+
+    def train(self, mode: bool = True):
+        self._bias = None
+        return super().train(mode)
+
     def forward(self, x):  # (B, N, C)
         b, n, _ = x.shape
         qkv = self.qkv(self.norm(x)).view(b, n, self.num_heads, 3 * self.head_dim).transpose(1, 2)
         q, k, v = qkv.split(self.head_dim, dim=-1)
-        bias = self.attention_biases[:, self.attention_bias_idxs].to(q.dtype)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        # explicit softmax attention: with a float mask, scaled_dot_product_attention takes its slow
+        # generic path on CPU (mask checks, fills) for these 49- and 196-token windows
+        attn = torch.baddbmm(self.bias(q.dtype).expand(b, -1, -1, -1).reshape(-1, n, n), (q * self.head_dim**-0.5).reshape(-1, n, self.head_dim),
+                             k.reshape(-1, n, self.head_dim).transpose(1, 2))
+        out = torch.bmm(attn.softmax(-1), v.reshape(-1, n, self.head_dim)).view(b, self.num_heads, n, self.head_dim)
         return self.proj(out.transpose(1, 2).reshape(b, n, -1))
 
 
@@ -159,7 +183,8 @@ class TinyViTBlock(nn.Module):
             windows, padded = window_partition(x.view(b, h, w, c), self.window)
             y = window_merge(self.attn(windows), self.window, padded, (h, w), b).reshape(b, n, c)
         x = x + y
-        x = self.local_conv(x.transpose(1, 2).reshape(b, c, h, w)).view(b, c, n).transpose(1, 2)
+        x = self.local_conv(tokens_to_grid(x, h, w))
+        x = grid_to_tokens(x)
         return x + self.mlp(x)
 
 
@@ -207,9 +232,7 @@ class TinyViT(nn.Module):
         x = self.layers[0](self.patch_embed(x))
         for layer in self.layers[1:]:
             x = layer(x)
-        b, _, c = x.shape
-        x = x.transpose(1, 2).reshape(b, c, self.grid, self.grid)
-        return self.neck(x)
+        return self.neck(tokens_to_grid(x, self.grid, self.grid))
 
     @torch.no_grad()
     def fuse_batchnorm(self) -> TinyViT:
