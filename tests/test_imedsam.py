@@ -221,3 +221,17 @@ def test_grey_input_and_no_prompt():
     with torch.no_grad():
         out = model(_images(c=1))
     assert out.shape == (2, 1, S, S) and torch.isfinite(out).all()
+
+
+def test_chunked_coarse_pass_matches_without_dropout():
+    """Chunking the coarse MLP over pixels changes nothing but the dropout draws."""
+    model = _imedsam(dropout=0.0).eval()
+    emb = model.embed(_images())
+    with torch.no_grad():
+        whole = model.decode(emb, BOXES, (30, 41), return_all=True)
+        parts = model.decode(emb, BOXES, (30, 41), return_all=True, chunk=97)
+    assert torch.allclose(whole.coarse, parts.coarse, atol=1e-6)
+    assert torch.allclose(whole.logits, parts.logits, atol=1e-6)
+    with torch.no_grad():
+        a = _imedsam().eval().decode(emb, BOXES, (30, 41), chunk=97)
+    assert a.shape == (2, 1, 30, 41) and torch.isfinite(a).all()

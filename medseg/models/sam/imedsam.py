@@ -226,24 +226,36 @@ class ImplicitDecoder(nn.Module):
         pos = torch.cat([pe_layer.encode(coords), fourier_encode(coords, self.num_freqs)], dim=-1)
         return torch.cat([feats, pos.to(feats.dtype).expand(p, -1, -1)], dim=-1)
 
+    def coarse_runs(self, feats: torch.Tensor, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Two MC-dropout runs of the coarse MLP on (P, n, in_dim) -> their mean (P, n, 1 + hidden) and the
+        variance of their logits (P, n). The first layer precedes any dropout, so it runs once for both."""
+        x = self.coarse[0](feats).unsqueeze(0).expand(2, -1, -1, -1)
+        x = mc_dropout(x, self.dropout, generator)
+        for layer in self.coarse[1:]:
+            x = mc_dropout(layer(x), self.dropout, generator)
+        runs = self.coarse_out(x)  # (2, P, n, 1 + hidden)
+        return runs.mean(0), runs[..., 0].float().var(0, unbiased=False)
+
     def forward(
         self,
         upscaled: torch.Tensor,
         pe_layer: nn.Module,
         size: tuple[int, int],
         extent: tuple[float, float] = (1.0, 1.0),
+        chunk: int | None = None,
     ) -> ImplicitOutput:
+        """``chunk``: run the coarse MLP over at most this many pixels at a time (large outputs at inference;
+        the selection still ranks all pixels of a prompt together)."""
         h, w = size
         feats = self.pixel_features(upscaled, pe_layer, size, extent)
         gen = None
         if not self.training:
             gen = torch.Generator(device=feats.device).manual_seed(self.mc_seed)
-        x = feats.unsqueeze(0).expand(2, -1, -1, -1)  # the two MC runs, batched
-        for layer in self.coarse:
-            x = mc_dropout(layer(x), self.dropout, gen)
-        runs = self.coarse_out(x)  # (2, P, N, 1 + hidden)
-        coarse = runs.mean(0)
-        variance = runs[..., 0].float().var(0, unbiased=False)  # (P, N)
+        n = feats.shape[1]
+        step = n if chunk is None else max(1, int(chunk))
+        parts = [self.coarse_runs(feats[:, i : i + step], gen) for i in range(0, n, step)]
+        coarse = torch.cat([c for c, _ in parts], dim=1) if len(parts) > 1 else parts[0][0]
+        variance = torch.cat([v for _, v in parts], dim=1) if len(parts) > 1 else parts[0][1]
         idx = select_uncertain(variance, self.refine_ratio)  # (P, k)
         picked = torch.cat([feats, coarse], dim=-1).gather(
             1, idx.unsqueeze(-1).expand(-1, -1, self.in_dim + coarse.shape[-1])
@@ -355,12 +367,14 @@ class IMedSAM(nn.Module):
         output_size: tuple[int, int] | None = None,
         extent: tuple[float, float] = (1.0, 1.0),
         return_all: bool = False,
+        chunk: int | None = None,
     ):
         """Logits (P, 1, H, W) for P box prompts on one embedding (1, C, h, w), or on P embeddings.
 
         ``boxes``: (P, 4) x0 y0 x1 y1 in input pixels (as LiteMedSAM). ``output_size`` (H, W) defaults to
         the input frame (S, S); the grid covers the top-left ``extent`` (rows, cols) fraction of the
-        frame, e.g. the unpadded part of a resized image. ``return_all``: an :class:`ImplicitOutput`."""
+        frame, e.g. the unpadded part of a resized image. ``return_all``: an :class:`ImplicitOutput`.
+        ``chunk``: pixels per coarse-MLP pass (bounds the memory of large outputs at inference)."""
         prompt = self.base.prompt_encoder
         sparse, dense = prompt(boxes=boxes)
         if sparse.shape[0] == 1 and embedding.shape[0] > 1:  # no prompt: one empty prompt per embedding
@@ -370,7 +384,7 @@ class IMedSAM(nn.Module):
         pe = prompt.dense_pe().to(dtype)
         _, _, feats = self.base.mask_decoder(embedding, pe, sparse.to(dtype), dense.to(dtype), return_features=True)
         size = tuple(output_size) if output_size is not None else (self.img_size, self.img_size)
-        out = self.implicit_decoder(feats["upscaled"], prompt.pe_layer, size, extent)
+        out = self.implicit_decoder(feats["upscaled"], prompt.pe_layer, size, extent, chunk)
         return out if return_all else out.logits
 
     def forward(
