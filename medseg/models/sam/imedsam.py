@@ -459,6 +459,7 @@ def _read_base_weights(source: str) -> dict[str, torch.Tensor]:
     },
     encoder=("adapters",),
     head=("implicit_decoder",),
+    input_shape=(3, 256, 256),
 )
 def build_imedsam(
     in_channels: int = 3, num_classes: int = 1, *, spatial_dims: int = 2, deep_supervision=False, **arch
