@@ -135,14 +135,18 @@ def train(
 
 def final_validation(trainer, raw_folder: Path, *, log=print) -> dict:
     """The step after ``fit()``: predict the fold's validation cases from the raw files and evaluate
-    them in native space (rank 0 only; skipped without validation cases or with
-    ``final_validation=False``). A run that was already complete returns its earlier summary."""
+    them in native space (rank 0 only; skipped without validation cases, with
+    ``final_validation=False`` and for prompt models, which the sliding-window predictor refuses).
+    A run that was already complete returns its earlier summary."""
     import json
 
     from medseg.training.validation import validate_fold
 
     summary_file = trainer.fold_dir / "validation" / "summary.json"
     if not trainer.dist.is_main or not trainer.cfg.final_validation or not trainer.val_names:
+        return {}
+    if not trainer.task.sliding_window:  # prompt models: no sliding-window prediction (``medseg sam``)
+        log(f"final validation: skipped for task {trainer.task.name} (its per-epoch metric is in training_log.jsonl)")
         return {}
     if not trainer.ran_epochs:
         return json.loads(summary_file.read_text()) if summary_file.is_file() else {}

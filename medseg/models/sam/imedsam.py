@@ -271,6 +271,8 @@ class ImplicitDecoder(nn.Module):
 class IMedSAM(nn.Module):
     """LiteMedSAM (``base``, frozen) + ``adapters`` (LoRA, frequency) + ``implicit_decoder``."""
 
+    pretrained_prefix = "base."  # --pretrained litemedsam: LiteMedSAM's tensors load into the base
+
     def __init__(
         self,
         in_channels: int = 3,
@@ -345,6 +347,7 @@ class IMedSAM(nn.Module):
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, C, S, S) images in [0, 1] -> (B, 256, S/4, S/4) embeddings with LoRA and frequency adapters."""
         encoder = self.base.image_encoder
+        images = self.base.encoder_input(images)  # grey -> 3 channels when built with in_channels=1
         spectrum = amplitude_spectrum(images).to(images.dtype).expand(-1, images.shape[1], -1, -1)
         freq = encoder.patch_embed(spectrum)  # (B, c0, S, S), frozen
         pooled: dict[tuple[int, int], torch.Tensor] = {}
@@ -393,11 +396,13 @@ class IMedSAM(nn.Module):
         boxes: torch.Tensor | None = None,
         output_size: tuple[int, int] | None = None,
         return_all: bool = False,
+        extent: tuple[float, float] = (1.0, 1.0),
     ):
-        """Training form: one box per image, (B, 1, H, W) logits (``output_size`` default: the image's)."""
+        """Training form: one box per image, (B, 1, H, W) logits (``output_size`` default: the image's);
+        ``extent`` as in :meth:`decode` (the part of the square input an image resized into it covers)."""
         size = tuple(output_size) if output_size is not None else tuple(image.shape[-2:])
         return self.decode(
-            self.embed(image), boxes.reshape(-1, 4) if boxes is not None else None, size, return_all=return_all
+            self.embed(image), boxes.reshape(-1, 4) if boxes is not None else None, size, extent, return_all
         )
 
     @torch.no_grad()

@@ -23,19 +23,28 @@ LITEMEDSAM_ARCH = {
 
 
 class LiteMedSAM(nn.Module):
+    """``in_channels=1`` keeps the published 3-channel encoder and repeats a grey input to three
+    identical channels (MedSAM's own handling of grey images), so the LiteMedSAM weights load."""
+
     def __init__(self, in_channels: int = 3, img_size: int = 256, embed_dims=(64, 128, 160, 320), depths=(2, 2, 6, 2),
                  num_heads=(2, 4, 5, 10), window_sizes=(7, 7, 14, 7), embed_dim: int = 256, **_ignored):
         super().__init__()
-        self.image_encoder = TinyViT(img_size, in_channels, embed_dims, depths, num_heads, window_sizes,
-                                     out_chans=embed_dim)
+        self.in_channels = in_channels
+        self.image_encoder = TinyViT(img_size, 3 if in_channels == 1 else in_channels, embed_dims, depths, num_heads,
+                                     window_sizes, out_chans=embed_dim)
         grid = self.image_encoder.grid
         self.img_size = img_size
         self.prompt_encoder = PromptEncoder(embed_dim, (grid, grid), (img_size, img_size), 16)
         self.mask_decoder = MaskDecoder(embed_dim)
 
+    def encoder_input(self, images: torch.Tensor) -> torch.Tensor:
+        """A grey (B, 1, S, S) batch as three identical channels; any other batch unchanged."""
+        return images.expand(-1, 3, -1, -1) if images.shape[1] == 1 and self.in_channels == 1 else images
+
     def embed(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, S, S) images in [0, 1] -> (B, 256, S/4, S/4) embeddings."""
-        return self.image_encoder(images)
+        """(B, 3, S, S) images in [0, 1] (or (B, 1, S, S) when built with ``in_channels=1``) ->
+        (B, 256, S/4, S/4) embeddings."""
+        return self.image_encoder(self.encoder_input(images))
 
     def decode(self, embedding: torch.Tensor, boxes: torch.Tensor | None = None, points=None, masks=None,
                multimask: bool = False):
