@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -121,3 +122,15 @@ def isolated_registries():
     for r, s in zip(registries, saved):
         r.clear()
         r.update(s)
+
+
+def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
+    """``medseg ARGS`` through the real entry point (its error handling included), in-process:
+    (exit code, stdout, stderr)."""
+    from medseg.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["medseg", *map(str, args)])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    out = capsys.readouterr()
+    return exc.value.code or 0, out.out, out.err

@@ -7,26 +7,17 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 
 import numpy as np
 import pytest
 import typer
-from conftest import HIPPO
+from conftest import HIPPO, run_main
 from typer.core import TyperArgument, TyperOption
 
-from medseg.cli import app, main
+from medseg.cli import app
 from medseg.cli.legacy import RENAMED, rename_legacy
 
 CASE = "hippocampus_001"
-
-
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["medseg", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    return exc.value.code or 0, out.out, out.err
 
 
 def _commands() -> dict:

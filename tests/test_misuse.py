@@ -7,22 +7,11 @@ import json
 import os
 import shutil
 import stat
-import sys
 
 import pytest
-from conftest import REPO
-
-from medseg.cli import main
+from conftest import REPO, run_main
 
 EXAMPLES = REPO / "examples" / "hippocampus"
-
-
-def run_main(monkeypatch, capsys, *args) -> tuple[int, str, str]:
-    monkeypatch.setattr(sys, "argv", ["medseg", *map(str, args)])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    out = capsys.readouterr()
-    return exc.value.code or 0, out.out, out.err
 
 
 def one_line_error(err: str) -> str:

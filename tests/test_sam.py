@@ -284,3 +284,19 @@ def test_weights_with_the_wrong_sha256_are_refused(tmp_path):
 def test_a_prompt_model_is_refused_by_medseg_predict(model_dir, tmp_path):
     r = _medseg("predict", "-m", model_dir, "-i", BUSI / "imagesTr" / "busi_benign_002_0000.png", "-o", tmp_path / "p")
     assert r.returncode == 2 and "medseg sam" in r.stderr and not (tmp_path / "p").exists()
+
+
+def test_attention_bias_cache_follows_the_weights():
+    """The eval-mode cache of the gathered position biases is refreshed when the biases change
+    (in place, as EMA does, or by load_state_dict)."""
+    from medseg.models.sam.tinyvit import WindowAttention
+
+    attn = WindowAttention(8, 2, 7).eval()
+    x = torch.randn(3, 49, 8)
+    with torch.no_grad():
+        zero = attn(x)
+        attn.attention_biases.add_(torch.randn(2, attn.attention_biases.shape[1]))
+        changed = attn(x)
+        assert not torch.allclose(zero, changed)
+        attn.load_state_dict({**attn.state_dict(), "attention_biases": torch.zeros_like(attn.attention_biases)})
+        assert torch.allclose(attn(x), zero)

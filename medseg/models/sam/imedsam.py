@@ -418,10 +418,11 @@ def _is_trainable(name: str) -> bool:
 
 
 def _drop_cached_biases(model: nn.Module) -> None:
-    """WindowAttention keeps its gathered position biases while not training; new weights invalidate them."""
+    """WindowAttention keeps its gathered position biases while not training (refreshed when the
+    parameter's version changes); dropping the key forces a refresh in any case."""
     for m in model.modules():
-        if getattr(m, "_bias", None) is not None:
-            m._bias = None
+        if getattr(m, "_bias_key", None) is not None:
+            m._bias_key = None
 
 
 def _read_base_weights(source: str) -> dict[str, torch.Tensor]:

@@ -112,17 +112,15 @@ class WindowAttention(nn.Module):
         self.register_buffer("attention_bias_idxs", torch.tensor(idx).view(len(points), len(points)), persistent=False)
 
     def bias(self, dtype) -> torch.Tensor:
-        """(heads, N, N) relative position biases; gathered once and kept while not training."""
-        if self.training or getattr(self, "_bias", None) is None or self._bias.dtype != dtype:
-            bias = self.attention_biases[:, self.attention_bias_idxs].to(dtype)
-            if self.training:
-                return bias
-            self._bias = bias.detach()
+        """(heads, N, N) relative position biases; outside training gathered once and kept until the
+        parameter changes (its version counter: load_state_dict, EMA updates) or another dtype is asked."""
+        if self.training:
+            return self.attention_biases[:, self.attention_bias_idxs].to(dtype)
+        key = (self.attention_biases._version, self.attention_biases.device, dtype)
+        if getattr(self, "_bias_key", None) != key:
+            self._bias = self.attention_biases[:, self.attention_bias_idxs].to(dtype).detach()
+            self._bias_key = key
         return self._bias
-
-    def train(self, mode: bool = True):
-        self._bias = None
-        return super().train(mode)
 
     def forward(self, x):  # (B, N, C)
         b, n, _ = x.shape
