@@ -272,6 +272,7 @@ class IMedSAM(nn.Module):
     """LiteMedSAM (``base``, frozen) + ``adapters`` (LoRA, frequency) + ``implicit_decoder``."""
 
     pretrained_prefix = "base."  # --pretrained litemedsam: LiteMedSAM's tensors load into the base
+    resolution_free = True  # decode renders any output size (medseg sam: the input's own grid)
 
     def __init__(
         self,
