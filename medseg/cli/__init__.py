@@ -331,21 +331,65 @@ def predict(
 def evaluate(
     pred: Path = typer.Option(..., "-i", "--input", "--pred", help="Folder of predicted label maps."),
     ref: Path = typer.Option(..., "-r", "--reference", "--ref", help="Folder of reference label maps."),
-    dataset_json: Path = typer.Option(..., "--labels", "-l", help="dataset.json naming the labels."),
+    dataset_json: Path | None = typer.Option(
+        None, "--labels", "-l", help="dataset.json naming the labels (required, except with --ood)."
+    ),
     output: Path | None = typer.Option(
-        None, "-o", "--output", help="JSON path, CSV written beside (default: INPUT/summary.json)."
+        None,
+        "-o",
+        "--output",
+        help="JSON path, CSV written beside (default: INPUT/summary.json; with --ood INPUT/ood_summary.json, no CSV).",
     ),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
     nsd_tolerance: float = typer.Option(1.0, help="Surface-Dice tolerance in mm."),
     roi_masks: Path | None = typer.Option(
         None, "--roi-masks", help="Folder of region-of-interest masks CASE.ext: metrics only inside them."
     ),
+    ood: bool = typer.Option(
+        False,
+        "--ood",
+        help="Evaluate the OOD score maps INPUT/CASE_ood.nii.gz instead of the label maps: pixel AUROC, AUPR, "
+        "FPR95 (OOD cases' lesions vs every other voxel) and case AUROC (docs/cli.md).",
+    ),
+    ood_cases: Path | None = typer.Option(
+        None, "--ood-cases", help="With --ood: the OOD case ids, one a line, or CSV with case,group columns."
+    ),
 ):
-    """Dice, IoU, HD95 and normalised surface Dice per class and case."""
+    """Dice, IoU, HD95 and normalised surface Dice per class and case (--ood: OOD score maps)."""
     from medseg import api
     from medseg.io.image import check_writable_dir
     from medseg.outputs import check_new_outputs
 
+    if ood_cases is not None and not ood:
+        _fail("--ood-cases needs --ood")
+    if ood:
+        from medseg.errors import MedsegError
+        from medseg.evaluation.ood import evaluate_ood, read_ood_cases, summary_lines
+        from medseg.io.jsonio import write_json
+
+        if ood_cases is None:
+            _fail("--ood needs --ood-cases FILE (the OOD case ids)")
+        if dataset_json is not None or roi_masks is not None:
+            _fail("--labels and --roi-masks do not apply to --ood (evaluate the label maps in a separate run)")
+        output = output or pred / "ood_summary.json"
+        check_writable_dir(Path(output).parent)  # fail before reading the volumes, not after
+        check_new_outputs([output], overwrite=overwrite)
+        try:
+            s = evaluate_ood(pred, ref, read_ood_cases(ood_cases))
+        except MedsegError as exc:
+            _fail(exc.one_line())
+        except ValueError as exc:
+            _fail(str(exc))
+        if s["ood_cases_not_evaluated"]:
+            missing = s["ood_cases_not_evaluated"]
+            _err(f"medseg: warning: {len(missing)} OOD case(s) of {ood_cases} not in {pred}: {', '.join(missing[:5])}")
+        write_json(output, s)
+        for line in summary_lines(s):
+            print(line)
+        print(f"written {output}")
+        return
+    if dataset_json is None:
+        _fail("--labels is required")
     output = output or pred / "summary.json"
     check_writable_dir(Path(output).parent)  # fail before computing metrics, not after
     check_new_outputs([output, Path(output).with_suffix(".csv")], overwrite=overwrite)
