@@ -22,9 +22,12 @@ def run_predict(
     amp=None,
     conditions=None,
     case_conditions=None,
+    ood_map=None,
     echo=print,
 ) -> list[dict]:
-    from medseg.evaluation.report import overlay_png, structure_volumes, write_volumes_table
+    """``ood_map``: an OOD score name (:mod:`medseg.inference.ood`), written as ``CASE_ood.<ext>``
+    (with ``overlay``: also ``CASE_ood.png``, the map over the image with a colour bar)."""
+    from medseg.evaluation.report import ood_overlay_png, overlay_png, structure_volumes, write_volumes_table
     from medseg.inference.predictor import Predictor
     from medseg.io.dataset import cases_from_input
     from medseg.io.image import (
@@ -39,7 +42,9 @@ def run_predict(
     t0 = time.perf_counter()
     check_output_apart(output, input)  # never write label maps over (or among) the input images
     output = check_writable_dir(output)  # created only once a case is predicted
-    predictor = Predictor.from_folder(model, folds, device=device, tta=tta, step=step, label_map=label_map, amp=amp)
+    predictor = Predictor.from_folder(
+        model, folds, device=device, tta=tta, step=step, label_map=label_map, amp=amp, ood_map=ood_map
+    )
     cases = cases_from_input(input, predictor.spec.in_channels)
     results = predictor.predict_cases(
         cases,
@@ -63,6 +68,12 @@ def run_predict(
             res["overlay"] = str(
                 overlay_png(image, seg, meta.spacing, output / f"{case.name}_overlay.png", labels=labels)
             )
+            if ood_map:
+                score = read_image(res["maps"][0])[0]
+                png = output / f"{case.name}_ood.png"
+                res["ood_overlay"] = str(
+                    ood_overlay_png(image, score, meta.spacing, png, seg=seg, name=predictor.ood_map)
+                )
     write_volumes_table(output / "volumes.csv", rows)
     elapsed = time.perf_counter() - t0
     from medseg import __version__
@@ -75,6 +86,7 @@ def run_predict(
             "folds": predictor.folds,
             "tta": tta,
             "step": step,
+            **({"ood_map": predictor.ood_map} if predictor.ood_map else {}),
             **({"label_map": {"file": str(label_map), "labels": labels}} if label_map is not None else {}),
             "device": str(predictor.device),
             "seconds": round(elapsed, 2),

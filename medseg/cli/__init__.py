@@ -295,6 +295,15 @@ def predict(
     conditions: Path | None = typer.Option(
         None, "--conditions", help='JSON file of per-case model inputs: {"CASE": {"NAME": value}}.'
     ),
+    ood_map: bool = typer.Option(
+        False, "--ood-map", help="Also write an out-of-distribution score map CASE_ood (higher = more OOD)."
+    ),
+    ood_score: str | None = typer.Option(
+        None,
+        "--ood-score",
+        help="OOD score: maxquery (models with queries; their default) | msp (others' "
+        "default) | maxlogit | entropy (docs/ood.md).",
+    ),
 ):
     """Segment images with a trained model; writes label maps, volumes.csv and optional overlays."""
     from medseg.apps.segment import run_predict
@@ -307,6 +316,8 @@ def predict(
         common, per_case = parse_conditions(condition, conditions)
     except ValueError as exc:
         _fail(str(exc))
+    if ood_score is not None and not ood_map:
+        _fail("--ood-score needs --ood-map")
     run_predict(
         model,
         input,
@@ -323,6 +334,7 @@ def predict(
         amp=False if fp32 else None,
         conditions=common,
         case_conditions=per_case,
+        ood_map=(ood_score or "auto") if ood_map else None,
         echo=print,
     )
 

@@ -133,6 +133,14 @@ def _inside_roi(path: Path, ref_meta, pred: np.ndarray, ref: np.ndarray) -> tupl
     return np.where(outside, 0, pred), np.where(outside, 0, ref)
 
 
+SIDE_OUTPUTS = ("_overlay", "_ood")  # `predict --overlay` pictures, `predict --ood-map` score maps
+
+
+def _side_output(name: str, found: set[str]) -> bool:
+    """Whether ``name`` is a side output of predict beside case ``CASE`` (not a prediction)."""
+    return any(name.endswith(s) and name[: -len(s)] in found for s in SIDE_OUTPUTS)
+
+
 def evaluate_folder(
     pred_dir: str | Path,
     ref_dir: str | Path,
@@ -158,8 +166,7 @@ def evaluate_folder(
         raise DatasetError(roi_dir, "region-of-interest mask folder not found")
     if names is None:
         found = {p.name[: -len(file_ending)] for p in pred_dir.glob(f"*{file_ending}") if not p.name.startswith(".")}
-        # `predict --overlay` writes CASE_overlay.png beside CASE.png: a picture, not a prediction
-        names = sorted(n for n in found if not (n.endswith("_overlay") and n[: -len("_overlay")] in found))
+        names = sorted(n for n in found if not _side_output(n, found))
     if not names:
         raise DatasetError(pred_dir, f"no predictions ending in {file_ending}")
     per_case = {}

@@ -105,6 +105,84 @@ def legend_layout(entries: list[tuple[str, int]], width: int, textlength, max_ro
     return rows
 
 
+def _centre(mask: np.ndarray) -> np.ndarray:
+    """The centroid voxel of ``mask`` (the volume's centre when it is empty)."""
+    fg = np.argwhere(mask)
+    return fg.mean(0).round().astype(int) if len(fg) else np.array(mask.shape) // 2
+
+
+def _slice_panels(gray: np.ndarray, spacing, center, size: int, colourise) -> list:
+    """Axial, coronal, sagittal planes through ``center`` (a 2D image (1, H, W): its one plane), each
+    ``colourise(grey plane, index) -> RGB floats`` and resized with the spacing to ``size`` pixels."""
+    from PIL import Image
+
+    panels = []
+    for axis in range(3) if gray.shape[0] > 1 else (0,):
+        sl = [slice(None)] * 3
+        sl[axis] = int(center[axis])
+        sl = tuple(sl)
+        rgb = np.clip(colourise(gray[sl], sl), 0, 255).astype(np.uint8)
+        plane = [sp for i, sp in enumerate(spacing) if i != axis]
+        rows_mm, cols_mm = rgb.shape[0] * plane[0], rgb.shape[1] * plane[1]
+        scale = size / max(rows_mm, cols_mm)
+        im = Image.fromarray(rgb[::-1] if axis != 0 else rgb)
+        panels.append(im.resize((max(1, int(cols_mm * scale)), max(1, int(rows_mm * scale))), Image.NEAREST))
+    return panels
+
+
+def _save_png(canvas, path) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part.png")
+    canvas.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def heat_colour(t: np.ndarray) -> np.ndarray:
+    """A black-red-yellow-white ramp for values in [0, 1] -> (..., 3) floats in 0-255."""
+    t = np.clip(t, 0, 1)[..., None]
+    return 255 * np.clip(np.concatenate([3 * t, 3 * t - 1, 3 * t - 2], -1), 0, 1)
+
+
+def ood_overlay_png(
+    image: np.ndarray, score: np.ndarray, spacing, path: str | Path, *, seg: np.ndarray | None = None,
+    size: int = 256, name: str = "OOD score",
+) -> Path:  # fmt: skip
+    """The OOD score map over the image (three planes through the highest-scoring voxel), opacity
+    growing with the score, and a colour bar with the map's range, so a person sees where the model
+    meets something it was not trained on. ``seg``: the label map, outlined in white."""
+    from PIL import Image, ImageDraw
+
+    lo, hi = float(np.nanmin(score)), float(np.nanmax(score))
+    norm = (score - lo) / (hi - lo) if hi > lo else np.zeros_like(score)
+
+    def colourise(g: np.ndarray, sl: tuple) -> np.ndarray:
+        t = norm[sl][..., None]
+        rgb = (1 - 0.8 * t) * np.repeat(g[..., None], 3, axis=2) + 0.8 * t * heat_colour(norm[sl])
+        if seg is not None:
+            m = seg[sl] > 0
+            edge = m & ~(np.roll(m, 1, 0) & np.roll(m, -1, 0) & np.roll(m, 1, 1) & np.roll(m, -1, 1))
+            rgb[edge] = 255
+        return rgb
+
+    centre = np.unravel_index(int(np.nanargmax(score)), score.shape)
+    panels = _slice_panels(_window(image.astype(np.float32)), spacing, centre, size, colourise)
+    bar_w = 60
+    width = sum(p.width for p in panels) + 8 * len(panels) + bar_w
+    canvas = Image.new("RGB", (width, size + 18))
+    x = 0
+    for p in panels:
+        canvas.paste(p, (x, (size - p.height) // 2))
+        x += p.width + 8
+    ramp = heat_colour(np.linspace(1, 0, size - 20))[:, None].repeat(14, 1).astype(np.uint8)
+    canvas.paste(Image.fromarray(ramp), (x, 10))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((x + 18, 6), f"{hi:.3g}", fill=(255, 255, 255))
+    draw.text((x + 18, size - 16), f"{lo:.3g}", fill=(255, 255, 255))
+    draw.text((4, size + 3), name, fill=(255, 255, 255))
+    return _save_png(canvas, path)
+
+
 def overlay_png(
     image: np.ndarray,
     seg: np.ndarray,
@@ -125,27 +203,16 @@ def overlay_png(
     """
     from PIL import Image, ImageDraw
 
-    fg = np.argwhere(seg > 0)
-    center = fg.mean(0).round().astype(int) if len(fg) else np.array(seg.shape) // 2
-    gray = _window(image.astype(np.float32))
-    panels = []
-    for axis in range(3) if seg.shape[0] > 1 else (0,):  # a 2D image (1, H, W): its one plane
-        sl = [slice(None)] * 3
-        sl[axis] = int(center[axis])
-        g, s = gray[tuple(sl)], seg[tuple(sl)]
+    def colourise(g: np.ndarray, sl: tuple) -> np.ndarray:
         rgb = np.repeat(g[..., None], 3, axis=2).astype(np.float32)
+        s = seg[sl]
         for lab in np.unique(s):
-            if lab == 0:
-                continue
-            colour = np.array(label_colour(lab), np.float32)
-            m = s == lab
-            rgb[m] = (1 - alpha) * rgb[m] + alpha * colour
-        rows_mm = g.shape[0] * [sp for i, sp in enumerate(spacing) if i != axis][0]
-        cols_mm = g.shape[1] * [sp for i, sp in enumerate(spacing) if i != axis][1]
-        scale = size / max(rows_mm, cols_mm)
-        im = Image.fromarray(rgb.astype(np.uint8)[::-1] if axis != 0 else rgb.astype(np.uint8))
-        im = im.resize((max(1, int(cols_mm * scale)), max(1, int(rows_mm * scale))), Image.NEAREST)
-        panels.append(im)
+            if lab != 0:
+                m = s == lab
+                rgb[m] = (1 - alpha) * rgb[m] + alpha * np.array(label_colour(lab), np.float32)
+        return rgb
+
+    panels = _slice_panels(_window(image.astype(np.float32)), spacing, _centre(seg > 0), size, colourise)
     width = sum(p.width for p in panels) + 8 * (len(panels) - 1)
     legend = [(str(n), int(v)) for n, v in (labels or {}).items() if int(v) != 0]
     rows = legend_layout(legend, width, ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength)
@@ -162,11 +229,7 @@ def overlay_png(
                 draw.rectangle((x, y + 1, x + 10, y + 11), fill=label_colour(value))
                 x += 14
             draw.text((x, y), name, fill=(255, 255, 255))
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.part.png")
-    canvas.save(tmp)
-    tmp.replace(path)
-    return path
+    return _save_png(canvas, path)
 
 
 def write_volumes_table(path: Path, rows) -> Path:

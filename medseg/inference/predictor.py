@@ -73,17 +73,31 @@ class Predictor:
         source: str | Path | None = None,
         label_map=None,
         amp: bool | None = None,
+        ood_map: str | None = None,
     ):
         """``source``: the model folder, so that errors name the file at fault. ``label_map``: a JSON
         file, dict or :class:`~medseg.inference.label_map.LabelMapping` mapping the model's labels onto
         another label set (direct inference); outputs then use the target labels. ``amp``: network in
         reduced precision (None: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise; False:
-        always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32."""
+        always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32.
+        ``ood_map``: also give an OOD score map ``ood`` (:mod:`medseg.inference.ood`: ``maxquery`` for
+        mask transformers, ``msp``, ``maxlogit``, ``entropy``; ``auto``: the model's default)."""
         self.spec = spec
         self.task = get_task(spec.task, spec.num_classes, labels=dict(spec.labels))  # what the outputs mean
         if not self.task.sliding_window:
-            raise CheckpointError(source or spec.model, f"is a {spec.task} model: segment with `{self.task.prompt_command}`")
+            raise CheckpointError(
+                source or spec.model, f"is a {spec.task} model: segment with `{self.task.prompt_command}`"
+            )
         self.mapping = _label_mapping(label_map, spec.labels)
+        self.ood_map = None
+        if ood_map is not None:
+            from medseg.inference.ood import check_ood_score, default_ood_score
+
+            try:
+                name = default_ood_score(self.task) if ood_map == "auto" else ood_map
+                self.ood_map = check_ood_score(name, self.task, spec.model)
+            except ValueError as exc:
+                raise CheckpointError(source or spec.model, str(exc)) from None
         self.plan = spec.plan
         self.conf = spec.plan.configuration(spec.configuration)
         self.device = resolve_device(device)
@@ -203,8 +217,8 @@ class Predictor:
         streaming: bool | None = None, **conditions,
     ) -> dict[str, np.ndarray]:  # fmt: skip
         """Every output of the model in the input's geometry: ``labels`` (the label map),
-        ``probabilities`` (if asked) and each further named map of the task (e.g. ``ood_score``),
-        (K, z, y, x) float32. Arguments as :meth:`predict_array`."""
+        ``probabilities`` (if asked) and each further named map of the task, (K, z, y, x) float32, e.g.
+        ``ood`` with ``ood_map``. Arguments as :meth:`predict_array`."""
         data, _, props = preprocess_array(image, meta, self.plan, self.conf)
         x = torch.from_numpy(data).to(self.device)
         k = self.spec.num_classes
@@ -212,7 +226,8 @@ class Predictor:
         per_tile = tile_conditions(cond, self.tile, self.conf.spatial_dims == 2) if cond else None
         if streaming is None:
             native_bytes = 4 * k * float(np.prod(props["original_shape"]))
-            streaming = not return_probabilities and not cond and native_bytes > STREAMING_BYTES
+            whole = return_probabilities or cond or self.ood_map  # what streaming cannot give
+            streaming = not whole and native_bytes > STREAMING_BYTES
         mirror_axes = self.mirror_axes if self.tta else ()
         if streaming and self.conf.spatial_dims == 3 and props.get("separate_z_axis") in (None, 0):
             if return_probabilities or cond:
@@ -227,6 +242,11 @@ class Predictor:
             x, self._predict_tiles, self.tile, k, step=self.step, mirror_axes=mirror_axes,
             tile_batch=self.tile_batch, numerics=self.conf.numerics, tile_conditions=per_tile,
         )  # fmt: skip
+        aux = {name: maps.pop(name) for name in self.task.auxiliary_maps if name in maps}
+        if self.ood_map:
+            from medseg.inference.ood import ood_score_map
+
+            maps["ood"] = ood_score_map(self.ood_map, maps[self.task.label_output], aux)
         out = {name: map_to_native(v, props) for name, v in maps.items() if name != self.task.label_output}
         if self.task.label_output is not None:
             interpolate = "logits" if self.conf.numerics == "nnunet" else "probabilities"
@@ -289,7 +309,7 @@ class Predictor:
         # what changes the label maps (probabilities are an extra file, not another result)
         provenance = self.provenance(
             largest_component=largest_component, file_ending=file_ending, conditions=conditions,
-            case_conditions=case_conditions,
+            case_conditions=case_conditions, ood_map=self.ood_map,
         )  # fmt: skip
         existing = any((out_dir / f"{c.name}{file_ending}").exists() for c in cases)
         check_output_folder(out_dir, provenance, overwrite=overwrite, any_existing=existing)

@@ -53,6 +53,7 @@ class ModelEntry:
     memory_estimate: Callable[..., float] | None = None
     planner: PlannerHook | None = None  # lets `medseg plan --preset NAME` plan a configuration for it
     input_shape: tuple[int, ...] | None = None  # (C, *spatial) of a fixed-input model (e.g. SAM: 3, 256, 256)
+    backbone: str | None = None  # a model built on another ("unet"): it takes that model's planned kwargs whole
 
     def available(self) -> dict[str, bool]:
         return {mod: importlib.util.find_spec(mod) is not None for mod in self.requires}
@@ -79,6 +80,7 @@ def register_model(
     memory_estimate: Callable[..., float] | None = None,
     planner: PlannerHook | None = None,
     input_shape: tuple[int, ...] | None = None,
+    backbone: str | None = None,
 ):
     """Register a builder under ``name``; see :class:`ModelEntry` for the fields. ``encoder`` and
     ``head`` name modules (``"encoder"``, ``"decoder.seg_layers"``); the generated model tests check
@@ -102,6 +104,7 @@ def register_model(
             memory_estimate=memory_estimate,
             planner=planner,
             input_shape=tuple(input_shape) if input_shape else None,
+            backbone=backbone,
         )
         return fn
 
@@ -111,6 +114,7 @@ def register_model(
 def _load_builtin_and_plugins() -> None:
     global _ENTRY_POINTS_LOADED
     import medseg.models.lightm_unet  # noqa: F401
+    import medseg.models.mask_transformer  # noqa: F401
     import medseg.models.resenc  # noqa: F401
     import medseg.models.sam.imedsam  # noqa: F401
     import medseg.models.sam.litemedsam  # noqa: F401

@@ -124,19 +124,25 @@ class UNet(nn.Module):
             return unpermute_spatial(self._forward(permute_spatial(x, self.transpose)), self.transpose)
         return self._forward(x)
 
-    def _forward(self, x: torch.Tensor):
+    def decoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """The output of every decoder stage, coarsest first (in the network's own axis order): what
+        the heads read, and the multi-scale pixel features of decoders built on this U-Net."""
         skips = []
         for stage in self.encoder:
             x = stage(x)
             skips.append(x)
         x = skips.pop()
-        outputs = []
-        for up, dec, head in zip(self.upsample, self.decoder, self.heads):
+        features = []
+        for up, dec in zip(self.upsample, self.decoder):
             x = dec(torch.cat([up(x), skips.pop()], dim=1))
-            if self.deep_supervision or head is self.heads[-1]:
-                outputs.append(head(x))
-        outputs.reverse()
-        return outputs if self.deep_supervision else outputs[0]
+            features.append(x)
+        return features
+
+    def _forward(self, x: torch.Tensor):
+        features = self.decoder_features(x)
+        if not self.deep_supervision:
+            return self.heads[-1](features[-1])
+        return [head(f) for head, f in zip(self.heads, features)][::-1]
 
 
 def _init_weights(m: nn.Module) -> None:
@@ -144,6 +150,22 @@ def _init_weights(m: nn.Module) -> None:
         nn.init.kaiming_normal_(m.weight, a=0.01)
         if m.bias is not None:
             nn.init.zeros_(m.bias)
+
+
+def unet_topology(spatial_dims: int, features=None, strides=None, kernel_sizes=None) -> dict:
+    """``features``/``strides``/``kernel_sizes`` with nnU-Net's defaults filled in: widths 32 doubling,
+    capped at 320 in 3D / 512 in 2D, one per stage of ``strides`` (4 stages when neither is given)."""
+    if features is None:
+        cap = 320 if spatial_dims == 3 else 512
+        features = [min(32 * 2**i, cap) for i in range(len(strides) if strides else 4)]
+    n = len(features)
+    strides = strides or [[1] * spatial_dims] + [[2] * spatial_dims] * (n - 1)
+    kernel_sizes = kernel_sizes or [[3] * spatial_dims] * n
+    return {
+        "features": list(features),
+        "strides": [list(s) for s in strides],
+        "kernel_sizes": [list(k) for k in kernel_sizes],
+    }
 
 
 @register_model(
@@ -182,18 +204,10 @@ def build_unet(
     nnU-Net's widths (32 doubling, capped at 320 in 3D / 512 in 2D), one per stage of ``strides``
     (4 stages when neither is given).
     """
-    if features is None:
-        cap = 320 if spatial_dims == 3 else 512
-        features = [min(32 * 2**i, cap) for i in range(len(strides) if strides else 4)]
-    n = len(features)
-    strides = strides or [[1] * spatial_dims] + [[2] * spatial_dims] * (n - 1)
-    kernel_sizes = kernel_sizes or [[3] * spatial_dims] * n
     return UNet(
         in_channels,
         num_classes,
-        features=list(features),
-        strides=[list(s) for s in strides],
-        kernel_sizes=[list(k) for k in kernel_sizes],
+        **unet_topology(spatial_dims, features, strides, kernel_sizes),
         n_conv_per_stage=n_conv_per_stage,
         n_conv_per_stage_decoder=n_conv_per_stage_decoder,
         spatial_dims=spatial_dims,

@@ -15,7 +15,8 @@ tiling, mirror TTA, ensembling and export. A task says what is particular to its
 * ``outputs``: a model's inference output -> named maps ``{"logits": ..., "ood_score": ...}``,
   each blended by the sliding window, un-flipped under TTA and exported. ``label_output`` names
   the map (class logits) that becomes the label map ``CASE.<ext>``; the other maps are written as
-  ``CASE_<name>.<ext>``, resampled back to the input's geometry like probabilities.
+  ``CASE_<name>.<ext>``, resampled back to the input's geometry like probabilities, except the
+  ``auxiliary_maps``: inputs of derived maps (MaxQuery's OOD score reads ``max_affinity``).
 
 A new task is one class and one decorator::
 
@@ -33,7 +34,8 @@ import torch
 
 from medseg.registry import Registry
 
-TASKS = Registry("task", loader=lambda: (__import__("medseg.tasks.segmentation"), __import__("medseg.tasks.prompt_segmentation")))
+_BUILTIN_TASKS = ("segmentation", "prompt_segmentation", "mask_segmentation")
+TASKS = Registry("task", loader=lambda: [__import__(f"medseg.tasks.{m}") for m in _BUILTIN_TASKS])
 register_task = TASKS.register
 
 
@@ -59,6 +61,7 @@ class Task:
     name = "base"
     loss_name = "dice_ce"
     label_output: str | None = "logits"  # the named map that becomes the label map (None: none)
+    auxiliary_maps: tuple[str, ...] = ()  # blended, but only written through a derived map (OOD scores)
     sliding_window = True  # False: not tiled by the Predictor (prompt models: ``prompt_command``)
     prompt_command = ""
 

@@ -136,3 +136,45 @@ def masked_l1(prediction, batch, cfg) -> torch.Tensor:
 def masked_l2(prediction, batch, cfg) -> torch.Tensor:
     """Squared error between prediction and target (DDPM's objective), inside the loss mask if given."""
     return masked_regression(_main_map(prediction, "noise"), batch.target, batch.extras.get("loss_mask"), 2)
+
+
+# ------------------------------------------------------------------------ mask transformers (MaxQuery)
+QD_WEIGHT = 1.0
+
+
+def query_distribution_loss(mask_logits: torch.Tensor, class_logits: torch.Tensor, target: torch.Tensor):
+    """MaxQuery's query-distribution (QD) loss, as read here (docs/ood.md).
+
+    Each query belongs to the class its classifier picks, ``k_i = argmax_k c_ik`` (no gradient);
+    ``D_kv = sum_{i: k_i = k} softmax_i(m_iv)`` is the share of voxel v's assignment held by the
+    queries of class k. Dice + cross-entropy of ``log D`` against the label map forces foreground
+    voxels onto foreground queries and background voxels onto the others *at the query level*, so
+    no query mixes both and the queries do not all spend themselves on background."""
+    assign = torch.softmax(mask_logits, 1)  # (B, N, *)
+    owner = F.one_hot(class_logits.detach().argmax(-1), class_logits.shape[-1]).to(assign.dtype)  # (B, N, K)
+    share = torch.einsum("bn...,bnk->bk...", assign, owner)
+    return dice_ce_loss(torch.log(share.clamp_min(1e-6)), target)
+
+
+def mask_segmentation_loss(prediction: dict, batch, cfg, qd_weight: float) -> torch.Tensor:
+    """Dice + CE on the semantic logits of every decoder layer (their mean: deep supervision across
+    layers), plus ``qd_weight`` x the QD loss of the last layer."""
+    layers = [prediction["logits"], *prediction.get("aux_logits", [])]
+    loss = sum(dice_ce_loss(o, batch.target, batch_dice=cfg.batch_dice) for o in layers) / len(layers)
+    if qd_weight and "mask_logits" in prediction:
+        loss = loss + qd_weight * query_distribution_loss(
+            prediction["mask_logits"], prediction["class_logits"], batch.target
+        )
+    return loss
+
+
+@register_loss("mask_dice_ce")
+def mask_dice_ce(prediction, batch, cfg) -> torch.Tensor:
+    """Mask transformers: Dice + CE on each decoder layer's semantic logits (no QD loss)."""
+    return mask_segmentation_loss(prediction, batch, cfg, 0.0)
+
+
+@register_loss("mask_dice_ce_qd")
+def mask_dice_ce_qd(prediction, batch, cfg) -> torch.Tensor:
+    """Mask transformers (MaxQuery): ``mask_dice_ce`` + the query-distribution loss."""
+    return mask_segmentation_loss(prediction, batch, cfg, QD_WEIGHT)

@@ -43,11 +43,13 @@ TOPOLOGY_KEYS = ("strides", "kernel_sizes", "spatial_dims")
 def planned_kwargs(conf, config: TrainingConfig) -> dict:
     """The plan's model kwargs for the plan's model; for another registry model only the planned
     topology (strides, kernels, dims) is passed, so presets keep their own widths, and of it only the
-    keys its builder takes (a model with a fixed topology gets none of them)."""
+    keys its builder takes (a model with a fixed topology gets none of them); a model built on the
+    plan's model (its registry ``backbone``, e.g. ``maskformer_unet`` on ``unet``) takes them all."""
     if config.model and config.model != conf.model:
-        from medseg.models.registry import accepted_kwargs
+        from medseg.models.registry import accepted_kwargs, get_entry
 
-        keys = accepted_kwargs(config.model, TOPOLOGY_KEYS)
+        whole = get_entry(config.model).backbone == conf.model
+        keys = accepted_kwargs(config.model, tuple(conf.model_kwargs) if whole else TOPOLOGY_KEYS)
         base = {k: v for k, v in conf.model_kwargs.items() if k in keys}
     else:
         base = dict(conf.model_kwargs)

@@ -1,0 +1,19 @@
+"""Semantic segmentation by a mask transformer: queries as cluster centres (MaxQuery)."""
+
+from __future__ import annotations
+
+from medseg.tasks.base import register_task
+from medseg.tasks.segmentation import SegmentationTask
+
+
+@register_task("mask_segmentation")
+class MaskSegmentationTask(SegmentationTask):
+    """As ``segmentation`` (same batches, pseudo-Dice, label maps), with the mask-transformer loss
+    (Dice + CE over decoder layers + the query-distribution loss) and the pixel-query affinity as an
+    auxiliary map: the Predictor blends it and turns it into MaxQuery's OOD map on request."""
+
+    loss_name = "mask_dice_ce_qd"
+    auxiliary_maps = ("max_affinity",)
+
+    def outputs(self, raw) -> dict:
+        return {"logits": raw["logits"], "max_affinity": raw["max_affinity"]}
