@@ -78,8 +78,10 @@ class MaskTransformerUNet(nn.Module):
         self.memory_proj = nn.ModuleList(conv(c, embed_dim, 1) for c in levels[-self.num_levels :])
         self.level_embed = nn.Parameter(torch.zeros(self.num_levels, embed_dim))
         self.pixel_embed = conv(features[0], embed_dim, 1)
-        self.query_feat = nn.Parameter(torch.randn(num_queries, embed_dim) * 0.02)
-        self.query_pos = nn.Parameter(torch.randn(num_queries, embed_dim) * 0.02)
+        # unit-variance queries (nn.Embedding's init, as Mask2Former): near-identical queries get
+        # identical gradients and collapse into one cluster centre
+        self.query_feat = nn.Parameter(torch.randn(num_queries, embed_dim))
+        self.query_pos = nn.Parameter(torch.randn(num_queries, embed_dim))
         self.layers = nn.ModuleList(QueryDecoderLayer(embed_dim, num_heads) for _ in range(num_layers))
         self.query_norm = nn.LayerNorm(embed_dim)
         self.mask_mlp = nn.Sequential(nn.Linear(embed_dim, embed_dim), nn.GELU(), nn.Linear(embed_dim, embed_dim))
