@@ -33,6 +33,8 @@ CASES = [
     ("Right axillary node (SUV max 7.9) on image 31.", K, 7.9, 31, "right"),
     ("Left inguinal node, SUV-max: 12, image 31.", K, 12.0, 31, "left"),
     ("Max SUV = 7.9 on axial image 31.", K, 7.9, 31, ""),
+    ("Max SUV 7.9 within a moderately FDG-avid tumor (axial 31).", K, 7.9, 31, ""),
+    ("Soft tissue mass, SUV 5.1, transaxial #12.", K, 5.1, 12, ""),
     ("Maximum SUV of 6.4 in the sternum, image 88.", K, 6.4, 88, ""),
     ("Sternal lesion, SUV maximum 6.4, image 88.", K, 6.4, 88, ""),
     ("Sternal lesion with maxSUV 6.4 on image 88.", K, 6.4, 88, ""),

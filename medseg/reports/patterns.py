@@ -64,6 +64,7 @@ _IMAGE_PATTERNS = [
     ),
     re.compile(r"\(\s*(?P<series>\d{1,3})\s*:\s*(?P<image>\d{1,4})\s*\)"),  # (4:112)
     re.compile(rf"\b(?P<image>\d{{1,4}})(?:st|nd|rd|th)\s+{_PLANE}{_IMG_WORD}", I),  # 31st image
+    re.compile(r"\b(?:trans)?axial\s*#?\s*(?P<image>\d{1,4})(?![\d/:]|\.\d)", I),  # (axial 31)
 ]
 _IMAGE_MORE = re.compile(
     rf"\s*(?:-|–|to|through|thru|and|or|,|&)\s*(?:{_IMG_WORD}{_IMG_FILL})?(?:\d{{1,3}}\s*[/:]\s*)?"
