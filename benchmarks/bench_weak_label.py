@@ -4,7 +4,8 @@ decimal and the image number of its SUVmax voxel (1-based from the most superior
 
 Measured against the manual GTV: how often a weak label is produced and lies on the right lesion
 (overlaps the GTV: hit), its Dice, and the statuses (how often the lesion had to be split from
-hotter uptake), for all crops and separately for the 15 crops with uptake hotter than the lesion.
+hotter uptake, how often the refinement aborted and the located contour was kept unrefined), for
+all crops and separately for the 17 crops with uptake hotter than the lesion.
 The GTV follows the MRI tumour extent, not an SUV threshold: the Dice is reported, the labeller is
 not tuned to it. A second pass names a random image inside the lesion instead (seed 0), as
 ``medseg reports generate --slice range`` would. A baseline shows where "the hottest voxel" lies.
@@ -108,8 +109,9 @@ def report(info: dict, versions: dict, res: dict) -> list[str]:
         "no label = 0). The GTV follows the MRI extent, not an SUV threshold: Dice is reported, not tuned to.",
         "",
         "| facts | crops | n | labels | hits | hit rate (all) | hit rate (of labels) | Dice mean | Dice median "
-        "| Dice mean (all) | matched | matched-split | aborted | no-component | ambiguous | hottest voxel in GTV |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| Dice mean (all) | matched | matched-split | matched-unrefined | aborted | no-component | ambiguous "
+        "| hottest voxel in GTV |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for facts in ("suvmax image", "image in range"):
         for group in ("all", "distractor", "other"):
@@ -119,16 +121,19 @@ def report(info: dict, versions: dict, res: dict) -> list[str]:
                 f"| {facts} | {group} | {s['n']} | {s['labels']} | {s['hits']} | {_pct(s['hit_rate'])} | "
                 f"{_pct(s['hit_rate_of_labels'])} | {_num(s['dice_mean'])} | {_num(s['dice_median'])} | "
                 f"{_num(s['dice_mean_all'])} | {st.get('matched', 0)} | {st.get('matched-split', 0)} | "
-                f"{st.get('aborted', 0)} | {st.get('no-component', 0)} | {st.get('ambiguous', 0)} | "
+                f"{st.get('matched-unrefined', 0)} | {st.get('aborted', 0)} | {st.get('no-component', 0)} | {st.get('ambiguous', 0)} | "
                 f"{s['hottest_voxel_in_gtv']} |"
             )
     cases = res["cases"]["suvmax image"]
     split = [r["case"] for r in cases if r["status"] == "matched-split"]
+    unrefined = [f"{r['case']} ({r['reason']})" for r in cases if r["status"] == "matched-unrefined"]
     missed = [f"{r['case']} ({r['status']}: {r['reason']})" for r in cases if not r["hit"]]
     lines += [
         "",
         f"Split from hotter uptake (SUVmax image): {len(split)} crops ({', '.join(split) or 'none'}).",
-        f"Not labelled (SUVmax image): {'; '.join(missed) or 'none'}.",
+        f"Refinement aborted, located contour kept (matched-unrefined, SUVmax image): {len(unrefined)} crops "
+        f"({'; '.join(unrefined) or 'none'}).",
+        f"Not on the GTV (SUVmax image): {'; '.join(missed) or 'none'}.",
         "",
         "With a random image inside the GTV's slice range instead of the SUVmax image, a sentence often names "
         "an image that the lesion's part above the first threshold does not reach (the GTV follows the MRI "

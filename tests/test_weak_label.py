@@ -1,7 +1,8 @@
 """The SUV-threshold weak labeller (medseg/reports/weak_label.py) and ``medseg reports weak-label``:
 the image-number convention on flipped/permuted geometry, the threshold formula on a synthetic
-sphere, every status, real FDG-PET sarcoma crops (a hotter distractor, a merged lesion that needs a
-split, a spike SUVmax that aborts) and the CLI's bad inputs."""
+sphere, every status (matched-unrefined: the refinement aborts and the located contour is kept),
+real FDG-PET sarcoma crops (a hotter distractor, a merged lesion that needs a split, a spike SUVmax
+whose refinement aborts) and the CLI's bad inputs and written masks."""
 
 from __future__ import annotations
 
@@ -12,8 +13,11 @@ import numpy as np
 import pytest
 from conftest import SHARED_DATA, require, run_main
 
+import medseg.reports.weak_label as wl
 from medseg.io.image import ImageMeta, read_image, write_image
 from medseg.reports.weak_label import (
+    MATCHED,
+    STATUSES,
     axial_axis,
     first_threshold,
     image_to_index,
@@ -153,19 +157,71 @@ def test_ambiguous_and_laterality():
         weak_label(pet, META, 9.0, _image(20), laterality="up")
 
 
-def test_no_component_aborted_and_bad_input():
+def test_no_component_and_bad_input():
     pet = np.where(_ball((20, 20, 20), 5), 10.0, 1.0).astype(np.float32)
     assert weak_label(pet, META, 14.0, _image(20)).status == "no-component"  # no voxel reaches it
     assert weak_label(pet, META, 10.0, _image(2)).status == "no-component"  # nothing on that image
     assert weak_label(pet, META, 6.0, _image(20)).status == "no-component"  # a hotter 10, not splittable
-    spike = np.ones((40, 40, 40), np.float32)
-    spike[20, 20, 20] = 10.0  # one voxel: 0.078 / V pushes T past 0.9 x SUVmax
-    w = weak_label(spike, META, 10.0, _image(20))
-    assert w.status == "aborted" and "0.9" in w.reason and w.mask is None
     for image in (0, 41):
         w = weak_label(pet, META, 10.0, image)
         assert w.status == "bad-input" and "outside the volume" in w.reason
     assert weak_label(pet, META, float("nan"), _image(20)).status == "bad-input"
+
+
+def test_single_hot_voxel_keeps_the_first_threshold_contour():
+    """One voxel of 10 in a background of 1: at the first step 0.078 / V (V = 0.008 mL) pushes T
+    past 0.9 x SUVmax; the matched first-threshold component (the voxel) is kept, not dropped."""
+    spike = np.ones((40, 40, 40), np.float32)
+    spike[20, 20, 20] = 10.0
+    w = weak_label(spike, META, 10.0, _image(20))
+    assert w.status == "matched-unrefined" and w.ok and "matched-unrefined" in MATCHED and w.status in STATUSES
+    assert w.reason.startswith("refinement aborted at T/SUVmax ") and "> 0.9" in w.reason
+    assert w.reason.endswith("first-threshold contour kept")
+    t_over_suv = float(w.reason.split("T/SUVmax ")[1].split()[0])
+    assert t_over_suv == pytest.approx(0.078 / 0.008 + 0.617 * 1.0 / 10.0 + 0.316, abs=0.01)
+    assert w.mask.sum() == 1 and w.mask[20, 20, 20] and w.voxels == 1 and w.ml == pytest.approx(0.008)
+    assert w.threshold == pytest.approx(first_threshold(10.0)) and w.suvmax_inside == 10.0
+
+
+def _gauss(sigma: float) -> np.ndarray:
+    grid = np.indices((40, 40, 40)).astype(float)
+    return (1.0 + 9.0 * np.exp(-sum((g - 20) ** 2 for g in grid) / (2 * sigma**2))).astype(np.float32)
+
+
+def test_abort_after_some_steps_keeps_the_last_contour_below_the_abort():
+    """A narrow peak: T / SUVmax climbs 0.55 -> 0.74 -> 1.77 as the contour shrinks; the contour of
+    step 2 (T 7.39, the last one <= 0.9 x SUVmax) is kept."""
+    pet = _gauss(1.5)
+    w = weak_label(pet, META, 10.0, _image(20))
+    assert w.status == "matched-unrefined", w.reason
+    assert w.reason.startswith("refinement aborted at T/SUVmax 1.7") and "contour of step 2 (T 7.39) kept" in w.reason
+    assert w.threshold == pytest.approx(7.39, abs=0.01) and w.threshold <= 0.9 * 10.0
+    assert np.array_equal(w.mask, pet > w.threshold) and w.mask[20, 20, 20]
+
+
+def test_unsettled_threshold_keeps_the_last_contour(monkeypatch):
+    monkeypatch.setattr(wl, "MAX_ITERATIONS", 1)
+    w = weak_label(_gauss(2.0), META, 10.0, _image(20))
+    assert w.status == "matched-unrefined"
+    assert w.reason == "threshold did not settle in 1 iterations; contour of step 1 (T 4.60) kept"
+    assert w.mask[20, 20, 20] and w.threshold == pytest.approx(4.60, abs=0.005)
+
+
+def test_refined_contour_joining_hotter_uptake():
+    """Background 0.2 (so the refined T, ~2.7, is below the first threshold 3.15): the lesion (8)
+    joins a hotter 12 through a bridge of 3.0; it is split off during refinement, and when it cannot
+    be split (the guard) the label is aborted: no contour is kept."""
+    pet = np.full((40, 40, 40), 0.2, np.float32)
+    pet[_ball((20, 20, 12), 4)] = 8.0
+    pet[_ball((20, 20, 28), 4)] = 12.0
+    pet[19:22, 19:22, 15:26] = np.maximum(pet[19:22, 19:22, 15:26], 3.0)
+    w = weak_label(pet, META, 8.0, _image(20))
+    assert w.status == "matched-split" and "during refinement (1x)" in w.reason
+    assert w.mask[20, 20, 12] and not w.mask[20, 20, 28] and w.suvmax_inside == 8.0
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(wl, "_split", lambda *args: None)
+        w = weak_label(pet, META, 8.0, _image(20))
+    assert w.status == "aborted" and "cannot be split off" in w.reason and w.mask is None and not w.ok
 
 
 # ---------------------------------------------------------------------------- real FDG-PET crops
@@ -203,9 +259,18 @@ def test_real_lesion_merged_with_hotter_uptake_is_split():
     assert pet[w.mask].max() < pet.max()
 
 
-def test_real_spike_aborts_and_unsplittable_is_no_component():
-    pet, meta, _, suv, image, _ = _case("sts_045")  # SUVmax 10.6 is one voxel amid SUV < 3
-    assert weak_label(pet, meta, suv, image).status == "aborted"
+@pytest.mark.parametrize("case", ["sts_026", "sts_043", "sts_045"])
+def test_real_spike_keeps_the_first_threshold_contour_on_the_gtv(case):
+    """sts_045: SUVmax 10.6 is one voxel amid SUV < 3 (sts_026: one voxel, sts_043: three): the
+    refinement aborts at once, and the matched first-threshold contour is kept, on the GTV."""
+    pet, meta, gtv, suv, image, voxel = _case(case)
+    w = weak_label(pet, meta, suv, image)
+    assert w.status == "matched-unrefined" and w.reason.endswith("first-threshold contour kept"), w.reason
+    assert w.mask[voxel] and (w.mask & gtv).any() and w.voxels <= 3
+    assert w.threshold == pytest.approx(first_threshold(suv)) and abs(w.suvmax_inside - suv) <= 0.1
+
+
+def test_real_unsplittable_is_no_component():
     pet, meta, _, suv, image, _ = _case("sts_050")  # the GTV's 12.6 touches a 13.8 voxel outside it
     w = weak_label(pet, meta, suv, image)
     assert w.status == "no-component" and "split" in w.reason
@@ -273,6 +338,25 @@ def test_cli_writes_masks_for_matched_rows_only(monkeypatch, capsys, tmp_path):
     result = _read_csv(out / "weak_labels.csv")
     assert result["a"]["status"] == "bad-input" and "_0002 missing" in result["a"]["reason"]
     assert sorted(p.name for p in out.iterdir()) == ["weak_labels.csv"]  # the earlier masks went with --overwrite
+
+
+def test_cli_writes_matched_unrefined_masks(monkeypatch, capsys, tmp_path):
+    spike = np.ones((40, 40, 40), np.float32)
+    spike[20, 20, 20] = 10.0
+    write_image(spike, META, tmp_path / "images" / "spike_0001.nii.gz")
+    rows = [{"id": "s", "case": "spike", "suvmax": 10.0, "image": _image(20)}]
+    table = _write_csv(tmp_path / "in.csv", rows)
+    out = tmp_path / "out"
+    code, stdout, err = run_main(
+        monkeypatch, capsys, "reports", "weak-label", table, "--images", tmp_path / "images", "-o", out
+    )
+    assert code == 0, err
+    row = _read_csv(out / "weak_labels.csv")["s"]
+    assert row["status"] == "matched-unrefined" and "first-threshold contour kept" in row["reason"]
+    assert row["voxels"] == "1" and row["ml"] == "0.008"
+    mask, _ = read_image(out / "s.nii.gz")
+    assert mask.sum() == 1 and mask[20, 20, 20] == 1
+    assert "matched-unrefined 1" in stdout and "1 weak label(s) of 1 row(s)" in stdout
 
 
 def test_cli_ct_on_another_grid(monkeypatch, capsys, tmp_path):

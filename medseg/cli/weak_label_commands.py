@@ -209,6 +209,6 @@ def weak_label_command(
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     counts = Counter(r["status"] for r in results)
-    written = counts["matched"] + counts["matched-split"]
+    written = sum(1 for result in results if masks[result["id"]].is_file())  # every status in MATCHED
     print(", ".join(f"{status} {n}" for status, n in sorted(counts.items())))
     print(f"{written} weak label(s) of {len(results)} row(s) -> {output} (+ {summary.name})")

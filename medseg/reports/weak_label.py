@@ -16,8 +16,17 @@
 3. **Refine** (iterative thresholding from the SUVmax voxel):
    ``T = (0.078 / V + 0.617 * bg / SUVmax + 0.316) * SUVmax`` with ``V`` the contour's volume (mL)
    and ``bg`` the mean SUV of a shell around it; the contour becomes the 6-connected component of
-   ``PET > T`` holding the SUVmax voxel; abort when ``T / SUVmax > 0.9`` (no lesion stands out of its
-   background), stop when ``T`` changes by less than 1 %.
+   ``PET > T`` holding the SUVmax voxel; stop when ``T`` changes by less than 1 %. The refinement
+   aborts when ``T / SUVmax > 0.9`` (or ``T`` reaches the SUVmax voxel): no lesion stands out of
+   its background by that test. The lesion located in step 1 or 2 is not thrown away then: the
+   last contour whose threshold passed that test is kept, or, when the very first step already
+   fails it, the matched first-threshold component (status ``matched-unrefined``; the reason says
+   at which ``T / SUVmax`` and which contour was kept). This happens when the SUVmax is a single
+   hot voxel (or a few) over a cooler lesion: the first-threshold component is then 1-3 voxels
+   (0.05-0.15 mL), so ``0.078 / V`` alone adds 0.5-1.6 to ``T / SUVmax`` and ``T`` lands above the
+   SUVmax (sts_026, sts_043 and sts_045 of sts_fdg_petct; their labels are those few voxels, on
+   the lesion, Dice near 0). A threshold that does not settle in 50 iterations keeps the last
+   contour the same way.
 
 **Shell** (background): the voxels at Chebyshev distance exactly 3 (one voxel thick: the
 26-connected dilation by 3 minus the dilation by 2, as in the authors' code; here 12-16 mm
@@ -27,9 +36,27 @@ heterogeneous lesion's hot core would take the lesion's own rim for background, 
 threshold, shrinks the contour further and ends in an abort. Voxels of excluded hotter uptake are
 left out of the shell, so a neighbour does not count as background.
 
-**Statuses**: matched, matched-split (a mask), no-component, ambiguous (more than one component on the
-image has the value), aborted (step 3 gave up) and bad-input (an image number outside the volume, a
-non-positive SUVmax, a non-finite PET); ``reason`` says why in one line.
+**Statuses** (:data:`STATUSES`; ``reason`` says why in one line): matched, matched-split and
+matched-unrefined carry a mask (:data:`MATCHED`); no-component (no component on the image has the
+value, and none can be split off), ambiguous (more than one component on the image has the value),
+aborted and bad-input (an image number outside the volume, a non-positive SUVmax, a non-finite PET)
+carry none. matched-unrefined takes precedence over matched-split (the reason then names both).
+``aborted`` is left only for a refined contour that runs into hotter uptake it cannot be split from
+(the lesion cannot be told from its neighbour at its own threshold, as for no-component in step 2).
+That cannot follow a match for an SUVmax above ~1.1 (every voxel as hot as the seed that touches it
+lies in its first-threshold contour, which has no hotter voxel), so it is a guard; no crop of
+sts_fdg_petct gives it.
+
+**Small labels on large, cool lesions** (sts_004: SUVmax 5.4, a 297 mL GTV, a 0.9 mL label, Dice
+0.006). No bug: the label is small from step 1 on. The GTV's median SUV is 1.3 (24 % of SUVmax, 90 %
+of its voxels are below 2.2), so at the first threshold (2.32, 43 % of SUVmax) it breaks into 113
+separate foci; the one that holds the SUVmax is 45 voxels (2.2 mL). The refinement then raises ``T``
+to 2.62 (48 %) and the focus to 18 voxels (0.9 mL): the volume term adds 0.19-0.28 SUV (``V`` of
+1.5-2.2 mL) and the shell's background is 1.03 (the shell lies 58 % inside the GTV, in the tumour's
+own cooler tissue, 1.4 there against ~0.5 outside, as a local background does around a focus
+inside a lesion). Even a background of 0 would leave ``T >= 0.316 * SUVmax + 0.078 / V * SUVmax``
+= 1.9 SUV, above 80 % of the GTV's voxels: a fixed-fraction threshold outlines the hot part of a
+heterogeneous lesion, while the GTV follows the MRI extent.
 
 **Differences from the authors' code** (zhuemann/cog_2d_segmentation, ``make_labels_from_point.py``):
 the contour is recomputed as the whole 6-connected component at each threshold (theirs grows by one
@@ -57,16 +84,17 @@ ABORT_FRACTION = 0.9
 CONVERGED = 0.01
 MAX_ITERATIONS = 50
 SHELL_VOXELS = 3
-STATUSES = ("matched", "matched-split", "no-component", "ambiguous", "aborted", "bad-input")
-MATCHED = ("matched", "matched-split")
+STATUSES = ("matched", "matched-split", "matched-unrefined", "no-component", "ambiguous", "aborted", "bad-input")
+MATCHED = ("matched", "matched-split", "matched-unrefined")  # the statuses that carry a mask
 SIX = ndi.generate_binary_structure(3, 1)
 CUBE = ndi.generate_binary_structure(3, 3)
 
 
 @dataclass(frozen=True)
 class WeakLabel:
-    """The result for one sentence: ``mask`` (bool, the PET's grid) only when ``status`` is matched or
-    matched-split; ``ml`` in millilitres, ``threshold`` the final SUV threshold."""
+    """The result for one sentence: ``mask`` (bool, the PET's grid) only when ``status`` is one of
+    :data:`MATCHED` (matched, matched-split, matched-unrefined); ``ml`` in millilitres,
+    ``threshold`` the SUV threshold of the returned contour (for matched-unrefined the kept one)."""
 
     mask: np.ndarray | None
     status: str
@@ -266,26 +294,35 @@ def _find(pet, axis, index, suv, tol, keep) -> tuple[np.ndarray | None, np.ndarr
 
 
 def _refine(pet, contour, excluded, suv, tol, voxel_ml):
-    """Step 3: (contour, threshold, splits, reason); contour None when aborted."""
+    """Step 3: (contour, threshold, splits, why, refined). ``refined`` is False when the refinement
+    gave up and the last contour whose threshold passed the abort test (or, at the first step, the
+    first-threshold contour) is returned with ``why``; contour None only when the contour joins hotter
+    uptake that cannot be split off."""
     seed = np.unravel_index(np.argmax(np.where(contour, pet, -np.inf)), pet.shape)
     first, previous, splits = contour, first_threshold(suv), 0
-    for _ in range(MAX_ITERATIONS):
+    kept, kept_threshold, kept_what = contour, previous, "first-threshold contour kept"
+    for step in range(1, MAX_ITERATIONS + 1):
         background = _background(pet, contour | first, excluded)
         threshold = itm_threshold(contour.sum() * voxel_ml, background, suv)
-        if threshold / suv > ABORT_FRACTION:
-            return None, threshold, splits, f"threshold {threshold:.2f} > {ABORT_FRACTION} x SUVmax"
-        if pet[seed] <= threshold:
-            return None, threshold, splits, f"threshold {threshold:.2f} above the SUVmax voxel"
+        if threshold / suv > ABORT_FRACTION or pet[seed] <= threshold:
+            why = (
+                f"T/SUVmax {threshold / suv:.2f} > {ABORT_FRACTION}"
+                if threshold / suv > ABORT_FRACTION
+                else f"T {threshold:.2f} reaches the SUVmax voxel ({pet[seed]:.2f})"
+            )
+            return kept, kept_threshold, splits, f"refinement aborted at {why}; {kept_what}", False
         contour = _component_at((pet > threshold) & ~excluded, seed)
         if pet[contour].max() > suv + tol:  # joined hotter uptake below the first threshold
             more = _split(pet, contour, seed, suv + tol)
             if more is None:
-                return None, threshold, splits, "joins hotter uptake that cannot be split off"
+                return None, threshold, splits, "joins hotter uptake that cannot be split off", False
             excluded, contour, splits = excluded | more, contour & ~more, splits + 1
         if abs(threshold - previous) < CONVERGED * previous:
-            return contour, threshold, splits, ""
+            return contour, threshold, splits, "", True
+        kept, kept_threshold, kept_what = contour, threshold, f"contour of step {step} (T {threshold:.2f}) kept"
         previous = threshold
-    return None, threshold, splits, f"threshold did not settle in {MAX_ITERATIONS} iterations"
+    why = f"threshold did not settle in {MAX_ITERATIONS} iterations; {kept_what}"
+    return kept, kept_threshold, splits, why, False
 
 
 def _side_check(meta: ImageMeta, laterality: str | None, midline_x_mm: float):
@@ -334,11 +371,15 @@ def weak_label(
     if contour is None:
         return WeakLabel(None, status, reason)
     voxel_ml = float(np.prod(meta.spacing)) / 1000.0
-    contour, threshold, splits, why = _refine(pet, contour, excluded, suvmax, tol, voxel_ml)
+    contour, threshold, splits, why, refined = _refine(pet, contour, excluded, suvmax, tol, voxel_ml)
     if contour is None:
         return WeakLabel(None, "aborted", why, threshold=threshold)
+    notes = [reason, f"split from hotter uptake during refinement ({splits}x)" if splits else ""]
     if splits:
         status = "matched-split"
-        reason = "; ".join(filter(None, [reason, f"split from hotter uptake during refinement ({splits}x)"]))
+    if not refined:
+        status = "matched-unrefined"
+        notes.append(why)
+    reason = "; ".join(filter(None, notes))
     n = int(contour.sum())
     return WeakLabel(contour, status, reason, n, n * voxel_ml, float(pet[contour].max()), float(threshold))
