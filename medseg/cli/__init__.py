@@ -159,7 +159,9 @@ def train(
     iterations: int = typer.Option(250, "--iterations", help="Training iterations (batches) per epoch."),
     val_iterations: int = typer.Option(20, help="Validation batches per epoch (pseudo-Dice)."),
     batch_size: int | None = typer.Option(None, help="Patches per batch (default: the plan's)."),
-    lr: float = typer.Option(1e-2, "--lr", help="Initial learning rate."),
+    lr: float | None = typer.Option(
+        None, "--lr", help="Initial learning rate (default: the task's; 1e-2, mask transformers 3e-4)."
+    ),
     warmup_epochs: int = typer.Option(0, help="Linear LR warm-up over the first N epochs (fine-tuning)."),
     freeze_encoder_epochs: int = typer.Option(
         0, help="Fine-tuning: keep the pretrained encoder frozen for the first N epochs."
@@ -170,9 +172,13 @@ def train(
     loss: str | None = typer.Option(
         None, help="Loss: dice_ce | dice_bce | prompt_dice_bce | masked_l1 | masked_l2 (default: the task's)."
     ),
-    optimizer: str = typer.Option("sgd_nesterov", help="sgd_nesterov | adamw | adam."),
+    optimizer: str | None = typer.Option(
+        None, help="sgd_nesterov | adamw | adam (default: the task's; sgd_nesterov, mask transformers adamw)."
+    ),
     schedule: str = typer.Option("poly", help="LR schedule: poly | warmup_cosine | constant."),
-    weight_decay: float = typer.Option(3e-5, help="Weight decay (AdamW: decoupled)."),
+    weight_decay: float | None = typer.Option(
+        None, help="Weight decay, AdamW: decoupled (default: the task's; 3e-5, mask transformers 1e-4)."
+    ),
     ema_decay: float | None = typer.Option(None, help="Keep an EMA of the weights (e.g. 0.999); it is exported."),
     param_groups: str | None = typer.Option(
         None, help='JSON list of per-group LR scales, e.g. \'[{"prefix": "encoder.", "lr_scale": 0.1}]\'.'
@@ -297,11 +303,11 @@ def predict(
     ood_map: bool = typer.Option(
         False, "--ood-map", help="Also write an out-of-distribution score map CASE_ood (higher = more OOD)."
     ),
-    ood_score: str | None = typer.Option(
-        None,
+    ood_score: list[str] = typer.Option(
+        [],
         "--ood-score",
-        help="OOD score: maxquery (models with queries; their default) | msp (others' "
-        "default) | maxlogit | entropy (docs/ood.md).",
+        help="OOD score: maxquery (models with queries; their default) | msp (others' default) | "
+        "maxlogit | entropy (docs/ood.md); repeatable: the first is CASE_ood, the others CASE_ood_<score>.",
     ),
 ):
     """Segment images with a trained model; writes label maps, volumes.csv and optional overlays."""
@@ -315,7 +321,7 @@ def predict(
         common, per_case = parse_conditions(condition, conditions)
     except ValueError as exc:
         _fail(str(exc))
-    if ood_score is not None and not ood_map:
+    if ood_score and not ood_map:
         _fail("--ood-score needs --ood-map")
     run_predict(
         model,
@@ -333,7 +339,7 @@ def predict(
         amp=False if fp32 else None,
         conditions=common,
         case_conditions=per_case,
-        ood_map=(ood_score or "auto") if ood_map else None,
+        ood_map=(ood_score or ["auto"]) if ood_map else None,
         echo=print,
     )
 

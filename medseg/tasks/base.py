@@ -62,6 +62,10 @@ class Task:
     loss_name = "dice_ce"
     label_output: str | None = "logits"  # the named map that becomes the label map (None: none)
     auxiliary_maps: tuple[str, ...] = ()  # blended, but only written through a derived map (OOD scores)
+    # the default recipe where TrainingConfig leaves it None (nnU-Net's SGD for convolutional networks)
+    optimizer = "sgd_nesterov"
+    initial_lr = 1e-2
+    weight_decay = 3e-5
     sliding_window = True  # False: not tiled by the Predictor (prompt models: ``prompt_command``)
     prompt_command = ""
 

@@ -14,6 +14,11 @@ class MaskSegmentationTask(SegmentationTask):
 
     loss_name = "mask_dice_ce_qd"
     auxiliary_maps = ("max_affinity",)
+    # transformer decoders collapse under nnU-Net's SGD (momentum 0.99, lr 1e-2): every query became the
+    # same cluster centre within two epochs on LIDC; AdamW as Mask2Former trains them
+    optimizer = "adamw"
+    initial_lr = 3e-4
+    weight_decay = 1e-4
 
     def outputs(self, raw) -> dict:
         return {"logits": raw["logits"], "max_affinity": raw["max_affinity"]}

@@ -21,10 +21,12 @@ class TrainingConfig:
     batch_size: int | None = None  # None: the plan's batch size
     task: str | None = None  # task registry name; None: the model's declared task (segmentation)
     loss: str | None = None  # loss registry name; None: the task's default (segmentation: dice_ce)
-    optimizer: str = "sgd_nesterov"  # sgd_nesterov | adamw | adam | ...
+    # None: the task's recipe (Task.optimizer / initial_lr / weight_decay; segmentation: nnU-Net's
+    # SGD-Nesterov 1e-2, 3e-5; mask transformers: AdamW 3e-4, 1e-4)
+    optimizer: str | None = None  # sgd_nesterov | adamw | adam | ...
     schedule: str = "poly"  # poly | warmup_cosine | constant | ...
-    initial_lr: float = 1e-2
-    weight_decay: float = 3e-5
+    initial_lr: float | None = None
+    weight_decay: float | None = None
     momentum: float = 0.99  # SGD
     betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW
     # per-group learning rates: [{"prefix": "encoder.", "lr_scale": 0.1}, {"match": "adapter", "lr_scale": 10}]
@@ -66,7 +68,7 @@ class TrainingConfig:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             raise ValueError(f"--time-budget must be a positive number of minutes, got {self.time_budget_minutes}")
-        if not self.initial_lr > 0:
+        if self.initial_lr is not None and not self.initial_lr > 0:
             raise ValueError(f"--lr must be positive, got {self.initial_lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
@@ -80,6 +82,17 @@ class TrainingConfig:
                                (AUGMENTATIONS, self.augmentation), (LOSSES, self.loss), (TASKS, self.task)):  # fmt: skip
             if name is not None:
                 registry.entry(name)
+
+    def with_task_defaults(self, task) -> TrainingConfig:
+        """A copy with the fields left None filled from the task's recipe."""
+        from dataclasses import replace
+
+        return replace(
+            self,
+            optimizer=self.optimizer or task.optimizer,
+            initial_lr=task.initial_lr if self.initial_lr is None else self.initial_lr,
+            weight_decay=task.weight_decay if self.weight_decay is None else self.weight_decay,
+        )
 
     def recipe(self) -> dict:
         """The named choices a model was trained with (recorded in model.json)."""

@@ -67,6 +67,10 @@ def adam(groups: list[dict], cfg) -> torch.optim.Optimizer:
 
 
 def build_optimizer(model: torch.nn.Module, cfg) -> torch.optim.Optimizer:
+    if None in (cfg.optimizer, cfg.initial_lr, cfg.weight_decay):  # no task chose: the base recipe
+        from medseg.tasks.base import Task
+
+        cfg = cfg.with_task_defaults(Task)
     groups = parameter_groups(model, list(cfg.param_groups), cfg.weight_decay)
     return OPTIMIZERS.get(cfg.optimizer)(groups, cfg)
 

@@ -103,6 +103,7 @@ class Trainer:
             model_name, model_kwargs = self._adopt_pretrained(pretrained, model_name, model_kwargs)
         self._fit_patch_to(model_kwargs, configuration)
         self.task = get_task(self._task_name(model_name), self.plan.num_classes, labels=dict(self.plan.labels))
+        self.cfg = config = self.cfg.with_task_defaults(self.task)  # optimizer / lr / weight decay left None
         self.loss_fn = LOSSES.get(config.loss or self.task.loss_name)
         self.schedule = SCHEDULES.get(config.schedule)
         self.spec = self._model_spec(model_name, model_kwargs, configuration, pretrained)
