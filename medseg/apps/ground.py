@@ -1,0 +1,112 @@
+"""``medseg ground``: the lesion a report sentence names, as a 3D mask (ConTEXTual Net 3D).
+
+For each sentence the model's conditions are built as in training (:mod:`medseg.reports.dataset`):
+the sentence's token embeddings and those of its number-free version from the model's frozen
+encoder, and the parsed facts (SUVmax; the named image's position, mapped through the affine and
+the preprocessing like any point). The Predictor returns class probabilities; as in the paper, of
+the predicted components only the one with the highest mean lesion probability is kept. Outputs:
+``OUT/<id>.nii.gz`` (the input's geometry, written atomically), ``OUT/<id>_overlay.png`` (the PET's
+maximum-intensity projection with the mask) and ``OUT/grounding.csv`` (id, sentence, the parsed
+facts, voxels, mL, SUVmax inside, mean probability).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import numpy as np
+
+from medseg.errors import MedsegError
+
+
+def keep_most_probable_component(seg: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, float]:
+    """The 6-connected component of ``seg`` > 0 with the highest mean ``prob`` (and that mean)."""
+    import cc3d
+
+    cc, n = cc3d.connected_components(seg > 0, connectivity=6, return_N=True)
+    if n == 0:
+        return np.zeros_like(seg, dtype=np.uint8), 0.0
+    sums = np.bincount(cc.ravel(), weights=prob.ravel(), minlength=n + 1)
+    sizes = np.bincount(cc.ravel(), minlength=n + 1)
+    means = sums[1:] / np.maximum(sizes[1:], 1)
+    best = int(np.argmax(means)) + 1
+    return (cc == best).astype(np.uint8), float(means[best - 1])
+
+
+def sentence_inputs(sentence: str, encoder, image: np.ndarray, meta) -> dict:
+    """The model's conditions for one sentence on ``image`` (C, z, y, x) as read."""
+    from medseg.reports.dataset import image_point, sentence_facts, strip_numbers
+
+    suvmax, number = sentence_facts(sentence)
+    try:
+        point = image_point(number, meta, image.shape[1:])
+    except ValueError as exc:
+        raise MedsegError(None, f"sentence {sentence!r}: {exc}") from None
+    stripped = strip_numbers(sentence)
+    tokens, masks = encoder.encode([sentence, stripped])
+    cond = {"text": tokens[0][None], "text_mask": masks[0][None], "text_nonum": tokens[1][None],
+            "text_nonum_mask": masks[1][None], "suvmax": np.array([suvmax], np.float32)}  # fmt: skip
+    if np.isfinite(point).all():
+        cond["points"] = point
+    return cond
+
+
+def _mip_overlay(pet: np.ndarray, mask: np.ndarray, path: Path) -> Path:
+    """Coronal maximum-intensity projection of the PET (inverted grey, as PET is read) with the mask."""
+    from PIL import Image
+
+    mip = pet.max(axis=1)  # (z, x)
+    hi = float(np.percentile(mip, 99.5)) or 1.0
+    grey = 255 - np.clip(mip / hi * 255, 0, 255)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    m = mask.max(axis=1) > 0
+    rgb[m] = 0.5 * rgb[m] + 0.5 * np.array([230, 40, 40])
+    im = Image.fromarray(rgb.astype(np.uint8)).resize((mip.shape[1] * 4, mip.shape[0] * 4), Image.NEAREST)
+    tmp = path.with_name(f".{path.name}.part.png")
+    im.save(tmp)
+    tmp.replace(path)
+    return path
+
+
+def ground(model, images: list[Path], sentences: list[dict], output: Path, *, overwrite=False, tta=True,
+           device="auto", echo=print) -> list[dict]:  # fmt: skip
+    """Segment, for each ``{"id", "sentence"}``, the lesion it names on the case ``images`` (channel files)."""
+    from medseg.inference.predictor import Predictor
+    from medseg.io.image import read_image, write_image
+    from medseg.io.jsonio import write_text_atomic
+    from medseg.outputs import check_new_outputs
+    from medseg.text.encoder import SentenceEncoder
+
+    output = Path(output)
+    check_new_outputs([output / f"{r['id']}.nii.gz" for r in sentences] + [output / "grounding.csv"],
+                      overwrite=overwrite)  # fmt: skip
+    predictor = Predictor.from_folder(model, device=device, tta=tta)
+    if predictor.task.name != "grounding":
+        raise MedsegError(model, f"is a {predictor.task.name} model, not a grounding model (contextual_unet)")
+    encoder = SentenceEncoder(predictor.spec.model_kwargs.get("text_encoder", "minilm"))
+    arrays = [read_image(p) for p in images]
+    image = np.stack([a for a, _ in arrays]).astype(np.float32)
+    meta = arrays[0][1]
+    pet = image[int(predictor.spec.model_kwargs.get("pet_channel", 1))]
+    conds = [sentence_inputs(r["sentence"], encoder, image, meta) for r in sentences]  # every error before output
+    rows = []
+    output.mkdir(parents=True, exist_ok=True)
+    for r, cond in zip(sentences, conds):
+        seg, probs = predictor.predict_array(image, meta, return_probabilities=True, **cond)
+        mask, mean_p = keep_most_probable_component(seg, probs[1])
+        write_image(mask, meta, output / f"{r['id']}.nii.gz")
+        _mip_overlay(pet, mask, output / f"{r['id']}_overlay.png")
+        voxel_ml = float(np.prod(meta.spacing)) / 1000
+        rows.append({"id": r["id"], "sentence": r["sentence"], "suvmax_reported": cond["suvmax"][0],
+                     "voxels": int(mask.sum()), "ml": round(int(mask.sum()) * voxel_ml, 3),
+                     "suvmax_inside": round(float(pet[mask > 0].max()), 2) if mask.any() else "",
+                     "mean_probability": round(mean_p, 4)})  # fmt: skip
+        echo(f"{r['id']}: {rows[-1]['voxels']} voxels ({rows[-1]['ml']} mL), SUVmax inside {rows[-1]['suvmax_inside']}")
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    write_text_atomic(output / "grounding.csv", buf.getvalue())
+    return rows
