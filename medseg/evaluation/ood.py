@@ -182,8 +182,10 @@ def _matched_files(pred_dir: Path, ref_dir: Path, cases, suffix: str) -> list[tu
     preds = _images_by_case(pred_dir)
     maps = {c[: -len(suffix)]: ps for c, ps in preds.items() if c.endswith(suffix)}
     scores = {c: kept for c, ps in maps.items() if (kept := [p for p in ps if image_suffix(p) not in PICTURES])}
-    # `predict --overlay` writes CASE_overlay.png beside CASE.png: a picture, not a prediction
-    labels = {c for c in preds if not c.endswith(suffix) and not (c.endswith("_overlay") and c[:-8] in preds)}
+    # predict's side outputs beside CASE (CASE_overlay.png, CASE_ood*, ...) are not cases
+    from medseg.evaluation.metrics import _side_output
+
+    labels = {c for c in preds if not c.endswith(suffix) and not _side_output(c, set(preds))}
     names = sorted(labels | set(scores)) if cases is None else sorted(dict.fromkeys(map(str, cases)))
     if not names:
         raise ValueError(f"{pred_dir}: no OOD score maps (CASE{suffix}.nii.gz) to evaluate")

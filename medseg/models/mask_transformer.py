@@ -35,6 +35,12 @@ from medseg.models.registry import register_model
 from medseg.models.unet import UNet, _ops, permute_spatial, unet_topology
 
 
+def unit_channels(x: torch.Tensor) -> torch.Tensor:
+    """``x / |x|`` over the channel axis of (B, C, *spatial) (as F.normalize(dim=1), eps 1e-12), as
+    a sum of squares: the strided vector norm was 11 % of the forward's time on CPU."""
+    return x * x.square().sum(1, keepdim=True).clamp_min(1e-24).rsqrt()
+
+
 class QueryDecoderLayer(nn.Module):
     """Cross-attention to pixel features, self-attention among queries, FFN (post-norm, Mask2Former)."""
 
@@ -101,7 +107,7 @@ class MaskTransformerUNet(nn.Module):
 
     def _forward(self, x: torch.Tensor) -> dict:
         features = self.backbone.decoder_features(x)
-        pixels = F.normalize(self.pixel_embed(features[-1]).float(), dim=1)  # (B, D, *): affinities in fp32
+        pixels = unit_channels(self.pixel_embed(features[-1]).float())  # (B, D, *): affinities in fp32
         memory = [
             proj(f).flatten(2).transpose(1, 2) + self.level_embed[i]
             for i, (proj, f) in enumerate(zip(self.memory_proj, self._memory_features(features)))
@@ -128,7 +134,7 @@ class MaskTransformerUNet(nn.Module):
         """(semantic logits, max cosine affinity, mask logits, class logits) from one layer's queries."""
         q = self.query_norm(q).float()
         emb = F.normalize(self.mask_mlp(q), dim=-1)  # (B, N, D)
-        cos = torch.einsum("bnd,bd...->bn...", emb, pixels)  # (B, N, *)
+        cos = torch.matmul(emb, pixels.flatten(2)).reshape(*emb.shape[:2], *pixels.shape[2:])  # (B, N, *)
         masks = self.log_temperature.float().clamp(max=math.log(100.0)).exp() * cos
         classes = self.class_head(q)  # (B, N, K)
         log_p = torch.log_softmax(classes, -1).transpose(1, 2)  # (B, K, N)
