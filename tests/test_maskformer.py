@@ -88,7 +88,7 @@ def test_mask_losses_are_registered_and_qd_adds_a_term():
     cfg = TrainingConfig()
     plain, qd = LOSSES.get("mask_dice_ce")(out, batch, cfg), LOSSES.get("mask_dice_ce_qd")(out, batch, cfg)
     assert torch.isfinite(plain) and qd > plain
-    assert get_task("mask_segmentation", 3).loss_name == "mask_dice_ce_qd"
+    assert get_task("mask_segmentation", 3).loss_name == "mask_dice_ce"  # QD measured worse for OOD
 
 
 def test_ood_scores_by_formula():
@@ -149,7 +149,7 @@ def test_predict_writes_ood_maps_and_overlays_on_real_vois(trained, tmp_path, mo
         assert np.allclose(meta.spacing, ref_meta.spacing) and np.isfinite(score).all()
         assert 0 <= score.min() and score.max() <= 2  # 1 - cosine
         assert (out / f"{case}_ood.png").stat().st_size > 1000
-    assert json.loads((out / "manifest.json").read_text())["ood_map"] == "maxquery"
+    assert json.loads((out / "manifest.json").read_text())["ood_map"] == ["maxquery"]
     # the score maps are side outputs: a plain evaluation of the folder ignores them
     code, stdout, err = run_main(monkeypatch, capsys, "evaluate", "-i", out, "-r", trained["data"] / "labelsTr",
                                  "-l", trained["data"] / "dataset.json")  # fmt: skip
@@ -173,6 +173,23 @@ def test_baseline_scores_from_a_plain_unet_and_maxquery_refused(trained, tmp_pat
     assert code != 0 and "--ood-score needs --ood-map" in err
 
 
+def test_several_scores_from_one_pass(trained, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "pred"
+    code, _, err = run_main(monkeypatch, capsys, "predict", "-m", trained["maskformer_unet"], "-i",
+                            trained["data"] / "imagesTr", "-o", out, "--ood-map", "--no-tta", "--ood-score",
+                            "entropy", "--ood-score", "maxquery", "--ood-score", "msp")  # fmt: skip
+    assert code == 0, err
+    from medseg.io.image import read_image
+
+    names = sorted(p.name for p in out.glob("lidc_0001_n01_ood*"))
+    assert names == ["lidc_0001_n01_ood.nii.gz", "lidc_0001_n01_ood_maxquery.nii.gz", "lidc_0001_n01_ood_msp.nii.gz"]
+    entropy, msp = (read_image(out / n)[0] for n in (names[0], names[2]))
+    assert np.corrcoef(entropy.ravel(), msp.ravel())[0, 1] > 0.9  # both peak where the classes are confused
+    code, stdout, err = run_main(monkeypatch, capsys, "evaluate", "-i", out, "-r", trained["data"] / "labelsTr",
+                                 "-l", trained["data"] / "dataset.json")  # fmt: skip
+    assert code == 0 and "2 cases" in stdout, err
+
+
 def test_vois_smaller_than_the_patch_are_padded(trained, tmp_path):
     """A 2-slice VOI (the plan's patch has more) is predicted whole, maps in its own geometry."""
     from medseg.inference.predictor import Predictor
@@ -184,3 +201,29 @@ def test_vois_smaller_than_the_patch_are_padded(trained, tmp_path):
     maps = predictor.predict_maps(small[None].astype(np.float32), meta)
     assert maps["labels"].shape == small.shape and maps["ood"].shape == (1, *small.shape)
     assert math.isfinite(float(maps["ood"].mean()))
+
+
+# --------------------------------------------------------------------------- the shipped model
+OOD_VOIS = REPO / "tests" / "fixtures" / "lidc_ood_2"  # a ground-glass and a calcified nodule, never trained on
+
+
+def test_shipped_lidc_model_segments_nodules_and_maps_ood(tmp_path, monkeypatch, capsys):
+    from medseg.evaluation.metrics import evaluate_folder
+    from medseg.io.image import read_image
+
+    out = tmp_path / "pred"
+    for folder in (LIDC, OOD_VOIS):
+        code, _, err = run_main(monkeypatch, capsys, "predict", "-m", "lidc-nodule", "-i", folder / "imagesTr",
+                                "-o", out, "--ood-map", "--no-tta")  # fmt: skip
+        assert code == 0, err
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for folder in (LIDC, OOD_VOIS):
+        for f in (folder / "labelsTr").iterdir():
+            shutil.copy(f, refs / f.name)
+    dice = evaluate_folder(out, refs, {"background": 0, "nodule": 1}, progress=False)["per_case"]
+    # lidc_0001_n01: solid (a training case); lidc_0003_n02: part-solid, never trained on
+    assert dice["lidc_0001_n01"]["nodule"]["dice"] > 0.8 and dice["lidc_0003_n02"]["nodule"]["dice"] > 0.6
+    for case in ("lidc_0001_n01", "lidc_0048_n03", "lidc_0021_n03"):
+        score = read_image(out / f"{case}_ood.nii.gz")[0]
+        assert score.dtype == np.float32 and 0 <= score.min() and score.max() <= 2
