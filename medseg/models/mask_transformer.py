@@ -112,7 +112,15 @@ class MaskTransformerUNet(nn.Module):
             proj(f).flatten(2).transpose(1, 2) + self.level_embed[i]
             for i, (proj, f) in enumerate(zip(self.memory_proj, self._memory_features(features)))
         ]
-        b = x.shape[0]
+        with torch.autocast(x.device.type, enabled=False):  # the query decoder's small ops in fp32: no
+            layers = self._decode([m.float() for m in memory], pixels, x.shape[0])  # per-call weight casts
+        semantic, affinity, masks, classes = layers[-1]
+        out = {"logits": semantic, "max_affinity": affinity}
+        if self.deep_supervision:
+            out.update(mask_logits=masks, class_logits=classes, aux_logits=[p[0] for p in layers[:-1]])
+        return out
+
+    def _decode(self, memory: list[torch.Tensor], pixels: torch.Tensor, b: int) -> list[tuple]:
         q = self.query_feat.repeat(b, 1, 1)  # copies, not views: FlopCounterMode rejects no-grad views
         pos = self.query_pos.repeat(b, 1, 1)  # of parameters passed into submodules
         layers = []
@@ -120,11 +128,7 @@ class MaskTransformerUNet(nn.Module):
             q = layer(q, memory[i % self.num_levels], pos)
             if self.deep_supervision or i == len(self.layers) - 1:
                 layers.append(self._predict(q, pixels))
-        semantic, affinity, masks, classes = layers[-1]
-        out = {"logits": semantic, "max_affinity": affinity}
-        if self.deep_supervision:
-            out.update(mask_logits=masks, class_logits=classes, aux_logits=[p[0] for p in layers[:-1]])
-        return out
+        return layers
 
     def _memory_features(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         coarse = features[:-1] or features  # all but the full-resolution stage
