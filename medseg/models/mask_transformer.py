@@ -26,6 +26,7 @@ loss and ``aux_logits``, the semantic logits of the earlier decoder layers.
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 
 import torch
 import torch.nn as nn
@@ -112,8 +113,10 @@ class MaskTransformerUNet(nn.Module):
             proj(f).flatten(2).transpose(1, 2) + self.level_embed[i]
             for i, (proj, f) in enumerate(zip(self.memory_proj, self._memory_features(features)))
         ]
-        with torch.autocast(x.device.type, enabled=False):  # the query decoder's small ops in fp32: no
-            layers = self._decode([m.float() for m in memory], pixels, x.shape[0])  # per-call weight casts
+        # the query decoder's small ops in fp32, outside autocast: no per-call casts of its weights
+        fp32 = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext()
+        with fp32:  # (the meta device of `medseg models` has no autocast)
+            layers = self._decode([m.float() for m in memory], pixels, x.shape[0])
         semantic, affinity, masks, classes = layers[-1]
         out = {"logits": semantic, "max_affinity": affinity}
         if self.deep_supervision:
