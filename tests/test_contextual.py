@@ -55,6 +55,16 @@ def test_padding_tokens_take_no_part_and_chunking_changes_nothing():
         assert torch.allclose(ref, m(x, text=text, text_mask=mask)[0], atol=1e-5)
 
 
+def test_text_nonum_input_reads_the_stripped_sentence():
+    m = _model(text_input="text_nonum")
+    x = torch.randn(2, 2, 16, 16, 16)
+    text, mask = _text()
+    with torch.no_grad():
+        a = m(x, text=text, text_mask=mask, text_nonum=text, text_nonum_mask=mask)[0]
+        b = m(x, text=torch.randn_like(text), text_mask=mask, text_nonum=text, text_nonum_mask=mask)[0]
+    assert torch.allclose(a, b)  # the full sentence is not read
+
+
 def test_fresh_modules_are_the_identity():
     torch.manual_seed(0)
     att = TextCrossAttention(4, 12, 6)
@@ -67,6 +77,8 @@ def test_fact_channels_slice_band_and_pet_relative_to_suvmax():
     x[:, 1] = 3.0
     x[0, 1, 4, 2, 2] = 12.0  # a hotter distractor
     ch = fact_channels(x, torch.tensor([[[4.0, 2, 2]], [[0.0, 2, 2]]]), torch.tensor([6.0, 3.0]), 1, 2.0)
+    nan = fact_channels(x, torch.full((2, 1, 3), float("nan")), torch.tensor([float("nan"), 3.0]), 1, 2.0)
+    assert nan[:, 0].abs().sum() == 0 and nan[0, 1].abs().sum() == 0 and nan[1, 1].abs().sum() > 0
     assert ch.shape == (2, 2, 9, 4, 4)
     assert ch[0, 0, 4].eq(1).all() and ch[0, 0, 0, 0, 0] == pytest.approx(torch.exp(torch.tensor(-2.0)).item())
     assert ch[1, 0, 0].eq(1).all()
@@ -75,9 +87,10 @@ def test_fact_channels_slice_band_and_pet_relative_to_suvmax():
     assert none.abs().sum() == 0  # a sentence without numbers: zero channels
 
 
-def test_facts_off_keeps_the_image_channels_only():
+def test_facts_off_keeps_the_image_channels_only_and_no_text_means_no_attention():
     m = create_model("contextual_unet", 2, 2, facts=False, **KW)
     assert m.unet.encoder[0][0][0].in_channels == 2
+    assert len(create_model("contextual_unet", 2, 2, text_input=None, **KW).text_attention) == 0
     assert create_model("contextual_unet", 2, 2, **KW).unet.encoder[0][0][0].in_channels == 4
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 
 def run_predict(
@@ -26,7 +27,8 @@ def run_predict(
     echo=print,
 ) -> list[dict]:
     """``ood_map``: an OOD score name (:mod:`medseg.inference.ood`), written as ``CASE_ood.<ext>``
-    (with ``overlay``: also ``CASE_ood.png``, the map over the image with a colour bar)."""
+    (with ``overlay``: also ``CASE_ood.png``, the map over the image with a colour bar), or a list of
+    names: the others also as ``CASE_ood_<name>.<ext>``."""
     from medseg.evaluation.report import ood_overlay_png, overlay_png, structure_volumes, write_volumes_table
     from medseg.inference.predictor import Predictor
     from medseg.io.dataset import cases_from_input
@@ -69,7 +71,7 @@ def run_predict(
                 overlay_png(image, seg, meta.spacing, output / f"{case.name}_overlay.png", labels=labels)
             )
             if ood_map:
-                score = read_image(res["maps"][0])[0]
+                score = read_image(next(m for m in res["maps"] if Path(m).name.startswith(f"{case.name}_ood.")))[0]
                 png = output / f"{case.name}_ood.png"
                 res["ood_overlay"] = str(
                     ood_overlay_png(image, score, meta.spacing, png, seg=seg, name=predictor.ood_map)
@@ -86,7 +88,7 @@ def run_predict(
             "folds": predictor.folds,
             "tta": tta,
             "step": step,
-            **({"ood_map": predictor.ood_map} if predictor.ood_map else {}),
+            **({"ood_map": list(predictor.ood_maps)} if predictor.ood_maps else {}),
             **({"label_map": {"file": str(label_map), "labels": labels}} if label_map is not None else {}),
             "device": str(predictor.device),
             "seconds": round(elapsed, 2),

@@ -50,17 +50,17 @@ def cached_case_names(cache: Path) -> list[str]:
     return json.loads(path.read_text())
 
 
-def make_splits(names: list[str], n_folds: int = 5, seed: int = SPLIT_SEED) -> list[dict]:
-    """Seeded k-fold split over sorted case names: [{"train": [...], "val": [...]}, ...]."""
+def make_splits(names: list[str], n_folds: int = 5, seed: int = SPLIT_SEED, groups: dict | None = None) -> list[dict]:
+    """Seeded k-fold split over sorted case names: [{"train": [...], "val": [...]}, ...]. With
+    ``groups`` (case -> group) the groups are split and every case follows its group (the sentences
+    of one image, the scans of one patient)."""
     names = sorted(names)
-    order = np.random.default_rng(seed).permutation(len(names))
-    folds = np.array_split(order, n_folds)
+    keys = sorted({(groups or {}).get(n, n) for n in names})
+    order = np.random.default_rng(seed).permutation(len(keys))
+    fold_of = {keys[i]: k for k, f in enumerate(np.array_split(order, n_folds)) for i in f}
+    fold = {n: fold_of[(groups or {}).get(n, n)] for n in names}
     return [
-        {
-            "train": sorted(names[i] for j, f in enumerate(folds) if j != k for i in f),
-            "val": sorted(names[i] for i in folds[k]),
-        }
-        for k in range(n_folds)
+        {"train": [n for n in names if fold[n] != k], "val": [n for n in names if fold[n] == k]} for k in range(n_folds)
     ]
 
 
@@ -76,7 +76,9 @@ def get_split(
     if path.is_file():
         splits = json.loads(path.read_text())
     else:
-        splits = make_splits(names)
+        groups_file = preprocessed_dir / "groups.json"
+        groups = json.loads(groups_file.read_text()) if groups_file.is_file() else None
+        splits = make_splits(names, groups=groups)
         if write:
             write_json(path, splits)
     fold = int(fold)

@@ -133,12 +133,15 @@ def _inside_roi(path: Path, ref_meta, pred: np.ndarray, ref: np.ndarray) -> tupl
     return np.where(outside, 0, pred), np.where(outside, 0, ref)
 
 
-SIDE_OUTPUTS = ("_overlay", "_ood")  # `predict --overlay` pictures, `predict --ood-map` score maps
+SIDE_OUTPUTS = ("_overlay", "_ood")  # `predict --overlay` pictures, `predict --ood-map` score maps (+ _ood_<score>)
 
 
 def _side_output(name: str, found: set[str]) -> bool:
     """Whether ``name`` is a side output of predict beside case ``CASE`` (not a prediction)."""
-    return any(name.endswith(s) and name[: -len(s)] in found for s in SIDE_OUTPUTS)
+    if any(name.endswith(s) and name[: -len(s)] in found for s in SIDE_OUTPUTS):
+        return True
+    base, sep, _ = name.rpartition("_ood_")
+    return bool(sep) and base in found
 
 
 def evaluate_folder(

@@ -73,7 +73,7 @@ class Predictor:
         source: str | Path | None = None,
         label_map=None,
         amp: bool | None = None,
-        ood_map: str | None = None,
+        ood_map: str | list[str] | tuple[str, ...] | None = None,
     ):
         """``source``: the model folder, so that errors name the file at fault. ``label_map``: a JSON
         file, dict or :class:`~medseg.inference.label_map.LabelMapping` mapping the model's labels onto
@@ -81,7 +81,8 @@ class Predictor:
         reduced precision (None: fp16 on CUDA, bf16 on CPUs with native bf16, fp32 otherwise; False:
         always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32.
         ``ood_map``: also give an OOD score map ``ood`` (:mod:`medseg.inference.ood`: ``maxquery`` for
-        mask transformers, ``msp``, ``maxlogit``, ``entropy``; ``auto``: the model's default)."""
+        mask transformers, ``msp``, ``maxlogit``, ``entropy``; ``auto``: the model's default); a list
+        of names gives ``ood`` for the first and ``ood_<name>`` for each other, from one forward pass."""
         self.spec = spec
         self.task = get_task(spec.task, spec.num_classes, labels=dict(spec.labels))  # what the outputs mean
         if not self.task.sliding_window:
@@ -89,13 +90,14 @@ class Predictor:
                 source or spec.model, f"is a {spec.task} model: segment with `{self.task.prompt_command}`"
             )
         self.mapping = _label_mapping(label_map, spec.labels)
-        self.ood_map = None
+        self.ood_maps: tuple[str, ...] = ()
         if ood_map is not None:
             from medseg.inference.ood import check_ood_score, default_ood_score
 
+            names = [ood_map] if isinstance(ood_map, str) else list(ood_map)
             try:
-                name = default_ood_score(self.task) if ood_map == "auto" else ood_map
-                self.ood_map = check_ood_score(name, self.task, spec.model)
+                names = [default_ood_score(self.task) if n == "auto" else n for n in names]
+                self.ood_maps = tuple(dict.fromkeys(check_ood_score(n, self.task, spec.model) for n in names))
             except ValueError as exc:
                 raise CheckpointError(source or spec.model, str(exc)) from None
         self.plan = spec.plan
@@ -143,6 +145,11 @@ class Predictor:
             self.mirror_axes = tuple(self.conf.mirror_axes)
         if self.conf.numerics not in ("medseg", "nnunet"):
             raise CheckpointError(root / "model.json", f"unknown numerics '{self.conf.numerics}' (medseg or nnunet)")
+
+    @property
+    def ood_map(self) -> str | None:
+        """The OOD score written as ``CASE_ood`` (None: none)."""
+        return self.ood_maps[0] if self.ood_maps else None
 
     def provenance(self, **options) -> dict:
         """What decides a folder run's outputs: the weights (digest per fold), labels, model name and
@@ -226,7 +233,7 @@ class Predictor:
         per_tile = tile_conditions(cond, self.tile, self.conf.spatial_dims == 2) if cond else None
         if streaming is None:
             native_bytes = 4 * k * float(np.prod(props["original_shape"]))
-            whole = return_probabilities or cond or self.ood_map  # what streaming cannot give
+            whole = return_probabilities or cond or self.ood_maps  # what streaming cannot give
             streaming = not whole and native_bytes > STREAMING_BYTES
         mirror_axes = self.mirror_axes if self.tta else ()
         if streaming and self.conf.spatial_dims == 3 and props.get("separate_z_axis") in (None, 0):
@@ -243,10 +250,11 @@ class Predictor:
             tile_batch=self.tile_batch, numerics=self.conf.numerics, tile_conditions=per_tile,
         )  # fmt: skip
         aux = {name: maps.pop(name) for name in self.task.auxiliary_maps if name in maps}
-        if self.ood_map:
+        if self.ood_maps:
             from medseg.inference.ood import ood_score_map
 
-            maps["ood"] = ood_score_map(self.ood_map, maps[self.task.label_output], aux)
+            for i, name in enumerate(self.ood_maps):
+                maps["ood" if i == 0 else f"ood_{name}"] = ood_score_map(name, maps[self.task.label_output], aux)
         out = {name: map_to_native(v, props) for name, v in maps.items() if name != self.task.label_output}
         if self.task.label_output is not None:
             interpolate = "logits" if self.conf.numerics == "nnunet" else "probabilities"
@@ -309,7 +317,7 @@ class Predictor:
         # what changes the label maps (probabilities are an extra file, not another result)
         provenance = self.provenance(
             largest_component=largest_component, file_ending=file_ending, conditions=conditions,
-            case_conditions=case_conditions, ood_map=self.ood_map,
+            case_conditions=case_conditions, ood_map=list(self.ood_maps),
         )  # fmt: skip
         existing = any((out_dir / f"{c.name}{file_ending}").exists() for c in cases)
         check_output_folder(out_dir, provenance, overwrite=overwrite, any_existing=existing)

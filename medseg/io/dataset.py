@@ -6,6 +6,7 @@ Layout::
     DATASET/imagesTr/CASE_0000.nii.gz, CASE_0001.nii.gz, ...   one file per channel
     DATASET/labelsTr/CASE.nii.gz
     DATASET/imagesTs/CASE_0000.nii.gz                          optional test images
+    DATASET/sentences.csv           optional: a grounding dataset, one case per sentence (medseg.reports.dataset)
 
 2D natural images (file_ending .png, .bmp, .tif, .tiff) follow nnU-Net's convention: an RGB file
 ``CASE_0000.png`` alone supplies the channels R, G, B of dataset.json (medseg.io.natural_image).
@@ -33,6 +34,13 @@ class Case:
     name: str
     images: tuple[Path, ...]
     label: Path | None
+    sentence: str | None = None  # grounding datasets: the sentence whose lesion ``label`` is
+    group: str | None = None  # cases of one group (a grounding dataset's image case) share a fold
+
+    @property
+    def image_case(self) -> str:
+        """The stem of the image files (``<image_case>_0000``): the case itself, or a sentence's image case."""
+        return self.group if self.sentence is not None and self.group else self.name
 
 
 @dataclass(frozen=True)
@@ -44,6 +52,7 @@ class DatasetInfo:
     labels: dict[str, int]
     file_ending: str
     regions: bool = False
+    text_encoder: str = "minilm"  # grounding datasets: the sentence encoder of the conditions
 
     @property
     def num_channels(self) -> int:
@@ -92,7 +101,8 @@ def load_dataset_json(folder: str | Path) -> DatasetInfo:
     ending = d.get("file_ending", ".nii.gz")
     if image_suffix("x" + ending) is None:
         raise DatasetError(path, f"file_ending '{ending}' is not a supported image type")
-    return DatasetInfo(d.get("name", folder.name), channel_names, labels, ending)
+    return DatasetInfo(d.get("name", folder.name), channel_names, labels, ending,
+                       text_encoder=str(d.get("text_encoder", "minilm")))  # fmt: skip
 
 
 def _group_channels(folder: Path, ending: str) -> dict[str, dict[int, Path]]:
@@ -123,6 +133,10 @@ def list_cases(
     groups = _group_channels(img_dir, info.file_ending)
     if not groups:
         raise DatasetError(img_dir, f"no images ending in {info.file_ending}")
+    if split == "Tr" and (folder / "sentences.csv").is_file():
+        from medseg.reports.dataset import grounding_cases
+
+        return grounding_cases(folder, info, groups, strict)
     cases = []
     for name, chans in sorted(groups.items()):
         missing = [i for i in range(info.num_channels) if i not in chans]

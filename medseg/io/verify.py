@@ -91,7 +91,7 @@ def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
     problems: list[Problem] = []
     ref = None
     for i, f in enumerate(case.images):
-        expected = f"{case.name}_{i:04d}{info.file_ending}"
+        expected = f"{case.image_case}_{i:04d}{info.file_ending}"
         if f.name != expected:
             problems.append(Problem(str(f.parent / expected), "missing channel file"))
             break
@@ -99,7 +99,7 @@ def _check_case(case: Case, info: DatasetInfo) -> list[Problem]:
     if len(case.images) < info.num_channels and not problems and not one_file:
         problems.append(
             Problem(
-                str(case.images[0].parent / f"{case.name}_{len(case.images):04d}{info.file_ending}"),
+                str(case.images[0].parent / f"{case.image_case}_{len(case.images):04d}{info.file_ending}"),
                 "missing channel file",
             )
         )

@@ -14,15 +14,21 @@ sentence (padding tokens take no part), computed over chunks of voxels so memory
 **Facts as channels** (``facts=True``): numbers are where text encoders are weakest, so the parsed
 facts enter explicitly as two extra input channels built inside the network from the conditions:
 
-* ``slice_point`` (B, 1, dims): the named image's position (its z, and the tile centre in-plane), in
-  the tile's voxel coordinates (moved by augmentation and tiling like any point); the channel is a
-  Gaussian band exp(-(z - z0)^2 / 2 sigma^2) along z, ``sigma`` in voxels;
+* ``points`` (B, 1, dims): the named image's position (its z, and the volume's centre in-plane), in
+  the tile's voxel coordinates (a spatial condition: moved by augmentation and tiling like any
+  point); the channel is a Gaussian band exp(-(z - z0)^2 / 2 sigma^2) along the first axis;
 * ``suvmax`` (B,): the reported SUVmax; the channel is the PET relative to it,
   ``clip(PET / SUVmax, 0, 2)``: the named lesion peaks at 1, hotter distractors above it.
 
-Inputs: ``model(x, text=None, text_mask=None, slice_point=None, suvmax=None)``; ``text`` (B, L, D)
-token embeddings of a frozen sentence encoder, ``text_mask`` (B, L) True for real tokens. Without
-``text`` the attention modules are skipped (an image-only forward, used by the generated tests).
+A fact that is NaN (a sentence without that number) gives a zero channel.
+
+Inputs: ``model(x, text=None, text_mask=None, text_nonum=None, text_nonum_mask=None, points=None,
+suvmax=None)``: ``text`` (B, L, D) token embeddings of the sentence from a frozen encoder,
+``text_mask`` (B, L) True for real tokens, ``text_nonum``/``text_nonum_mask`` the same for the
+sentence with its numbers removed (the paper's input). ``text_input`` (a model kwarg) says which the
+network reads: ``"text"``, ``"text_nonum"`` or None (no attention modules: an image-only network,
+with facts or not). Without the chosen text at call time the attention is skipped (the generated
+model tests call ``model(x)``).
 """
 
 from __future__ import annotations
@@ -61,36 +67,43 @@ class TextCrossAttention(nn.Module):
         return x * (1 + gate.transpose(1, 2).reshape(b, c, *spatial))
 
 
-def fact_channels(x: torch.Tensor, slice_point, suvmax, pet_channel: int, sigma: float) -> torch.Tensor:
-    """(B, 2, *spatial): the slice band around ``slice_point``'s z and the PET relative to ``suvmax``;
-    zeros where a fact is missing (a sentence without that number)."""
+def fact_channels(x: torch.Tensor, points, suvmax, pet_channel: int, sigma: float) -> torch.Tensor:
+    """(B, 2, *spatial): the slice band around ``points``' first coordinate and the PET relative to
+    ``suvmax``; zeros where a fact is missing (None, or NaN: a sentence without that number)."""
     b, _, *spatial = x.shape
     out = x.new_zeros(b, 2, *spatial)
-    if slice_point is not None:
-        z0 = slice_point.reshape(b, -1)[:, 0].to(x.dtype)  # (B,)
+    ones = [1] * (len(spatial) - 1)
+    if points is not None:
+        z0 = points.reshape(b, -1)[:, 0].to(x.dtype)  # (B,)
         z = torch.arange(spatial[0], device=x.device, dtype=x.dtype)
         band = torch.exp(-((z[None] - z0[:, None]) ** 2) / (2 * sigma**2))  # (B, Z)
-        out[:, 0] = band.reshape(b, spatial[0], *([1] * (len(spatial) - 1)))
+        out[:, 0] = torch.nan_to_num(band, nan=0.0).reshape(b, spatial[0], *ones)
     if suvmax is not None:
-        ref = suvmax.reshape(b, *([1] * len(spatial))).to(x.dtype).clamp_min(1e-3)
-        out[:, 1] = (x[:, pet_channel] / ref).clamp(0, 2)
+        ref = suvmax.reshape(b, *([1] * len(spatial))).to(x.dtype)
+        rel = (x[:, pet_channel] / ref.clamp_min(1e-3)).clamp(0, 2)
+        out[:, 1] = torch.where(torch.isnan(ref), torch.zeros_like(rel), rel)
     return out
 
 
 class ContextualUNet(nn.Module):
     def __init__(
         self, in_channels: int, num_classes: int, *, text_dim: int = 384, attn_dim: int = 64,
-        facts: bool = True, pet_channel: int = 1, slice_sigma: float = 2.0, deep_supervision: bool = True, **unet,
+        text_input: str | None = "text", facts: bool = True, pet_channel: int = 1, slice_sigma: float = 2.0,
+        deep_supervision: bool = True, **unet,
     ):  # fmt: skip
         super().__init__()
-        self.facts, self.pet_channel, self.slice_sigma = facts, pet_channel, slice_sigma
+        if text_input not in ("text", "text_nonum", None):
+            raise ValueError(f"text_input must be 'text', 'text_nonum' or None, got {text_input!r}")
+        self.text_input, self.facts, self.pet_channel, self.slice_sigma = text_input, facts, pet_channel, slice_sigma
         self.unet = UNet(in_channels + (2 if facts else 0), num_classes, deep_supervision=deep_supervision, **unet)
-        widths = list(unet["features"])[:-1][::-1]  # after each upsampling, coarsest first
+        widths = list(unet["features"])[:-1][::-1] if text_input else []  # after each upsampling, coarsest first
         self.text_attention = nn.ModuleList(TextCrossAttention(w, text_dim, attn_dim) for w in widths[:-1])
 
-    def forward(self, x, text=None, text_mask=None, slice_point=None, suvmax=None):
+    def forward(self, x, text=None, text_mask=None, text_nonum=None, text_nonum_mask=None, points=None, suvmax=None):
+        if self.text_input == "text_nonum":
+            text, text_mask = text_nonum, text_nonum_mask
         if self.facts:
-            x = torch.cat([x, fact_channels(x, slice_point, suvmax, self.pet_channel, self.slice_sigma)], 1)
+            x = torch.cat([x, fact_channels(x, points, suvmax, self.pet_channel, self.slice_sigma)], 1)
         order = self.unet.transpose
         if order is not None:  # the facts are built in the caller's axis order, then permuted with x
             x = permute_spatial(x, order)
@@ -138,14 +151,16 @@ class ContextualUNet(nn.Module):
 )
 def build_contextual_unet(
     in_channels: int, num_classes: int, *, spatial_dims: int = 3, deep_supervision: bool = True, features=None,
-    strides=None, kernel_sizes=None, text_dim: int = 384, attn_dim: int = 64, facts: bool = True,
-    pet_channel: int = 1, slice_sigma: float = 2.0, **unet,
+    strides=None, kernel_sizes=None, text_dim: int = 384, attn_dim: int = 64, text_input: str | None = "text",
+    facts: bool = True, pet_channel: int = 1, slice_sigma: float = 2.0, text_encoder: str = "minilm", **unet,
 ) -> ContextualUNet:  # fmt: skip
     """The plan's U-Net with text cross-attention after the upsampling of every decoder level but the
-    finest; ``text_dim``: the sentence encoder's hidden size (384: all-MiniLM-L6-v2); ``facts``: two
-    extra input channels from the parsed slice and SUVmax; ``pet_channel``: which input is the PET."""
+    finest; ``text_dim``: the sentence encoder's hidden size (384: all-MiniLM-L6-v2); ``text_input``:
+    ``text`` | ``text_nonum`` (numbers removed) | None; ``facts``: two extra input channels from the
+    parsed slice and SUVmax; ``pet_channel``: which input is the PET; ``text_encoder``: the encoder the
+    conditions were made with (recorded for inference, not used by the network)."""
     return ContextualUNet(
-        in_channels, num_classes, text_dim=text_dim, attn_dim=attn_dim, facts=facts, pet_channel=pet_channel,
-        slice_sigma=slice_sigma, deep_supervision=deep_supervision, spatial_dims=spatial_dims,
+        in_channels, num_classes, text_dim=text_dim, attn_dim=attn_dim, text_input=text_input, facts=facts,
+        pet_channel=pet_channel, slice_sigma=slice_sigma, deep_supervision=deep_supervision, spatial_dims=spatial_dims,
         **unet_topology(spatial_dims, features, strides, kernel_sizes), **unet,
     )  # fmt: skip

@@ -2,7 +2,9 @@
 
 The cache is one folder per configuration spacing, per case: ``CASE.npy`` (C, z, y, x float32),
 ``CASE_seg.npy`` (uint8, uint16 past 255 labels), ``CASE.json`` (geometry to undo the preprocessing) and
-``CASE_fg.npz`` (sampled foreground coordinates per class, for oversampling).
+``CASE_fg.npz`` (sampled foreground coordinates per class, for oversampling); for a grounding dataset
+also ``CASE_cond.npz`` (the sentence's embeddings and parsed facts, medseg.reports.dataset) and
+``groups.json`` (case -> image case, so that folds keep the sentences of one image together).
 """
 
 from __future__ import annotations
@@ -87,9 +89,21 @@ def _save_atomic_npy(path: Path, arr: np.ndarray) -> None:
 
 
 def _preprocess_one(args) -> str:
-    case, plan, config, out_dir, seed = args
+    case, plan, config, out_dir, seed, embeddings = args
     image, label, meta = load_case(case, len(plan.channel_names))
     data, seg, props = preprocess_array(image, meta, plan, config, label)
+    if case.sentence is not None:
+        from medseg.reports.dataset import sentence_conditions
+
+        try:
+            cond = sentence_conditions(case.sentence, embeddings, meta, image.shape[1:], props)
+        except ValueError as exc:  # an image number outside the volume, slices not along z
+            from medseg.errors import DatasetError
+
+            raise DatasetError(case.label, f"sentence '{case.name}': {exc}") from None
+        tmp = out_dir / f".{case.name}_cond.part.npz"
+        np.savez(tmp, **cond)
+        os.replace(tmp, out_dir / f"{case.name}_cond.npz")
     seg_dtype = label_dtype(plan.num_classes - 1)
     _save_atomic_npy(out_dir / f"{case.name}.npy", data)
     _save_atomic_npy(out_dir / f"{case.name}_seg.npy", seg.astype(seg_dtype))
@@ -132,7 +146,8 @@ def preprocess_dataset(
     out = cache_folder(Path(preprocessed_dir), config)
     out.mkdir(parents=True, exist_ok=True)
     todo = [c for c in cases if overwrite or not (out / f"{c.name}.json").is_file()]
-    jobs = [(c, plan, config, out, i) for i, c in enumerate(todo)]
+    embeddings = _sentence_embeddings(todo, info, Path(preprocessed_dir))
+    jobs = [(c, plan, config, out, i, _for_case(embeddings, c)) for i, c in enumerate(todo)]
     workers = min(workers or default_workers(), max(len(jobs), 1))
     if workers > 1 and len(jobs) > 1:
         with ProcessPoolExecutor(workers) as pool:
@@ -146,8 +161,28 @@ def preprocess_dataset(
     else:
         for job in track(jobs, description=f"preprocess {config_name}", enabled=progress):
             _preprocess_one(job)
+    if any(c.group is not None for c in cases):
+        write_json(Path(preprocessed_dir) / "groups.json", {c.name: c.group for c in cases})
     write_json(out / "cases.json", sorted(c.name for c in cases))
     return out
+
+
+def _sentence_embeddings(cases: list[Case], info, preprocessed_dir: Path) -> dict:
+    """Token embeddings of the grounding cases' sentences (one encoder load; {} for other datasets)."""
+    sentences = [c.sentence for c in cases if c.sentence is not None]
+    if not sentences:
+        return {}
+    from medseg.reports.dataset import encode_sentences
+
+    return encode_sentences(sentences, info.text_encoder, preprocessed_dir / "text_cache")
+
+
+def _for_case(embeddings: dict, case: Case) -> dict:
+    if case.sentence is None:
+        return {}
+    from medseg.reports.dataset import strip_numbers
+
+    return {s: embeddings[s] for s in (case.sentence, strip_numbers(case.sentence))}
 
 
 def load_properties(cache: Path, case: str) -> dict:
