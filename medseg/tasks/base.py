@@ -12,7 +12,7 @@ tiling, mirror TTA, ensembling and export. A task says what is particular to its
 * ``loss_name``: the default entry of the loss registry (``TrainingConfig.loss`` overrides it);
 * ``validation_*``: the per-epoch validation metric, accumulated over batches and summed over
   DDP ranks;
-* ``outputs``: a model's inference output -> named maps ``{"logits": ..., "ood_score": ...}``,
+* ``outputs``: a model's inference output -> named maps ``{"logits": ..., "max_affinity": ...}``,
   each blended by the sliding window, un-flipped under TTA and exported. ``label_output`` names
   the map (class logits) that becomes the label map ``CASE.<ext>``; the other maps are written as
   ``CASE_<name>.<ext>``, resampled back to the input's geometry like probabilities, except the
