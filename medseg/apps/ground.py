@@ -70,6 +70,19 @@ def _mip_overlay(pet: np.ndarray, mask: np.ndarray, path: Path) -> Path:
     return path
 
 
+def ground_sentences(predictor, encoder, image: np.ndarray, meta, sentences: list[dict]):
+    """For each ``{"sentence"}`` on ``image`` ((C, z, y, x) as read, geometry ``meta``): the mask of the
+    most probable predicted component (uint8, the input's grid), its mean probability and the
+    conditions used. Every sentence's conditions are built (and checked) before the first prediction."""
+    conds = [sentence_inputs(r["sentence"], encoder, image, meta) for r in sentences]
+    return (_ground_one(predictor, image, meta, cond) for cond in conds)
+
+
+def _ground_one(predictor, image: np.ndarray, meta, cond: dict) -> tuple[np.ndarray, float, dict]:
+    seg, probs = predictor.predict_array(image, meta, return_probabilities=True, **cond)
+    return (*keep_most_probable_component(seg, probs[1]), cond)
+
+
 def ground(model, images: list[Path], sentences: list[dict], output: Path, *, overwrite=False, tta=True,
            device="auto", echo=print) -> list[dict]:  # fmt: skip
     """Segment, for each ``{"id", "sentence"}``, the lesion it names on the case ``images`` (channel files)."""
@@ -90,12 +103,10 @@ def ground(model, images: list[Path], sentences: list[dict], output: Path, *, ov
     image = np.stack([a for a, _ in arrays]).astype(np.float32)
     meta = arrays[0][1]
     pet = image[int(predictor.spec.model_kwargs.get("pet_channel", 1))]
-    conds = [sentence_inputs(r["sentence"], encoder, image, meta) for r in sentences]  # every error before output
-    rows = []
+    grounded = ground_sentences(predictor, encoder, image, meta, sentences)  # every error before output
     output.mkdir(parents=True, exist_ok=True)
-    for r, cond in zip(sentences, conds):
-        seg, probs = predictor.predict_array(image, meta, return_probabilities=True, **cond)
-        mask, mean_p = keep_most_probable_component(seg, probs[1])
+    rows = []
+    for r, (mask, mean_p, cond) in zip(sentences, grounded):
         write_image(mask, meta, output / f"{r['id']}.nii.gz")
         _mip_overlay(pet, mask, output / f"{r['id']}_overlay.png")
         voxel_ml = float(np.prod(meta.spacing)) / 1000
