@@ -254,6 +254,8 @@ def picture(results: dict[str, list[dict]], arrays, cases: list[str], path: Path
     the manual GTV (green), then each model's grounded mask (red; hotter uptake stays grey)."""
     from PIL import Image, ImageDraw
 
+    from medseg.apps.ground import coronal_mip
+
     names = list(results)
     first = {}
     for r in results["weak"]:
@@ -262,25 +264,25 @@ def picture(results: dict[str, list[dict]], arrays, cases: list[str], path: Path
     chosen = [c for c in cases if c in first][:per_row]
     scale, head = 3, 14
     mips = {c: arrays(c) for c in chosen}
-    cell_h = max(p.shape[0] for p, _, _ in mips.values()) * scale
-    cell_w = max(p.shape[2] for p, _, _ in mips.values()) * scale
+    shapes = [coronal_mip(p, meta).shape for p, meta, _ in mips.values()]
+    cell_h, cell_w = max(h for h, _ in shapes) * scale, max(w for _, w in shapes) * scale
     titles = ["manual GTV"] + [SHORT.get(n, n) for n in names]
     out = Image.new("RGB", ((cell_w + 4) * len(titles), head + len(chosen) * (cell_h + head)), "white")
     draw = ImageDraw.Draw(out)
     for k, title in enumerate(titles):
         draw.text((k * (cell_w + 4) + 2, 0), title[: cell_w // 6], fill="black")
     for row, case in enumerate(chosen):
-        pet, _meta, gtv = mips[case]
-        mip = pet.max(axis=1)[::-1]  # (z, x), superior up
+        pet, meta, gtv = mips[case]
+        mip = coronal_mip(pet, meta)
         grey = 255 - np.clip(mip / (float(np.percentile(mip, 99.5)) or 1.0) * 255, 0, 255)
         y = head + row * (cell_h + head)
         draw.text((2, y), f"{case} ({first[case]})", fill="black")
         overlays = [(gtv, (40, 170, 40))] + [(masks[n][first[case]], (230, 40, 40)) for n in names]
         for k, (mask, colour) in enumerate(overlays):
             rgb = np.repeat(grey[..., None], 3, axis=2)
-            m = mask.max(axis=1)[::-1]
+            m = coronal_mip(mask.astype(np.uint8), meta) > 0
             rgb[m] = 0.45 * rgb[m] + 0.55 * np.array(colour)
-            tile = Image.fromarray(rgb.astype(np.uint8)).resize((mip.shape[1] * scale, mip.shape[0] * scale), Image.NEAREST)  # fmt: skip
+            tile = Image.fromarray(np.ascontiguousarray(rgb).astype(np.uint8)).resize((mip.shape[1] * scale, mip.shape[0] * scale), Image.NEAREST)  # fmt: skip
             out.paste(tile, (k * (cell_w + 4), y + head))
     out.save(path)
     return path

@@ -144,3 +144,21 @@ def test_ground_writes_one_mask_per_sentence(grounding, tmp_path, monkeypatch, c
     assert code != 0 and "outside the volume" in err and len(err.strip().splitlines()) == 1
     code, _, err = run_main(monkeypatch, capsys, "ground", "-m", model, "-i", pet, "-o", tmp_path / "o2")
     assert code != 0 and "--sentence" in err
+
+
+def test_overlay_mip_is_coronal_head_up_patient_right_on_the_left():
+    """coronal_mip gives the same picture for a volume stored in LPS order and the same anatomy
+    stored P-S-R (IXI crops' order): superior on top, patient right on the left."""
+    from medseg.apps.ground import coronal_mip
+    from medseg.io.image import ImageMeta
+
+    vol = np.zeros((5, 6, 7), np.float32)  # (z, y, x), identity direction: +z superior, +x patient left
+    vol[4, 2, 0] = 1.0  # most superior slice, patient's right edge
+    mip = coronal_mip(vol, ImageMeta((1.0, 1.0, 1.0)))
+    assert mip.shape == (5, 7) and mip[0, 0] == 1.0 and mip.sum() == 1.0
+    # the same anatomy stored with array axes (towards the right, towards the feet, towards the back):
+    # ITK's voxel axes x, y, z then point to world +y (posterior), -z (inferior), -x (patient right)
+    psr = np.transpose(vol, (2, 0, 1))[::-1, ::-1, :].copy()
+    direction = (0.0, 0.0, -1.0, 1.0, 0.0, 0.0, 0.0, -1.0, 0.0)  # row-major: world rows, voxel-axis columns
+    mip2 = coronal_mip(psr, ImageMeta((1.0, 1.0, 1.0), direction=direction))
+    np.testing.assert_array_equal(mip2, mip)

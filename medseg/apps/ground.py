@@ -53,17 +53,38 @@ def sentence_inputs(sentence: str, encoder, image: np.ndarray, meta) -> dict:
     return cond
 
 
-def _mip_overlay(pet: np.ndarray, mask: np.ndarray, path: Path) -> Path:
+def coronal_mip(volume: np.ndarray, meta) -> np.ndarray:
+    """Maximum-intensity projection along the patient's anterior-posterior axis, as a viewer shows a
+    coronal MIP: superior at the top, the patient's right on the image's left (radiological), whatever
+    the voxel order of ``volume`` ((z, y, x) as read, geometry ``meta``)."""
+    from medseg.reports.weak_label import axial_axis, meta_affine
+
+    affine = meta_affine(meta)
+    si = axial_axis(affine)
+    rest = [a for a in range(3) if a != si]
+    ap = max(rest, key=lambda a: abs(affine[1, a]))
+    lr = next(a for a in rest if a != ap)
+    mip = np.moveaxis(volume.max(axis=ap), (si - (si > ap), lr - (lr > ap)), (0, 1))
+    if affine[2, si] > 0:  # index grows towards the head (LPS z = superior): flip so the head is on top
+        mip = mip[::-1]
+    if affine[0, lr] < 0:  # index grows towards the patient's right: flip so the right is on the left
+        mip = mip[:, ::-1]
+    return mip
+
+
+def _mip_overlay(pet: np.ndarray, mask: np.ndarray, meta, path: Path) -> Path:
     """Coronal maximum-intensity projection of the PET (inverted grey, as PET is read) with the mask."""
     from PIL import Image
 
-    mip = pet.max(axis=1)  # (z, x)
+    mip = coronal_mip(pet, meta)
     hi = float(np.percentile(mip, 99.5)) or 1.0
     grey = 255 - np.clip(mip / hi * 255, 0, 255)
     rgb = np.repeat(grey[..., None], 3, axis=2)
-    m = mask.max(axis=1) > 0
+    m = coronal_mip(mask, meta) > 0
     rgb[m] = 0.5 * rgb[m] + 0.5 * np.array([230, 40, 40])
-    im = Image.fromarray(rgb.astype(np.uint8)).resize((mip.shape[1] * 4, mip.shape[0] * 4), Image.NEAREST)
+    im = Image.fromarray(np.ascontiguousarray(rgb).astype(np.uint8)).resize(
+        (mip.shape[1] * 4, mip.shape[0] * 4), Image.NEAREST
+    )
     tmp = path.with_name(f".{path.name}.part.png")
     im.save(tmp)
     tmp.replace(path)
@@ -108,7 +129,7 @@ def ground(model, images: list[Path], sentences: list[dict], output: Path, *, ov
     rows = []
     for r, (mask, mean_p, cond) in zip(sentences, grounded):
         write_image(mask, meta, output / f"{r['id']}.nii.gz")
-        _mip_overlay(pet, mask, output / f"{r['id']}_overlay.png")
+        _mip_overlay(pet, mask, meta, output / f"{r['id']}_overlay.png")
         voxel_ml = float(np.prod(meta.spacing)) / 1000
         rows.append({"id": r["id"], "sentence": r["sentence"], "suvmax_reported": cond["suvmax"][0],
                      "voxels": int(mask.sum()), "ml": round(int(mask.sum()) * voxel_ml, 3),
