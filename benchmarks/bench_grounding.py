@@ -52,8 +52,8 @@ VARIANTS = {
     "facts": {"text_input": None, "facts": True},
     "text_facts": {"text_input": "text_nonum", "facts": True},
 }
-SHORT = {"image": "image only", "text": "text (no numbers)", "facts": "facts only", "text_facts": "text + facts",
-         "weak": "weak labeller", "text_facts_weak": "text+facts, weak-trained"}  # fmt: skip
+SHORT = {"image": "image", "text": "text", "facts": "facts", "text_facts": "text+facts", "weak": "weak labeller",
+         "text_facts_weak": "t+f weak-trained"}  # fmt: skip
 LABELS = {"image": "image only", "text": "text only (numbers removed)", "facts": "facts only",
           "text_facts": "text + facts", "weak": "weak labeller (no training)",
           "text_facts_weak": "text + facts, trained on weak labels"}  # fmt: skip
@@ -114,8 +114,10 @@ def _case_arrays(dataset: Path, case: str, sentence_id: str):
     return pet.astype(np.float32), meta, gtv > 0
 
 
-def score_model(model: Path, fold: int, by_case: dict[str, list[dict]], arrays) -> list[dict]:
-    from medseg.apps.ground import ground_sentences
+def score_model(model: Path, fold: int, by_case: dict[str, list[dict]], arrays) -> dict[str, list[dict]]:
+    """Rows of the network alone (``raw``) and with the facts rule (``rule``: medseg ground's default,
+    medseg.apps.ground.facts_filter) from one prediction per sentence."""
+    from medseg.apps.ground import facts_filter, keep_most_probable_component, sentence_inputs
     from medseg.evaluation.grounding import match_components
     from medseg.inference.predictor import Predictor
     from medseg.text.encoder import SentenceEncoder
@@ -124,12 +126,15 @@ def score_model(model: Path, fold: int, by_case: dict[str, list[dict]], arrays) 
     name = predictor.spec.model_kwargs.get("text_encoder", "minilm")
     if name not in ENCODERS:  # loaded once for all models and folds
         ENCODERS[name] = SentenceEncoder(name)
-    encoder = ENCODERS[name]
-    rows = []
+    rows = {"raw": [], "rule": []}
     for case, sentences in by_case.items():
         pet, meta, gtv = arrays(case)
-        for r, (mask, _p, _c) in zip(sentences, ground_sentences(predictor, encoder, pet[None], meta, sentences)):
-            rows.append({"id": r["id"], "case": case, **match_components(mask, gtv, pet), "mask": mask > 0})
+        for r in sentences:
+            cond = sentence_inputs(r["sentence"], ENCODERS[name], pet[None], meta)
+            seg, probs = predictor.predict_array(pet[None], meta, return_probabilities=True, **cond)
+            for kind, allowed in (("raw", seg > 0), ("rule", facts_filter(seg, pet, cond))):
+                mask, _ = keep_most_probable_component(allowed, probs[1])
+                rows[kind].append({"id": r["id"], "case": case, **match_components(mask, gtv, pet), "mask": mask > 0})
     return rows
 
 
@@ -167,7 +172,7 @@ class CaseArrays:
         return self.cache[case]
 
 
-def _score_job(job) -> tuple[str, list[dict]]:
+def _score_job(job) -> dict[str, list[dict]]:
     """One (model or the weak labeller, fold): every held-out sentence grounded and scored (one thread)."""
     name, model_dir, fold, dataset, workspace = job
     torch.set_num_threads(1)
@@ -175,8 +180,10 @@ def _score_job(job) -> tuple[str, list[dict]]:
     by_case: dict[str, list[dict]] = {}
     for sid in held_out(workspace, fold):
         by_case.setdefault(arrays.sentences[sid]["case"], []).append(arrays.sentences[sid])
-    rows = score_weak(by_case, arrays) if model_dir is None else score_model(model_dir, fold, by_case, arrays)
-    return name, [dict(r, fold=fold) for r in rows]
+    if model_dir is None:
+        return {name: [dict(r, fold=fold) for r in score_weak(by_case, arrays)]}
+    rows = score_model(model_dir, fold, by_case, arrays)
+    return {name: [dict(r, fold=fold) for r in rows["raw"]], f"{name}+rule": [dict(r, fold=fold) for r in rows["rule"]]}
 
 
 def evaluate(args, names: list[str], dataset: Path, workspace: Path) -> tuple[dict[str, list[dict]], object]:
@@ -185,11 +192,15 @@ def evaluate(args, names: list[str], dataset: Path, workspace: Path) -> tuple[di
 
     jobs = [(n, args.out / n, f, dataset, workspace) for f in args.folds for n in names]
     jobs += [("weak", None, f, dataset, workspace) for f in args.folds]
-    results: dict[str, list[dict]] = {n: [] for n in names + ["weak"]}
+    results: dict[str, list[dict]] = {}
+    for n in names:
+        results[n], results[f"{n}+rule"] = [], []
+    results["weak"] = []
     with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        for name, rows in pool.map(_score_job, jobs):
-            results[name] += rows
-            log(f"{name} fold {rows[0]['fold'] if rows else '?'} evaluated ({len(rows)} sentences)")
+        for out in pool.map(_score_job, jobs):
+            for name, rows in out.items():
+                results[name] += rows
+            log(f"{', '.join(out)} fold {rows[0]['fold'] if rows else '?'} evaluated ({len(rows)} sentences)")
     return results, CaseArrays(dataset)
 
 
@@ -230,7 +241,7 @@ def report(info, versions, res) -> list[str]:
         for group in ("all", "distractor", "other"):
             s = groups[group]
             folds = " / ".join("–" if x is None else f"{x:.2f}" for x in groups["f1_folds"]) if group == "all" else ""
-            lines.append(f"| {LABELS.get(name, name)} | {group} | {s['n']} | {_num(s['f1'])} | {s['tp']} | {s['fp']} | "
+            lines.append(f"| {_label(name, LABELS)} | {group} | {s['n']} | {_num(s['f1'])} | {s['tp']} | {s['fp']} | "
                          f"{s['fn']} | {s['on_lesion']} | {_num(s['dice_mean'])} | {_num(s['dice_median'])} | {folds} |")  # fmt: skip
     lines += [
         "",
@@ -266,7 +277,7 @@ def picture(results: dict[str, list[dict]], arrays, cases: list[str], path: Path
     mips = {c: arrays(c) for c in chosen}
     shapes = [coronal_mip(p, meta).shape for p, meta, _ in mips.values()]
     cell_h, cell_w = max(h for h, _ in shapes) * scale, max(w for _, w in shapes) * scale
-    titles = ["manual GTV"] + [SHORT.get(n, n) for n in names]
+    titles = ["manual GTV"] + [_label(n, SHORT) for n in names]
     out = Image.new("RGB", ((cell_w + 4) * len(titles), head + len(chosen) * (cell_h + head)), "white")
     draw = ImageDraw.Draw(out)
     for k, title in enumerate(titles):
@@ -286,6 +297,11 @@ def picture(results: dict[str, list[dict]], arrays, cases: list[str], path: Path
             out.paste(tile, (k * (cell_w + 4), y + head))
     out.save(path)
     return path
+
+
+def _label(name: str, table: dict) -> str:
+    base = name.removesuffix("+rule")
+    return table.get(base, base) + (" + facts rule" if name.endswith("+rule") else "")
 
 
 def _num(x, digits=3) -> str:

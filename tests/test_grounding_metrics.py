@@ -88,3 +88,31 @@ def test_real_crop_gtv_matches_and_hottest_uptake_does_not():
         assert hot["fp"] >= 1 and hot["suvmax_pred"] > m["suvmax_label"] + 1
         checked += 1
     assert checked == 3
+
+
+def test_facts_filter_drops_hotter_uptake_and_components_off_the_named_image():
+    """medseg ground's facts rule on a real crop with uptake hotter than the lesion: a prediction that
+    takes the lesion and the hotter uptake keeps the lesion's hottest voxel, loses every voxel above
+    the reported SUVmax, and is left with the lesion alone (no false positive)."""
+    import csv
+
+    from medseg.apps.ground import facts_filter
+    from medseg.io.image import read_image
+    from medseg.reports.weak_label import image_to_index, index_to_image, meta_affine
+
+    with open(require(STS / "lesions.csv")) as fh:
+        row = next(r for r in csv.DictReader(fh) if float(r["suvmax_whole_crop"]) > float(r["suvmax"]) + 1)
+    folder = "imagesTr" if (STS / "imagesTr" / f"{row['case']}_0001.nii.gz").exists() else "imagesTs_petonly"
+    pet, meta = read_image(STS / folder / f"{row['case']}_0001.nii.gz")
+    gtv = read_image(STS / folder.replace("images", "labels") / f"{row['case']}.nii.gz")[0] > 0
+    peak = np.unravel_index(np.argmax(np.where(gtv, pet, -np.inf)), pet.shape)
+    suv = round(float(pet[peak]), 1)
+    seg = (gtv | (pet > 0.8 * pet.max())).astype(np.uint8)
+    image = index_to_image(int(peak[0]), meta_affine(meta), pet.shape)
+    cond = {"suvmax": np.array([suv], np.float32), "points": np.array([[image_to_index(image, meta_affine(meta), pet.shape), 0, 0]], float)}  # fmt: skip
+    kept = facts_filter(seg, pet, cond)
+    assert kept[peak] and not (kept & ~(seg > 0)).any()
+    assert float(pet[kept].max()) <= suv + 0.1 + 1e-6
+    raw, filtered = match_components(seg, gtv, pet), match_components(kept, gtv, pet)
+    assert raw["fp"] >= 1 and (filtered["tp"], filtered["fp"], filtered["fn"]) == (1, 0, 0)
+    assert np.array_equal(facts_filter(seg, pet, {"suvmax": np.array([np.nan], np.float32)}), seg > 0)

@@ -91,21 +91,44 @@ def _mip_overlay(pet: np.ndarray, mask: np.ndarray, meta, path: Path) -> Path:
     return path
 
 
-def ground_sentences(predictor, encoder, image: np.ndarray, meta, sentences: list[dict]):
+def ground_sentences(predictor, encoder, image: np.ndarray, meta, sentences: list[dict], *, use_facts=True):
     """For each ``{"sentence"}`` on ``image`` ((C, z, y, x) as read, geometry ``meta``): the mask of the
     most probable predicted component (uint8, the input's grid), its mean probability and the
-    conditions used. Every sentence's conditions are built (and checked) before the first prediction."""
+    conditions used. ``use_facts``: first drop what the sentence's numbers rule out (:func:`facts_filter`).
+    Every sentence's conditions are built (and checked) before the first prediction."""
     conds = [sentence_inputs(r["sentence"], encoder, image, meta) for r in sentences]
-    return (_ground_one(predictor, image, meta, cond) for cond in conds)
+    return (_ground_one(predictor, image, meta, cond, use_facts) for cond in conds)
 
 
-def _ground_one(predictor, image: np.ndarray, meta, cond: dict) -> tuple[np.ndarray, float, dict]:
+def facts_filter(seg: np.ndarray, pet: np.ndarray, cond: dict, tol: float = 0.1) -> np.ndarray:
+    """The predicted lesion voxels the sentence's facts allow: none hotter than the reported SUVmax
+    (+ ``tol``; it is the lesion's maximum, so hotter voxels belong to other uptake) and, when an image
+    is named and some remaining component reaches it, only the components that do. Without the
+    numbers, the prediction unchanged."""
+    keep = seg > 0
+    suvmax = float(cond["suvmax"][0])
+    if np.isfinite(suvmax):
+        keep &= pet <= suvmax + tol
+    if "points" in cond:
+        import cc3d
+
+        cc = cc3d.connected_components(keep, connectivity=6)
+        on_image = np.unique(cc[int(round(float(cond["points"][0, 0])))])
+        on_image = on_image[on_image > 0]
+        if on_image.size:
+            keep = np.isin(cc, on_image)
+    return keep
+
+
+def _ground_one(predictor, image: np.ndarray, meta, cond: dict, use_facts: bool) -> tuple[np.ndarray, float, dict]:
     seg, probs = predictor.predict_array(image, meta, return_probabilities=True, **cond)
+    if use_facts:
+        seg = facts_filter(seg, image[int(predictor.spec.model_kwargs.get("pet_channel", 1))], cond)
     return (*keep_most_probable_component(seg, probs[1]), cond)
 
 
 def ground(model, images: list[Path], sentences: list[dict], output: Path, *, overwrite=False, tta=True,
-           device="auto", echo=print) -> list[dict]:  # fmt: skip
+           device="auto", use_facts=True, echo=print) -> list[dict]:  # fmt: skip
     """Segment, for each ``{"id", "sentence"}``, the lesion it names on the case ``images`` (channel files)."""
     from medseg.inference.predictor import Predictor
     from medseg.io.image import read_image, write_image
@@ -124,7 +147,9 @@ def ground(model, images: list[Path], sentences: list[dict], output: Path, *, ov
     image = np.stack([a for a, _ in arrays]).astype(np.float32)
     meta = arrays[0][1]
     pet = image[int(predictor.spec.model_kwargs.get("pet_channel", 1))]
-    grounded = ground_sentences(predictor, encoder, image, meta, sentences)  # every error before output
+    grounded = ground_sentences(
+        predictor, encoder, image, meta, sentences, use_facts=use_facts
+    )  # every error before output
     output.mkdir(parents=True, exist_ok=True)
     rows = []
     for r, (mask, mean_p, cond) in zip(sentences, grounded):

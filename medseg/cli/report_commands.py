@@ -51,6 +51,12 @@ def ground(
     sentence: list[str] = typer.Option([], "--sentence", help="A report sentence (repeatable); ids s1, s2, ..."),
     sentences: Path | None = typer.Option(None, "--sentences", help="CSV with id,sentence columns."),
     no_tta: bool = typer.Option(False, "--no-tta", help="Disable mirror test-time augmentation."),
+    no_facts_filter: bool = typer.Option(
+        False,
+        "--no-facts-filter",
+        help="Keep voxels hotter than the reported SUVmax and components away from the named image "
+        "(default: the sentence's numbers rule them out before the most probable component is kept).",
+    ),
     device: str = typer.Option("auto", help="auto | cpu | cuda | cuda:N."),
     overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
 ):
@@ -69,4 +75,5 @@ def ground(
     for p in input:
         if not p.is_file():
             _fail(f"{p}: input not found")
-    run(model, list(input), rows, output, overwrite=overwrite, tta=not no_tta, device=device)
+    run(model, list(input), rows, output, overwrite=overwrite, tta=not no_tta, device=device,
+        use_facts=not no_facts_filter)  # fmt: skip
