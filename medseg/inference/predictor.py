@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.errors import CheckpointError
+from medseg.errors import CheckpointError, MedsegError
 from medseg.inference.conditions import prepare_conditions, tile_conditions
 from medseg.inference.export import map_to_native, segmentation_from_logits, to_input_grid
 from medseg.inference.provenance import check_output_folder, record_output_folder, weights_digest
@@ -26,7 +26,7 @@ from medseg.io.image import ImageMeta, ensure_writable_dir, write_image
 from medseg.planning.ood import case_summary, ood_reasons, ood_warning
 from medseg.preprocessing.pipeline import preprocess_array
 from medseg.tasks import get_task
-from medseg.utils import autocast_context, autocast_dtype, resolve_device
+from medseg.utils import autocast_dtype, resolve_device
 
 STREAMING_BYTES = 2 * 1024**3  # native-space probabilities above this: stream along z instead
 
@@ -74,6 +74,7 @@ class Predictor:
         label_map=None,
         amp: bool | None = None,
         ood_map: str | list[str] | tuple[str, ...] | None = None,
+        layout: str = "auto",
     ):
         """``source``: the model folder, so that errors name the file at fault. ``label_map``: a JSON
         file, dict or :class:`~medseg.inference.label_map.LabelMapping` mapping the model's labels onto
@@ -82,7 +83,9 @@ class Predictor:
         always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32.
         ``ood_map``: also give an OOD score map ``ood`` (:mod:`medseg.inference.ood`: ``maxquery`` for
         mask transformers, ``msp``, ``maxlogit``, ``entropy``; ``auto``: the model's default); a list
-        of names gives ``ood`` for the first and ``ood_<name>`` for each other, from one forward pass."""
+        of names gives ``ood`` for the first and ``ood_<name>`` for each other, from one forward pass.
+        ``layout``: auto | contiguous | channels_last (:mod:`medseg.execution`: with ``amp`` None and
+        ``auto`` the fastest precision and layout of this network on this CPU, measured once and cached)."""
         self.spec = spec
         self.task = get_task(spec.task, spec.num_classes, labels=dict(spec.labels))  # what the outputs mean
         if not self.task.sliding_window:
@@ -145,6 +148,8 @@ class Predictor:
             self.mirror_axes = tuple(self.conf.mirror_axes)
         if self.conf.numerics not in ("medseg", "nnunet"):
             raise CheckpointError(root / "model.json", f"unknown numerics '{self.conf.numerics}' (medseg or nnunet)")
+        self.execution = self._choose_execution(amp, layout)
+        self.models = [self.execution.prepare(m) for m in self.models]
 
     @property
     def ood_map(self) -> str | None:
@@ -155,7 +160,7 @@ class Predictor:
         """What decides a folder run's outputs: the weights (digest per fold), labels, model name and
         the options that change the result (see :mod:`medseg.inference.provenance`)."""
         extra = {k: json.loads(json.dumps(v, default=str)) for k, v in options.items() if v}
-        precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32"
+        precision = self.execution.precision
         return {
             "model": self.spec.model, "weights": self.weights_digest, "labels": self.labels, "tta": self.tta,
             "step": self.step, "precision": precision, "options": extra,
@@ -180,6 +185,22 @@ class Predictor:
         weights = {f: load_weights(folder / f"fold_{f}") for f in folds}
         return cls(spec, weights, source=folder, **kwargs)
 
+    def _choose_execution(self, amp, layout: str):
+        """Precision and layout of the networks (:func:`medseg.execution.choose_execution`), timed on
+        the first fold's network at the tile batch this predictor runs."""
+        from medseg.execution import choose_execution
+        from medseg.models.registry import get_entry
+
+        try:
+            fast = get_entry(self.spec.model).cpu_fast_path
+        except KeyError:
+            fast = False
+        example = (self.tile_batch, self.spec.in_channels, *self.conf.patch_size)
+        try:
+            return choose_execution(self.models[0], example, self.device, amp=amp, layout=layout, fast_path=fast)
+        except ValueError as exc:  # an unknown layout
+            raise MedsegError(None, str(exc)) from None
+
     # ------------------------------------------------------------------
     def _predict_tiles(self, x: torch.Tensor, **cond) -> dict[str, torch.Tensor]:
         """Named maps of a batch of tiles, averaged over the fold models (a 2d configuration's
@@ -188,10 +209,12 @@ class Predictor:
         if squeeze:
             x = x[:, :, 0]
         total: dict[str, torch.Tensor] = {}
-        with autocast_context(self.device, self.amp_dtype):
+        x = self.execution.input(x)
+        with self.execution.context(self.device):
             for m in self.models:
                 for name, y in self.task.outputs(m(x, **cond)).items():
-                    total[name] = y.float() if name not in total else total[name] + y.float()
+                    y = y.float().contiguous()
+                    total[name] = y if name not in total else total[name] + y
         return {k: (v / len(self.models))[:, :, None] if squeeze else v / len(self.models) for k, v in total.items()}
 
     @torch.inference_mode()
