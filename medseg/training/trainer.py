@@ -190,46 +190,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- transfer learning
     def _adopt_pretrained(self, pretrained, model_name: str, model_kwargs: dict) -> tuple[str, dict]:
-        """STU-Net-style fine-tuning: the network is the pretrained one (registry name and kwargs,
-        with --model-kwargs on top); only the class count comes from this dataset. With --model naming
-        another architecture, or a bare .safetensors file, the planned network is kept."""
-        from medseg.errors import CheckpointError
-        from medseg.training.transfer import adopted_kwargs
+        from medseg.training.transfer import adopt_pretrained
 
-        spec = pretrained.spec
-        if spec is None:
-            self.log(f"pretrained: {pretrained.source} has no model.json; keeping the planned {model_name} network")
-            return model_name, model_kwargs
-        n_in = len(self.plan.channel_names)
-        from medseg.training.transfer import repeats_grey
-
-        if spec.in_channels != n_in and not repeats_grey(self.cfg.model or spec.model, spec.in_channels, n_in):
-            raise CheckpointError(
-                pretrained.spec_path,
-                f"the pretrained model takes {spec.in_channels} input channel(s); "
-                f"dataset '{self.plan.dataset_name}' has {n_in}",
-            )
-        adopted = adopted_kwargs(spec, self.cfg.model, self.cfg.model_kwargs)
-        if adopted is None:
-            self.log(
-                f"pretrained: --model {self.cfg.model} differs from the pretrained '{spec.model}'; "
-                "building the planned network and copying the tensors that match"
-            )
-            return model_name, model_kwargs
-        name, kwargs = adopted
-        dims = int(kwargs.get("spatial_dims", spec.plan.configuration(spec.configuration).spatial_dims))
-        if dims != self.conf.spatial_dims:
-            raise CheckpointError(
-                pretrained.spec_path,
-                f"the pretrained model is {dims}D; configuration '{self.conf.name}' is {self.conf.spatial_dims}D",
-            )
-        shown = {k: kwargs[k] for k in ("features", "blocks_per_stage", "n_conv_per_stage") if k in kwargs}
-        self.log(
-            f"pretrained: adopting the '{name}' architecture of {pretrained.spec_path} {shown}"
-            f"{' with --model-kwargs ' + str(self.cfg.model_kwargs) if self.cfg.model_kwargs else ''}; "
-            f"{self.plan.num_classes} classes from this dataset (pretrained: {spec.num_classes})"
-        )
-        return name, kwargs
+        return adopt_pretrained(pretrained, model_name, model_kwargs, self.plan, self.conf, self.cfg, self.log)
 
     def _fit_patch_to(self, model_kwargs: dict, configuration: str) -> None:
         """Round the patch up to a multiple of the network's total stride per axis (logged)."""
@@ -250,19 +213,9 @@ class Trainer:
         self.plan = replace(self.plan, configurations={**self.plan.configurations, configuration: self.conf})
 
     def _load_pretrained(self, pretrained) -> None:
-        from medseg.errors import CheckpointError
-        from medseg.training.transfer import load_pretrained, read_pretrained_weights
+        from medseg.training.transfer import load_pretrained_logged
 
-        report = load_pretrained(self.model, read_pretrained_weights(pretrained.weights))
-        if report["loaded"] == 0:
-            raise CheckpointError(pretrained.weights, "no tensor matches the network's names and shapes")
-        skipped = report["skipped"]
-        prefixes = sorted({n.rsplit(".", 2)[0] for n in skipped})
-        detail = f" ({', '.join(prefixes[:6])}{', ...' if len(prefixes) > 6 else ''})" if skipped else ""
-        self.log(
-            f"pretrained {pretrained.source} (sha256 {pretrained.sha256[:12]}): loaded {report['loaded']} of "
-            f"{report['loaded'] + len(skipped)} tensors, re-initialised {len(skipped)}{detail}"
-        )
+        load_pretrained_logged(self.model, pretrained, self.log)
 
     def _set_encoder_frozen(self, frozen: bool) -> None:
         """--freeze-encoder-epochs: without DDP the encoder stops requiring gradients (no backward
