@@ -59,6 +59,44 @@ def _label_mapping(label_map, model_labels: dict[str, int]):
     return load_label_mapping(label_map, model_labels)
 
 
+def _ood_names(ood_map, task, model: str, source) -> tuple[str, ...]:
+    """The OOD score names asked for (``auto``: the task's default), checked against the model."""
+    if ood_map is None:
+        return ()
+    from medseg.inference.ood import check_ood_score, default_ood_score
+
+    names = [ood_map] if isinstance(ood_map, str) else list(ood_map)
+    try:
+        names = [default_ood_score(task) if n == "auto" else n for n in names]
+        return tuple(dict.fromkeys(check_ood_score(n, task, model) for n in names))
+    except ValueError as exc:
+        raise CheckpointError(source or model, str(exc)) from None
+
+
+def _build_net(spec: ModelSpec, fold: str, weights: dict, root: Path) -> torch.nn.Module:
+    """One fold's network from the spec and its weights; errors name model.json (the weights passed
+    their sha256 check, so a mismatch is the spec's)."""
+    try:
+        net = spec.build(deep_supervision=False)
+    except ImportError as exc:
+        raise CheckpointError(
+            root / "model.json", f"model '{spec.model}' needs a missing optional dependency ({exc})"
+        ) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        detail = str(exc).strip("'")[:200]  # KeyError quotes its message
+        raise CheckpointError(
+            root / "model.json", f"cannot build model '{spec.model}' from its spec ({detail})"
+        ) from None
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            root / "model.json",
+            f"weights in fold_{fold}/model.safetensors do not match the model spec ({_state_dict_mismatch(exc)})",
+        ) from None
+    return net
+
+
 class Predictor:
     def __init__(
         self,
@@ -93,46 +131,15 @@ class Predictor:
                 source or spec.model, f"is a {spec.task} model: segment with `{self.task.prompt_command}`"
             )
         self.mapping = _label_mapping(label_map, spec.labels)
-        self.ood_maps: tuple[str, ...] = ()
-        if ood_map is not None:
-            from medseg.inference.ood import check_ood_score, default_ood_score
-
-            names = [ood_map] if isinstance(ood_map, str) else list(ood_map)
-            try:
-                names = [default_ood_score(self.task) if n == "auto" else n for n in names]
-                self.ood_maps = tuple(dict.fromkeys(check_ood_score(n, self.task, spec.model) for n in names))
-            except ValueError as exc:
-                raise CheckpointError(source or spec.model, str(exc)) from None
+        self.ood_maps = _ood_names(ood_map, self.task, spec.model, source)
         self.plan = spec.plan
         self.conf = spec.plan.configuration(spec.configuration)
         self.device = resolve_device(device)
         self.amp_dtype = autocast_dtype(self.device, amp)
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.models = []
         root = Path(source) if source is not None else Path(".")
-        for fold, weights in fold_weights.items():
-            try:
-                net = spec.build(deep_supervision=False)
-            except ImportError as exc:
-                raise CheckpointError(
-                    root / "model.json", f"model '{spec.model}' needs a missing optional dependency ({exc})"
-                ) from None
-            except (KeyError, TypeError, ValueError) as exc:
-                detail = str(exc).strip("'")[:200]  # KeyError quotes its message
-                raise CheckpointError(
-                    root / "model.json", f"cannot build model '{spec.model}' from its spec ({detail})"
-                ) from None
-            try:
-                net.load_state_dict(weights)
-            except RuntimeError as exc:
-                # the weights passed their sha256 check, so model.json is the likelier culprit
-                raise CheckpointError(
-                    root / "model.json",
-                    f"weights in fold_{fold}/model.safetensors do not match "
-                    f"the model spec ({_state_dict_mismatch(exc)})",
-                ) from None
-            self.models.append(net.to(self.device).eval())
+        self.models = [_build_net(spec, fold, w, root).to(self.device).eval() for fold, w in fold_weights.items()]
         self.folds = list(fold_weights)
         self.weights_digest = weights_digest(fold_weights)
         if not 0 < step <= 1:
