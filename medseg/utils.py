@@ -83,3 +83,17 @@ def autocast_context(device, dtype):
 
     kind = getattr(device, "type", str(device))
     return torch.autocast(kind, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``; the platform's processor string elsewhere)."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as fh:
+            for line in fh:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()

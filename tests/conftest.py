@@ -18,6 +18,15 @@ SHARED_DATA = Path(os.environ.get("MEDSEG_SHARED_DATA", REPO.parent / "shared" /
 BUNDLED_DATA = REPO / "tests" / "fixtures"  # small real cases shipped with the repository
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _execution_cache(tmp_path_factory):
+    """Execution choices (medseg.execution) cached in the session's temporary folder, not in ~/.cache."""
+    import medseg.execution
+
+    medseg.execution.CACHE_FILE = tmp_path_factory.mktemp("execution") / "execution.json"
+    yield
+
+
 def real_data(name: str) -> Path:
     """``SHARED_DATA/name`` when the shared data are there, else the copy of a few of its cases in
     ``tests/fixtures/name`` (if the repository ships one); tests then ``require`` the files they use."""

@@ -47,9 +47,13 @@ def record_task_trainer(steps):
 
 
 @pytest.mark.realdata
-def test_same_seed_same_batches_losses_and_weights(tmp_path):
+def test_same_seed_same_batches_losses_and_weights(tmp_path, monkeypatch):
     require(HIPPO)
+    import make_seed_reference
     from make_seed_reference import run
+
+    # the recorded layout (medseg.execution would otherwise time channels-last too)
+    monkeypatch.setattr(make_seed_reference, "CONFIG", {**make_seed_reference.CONFIG, "layout": "contiguous"})
 
     ref = json.loads(REFERENCE.read_text())
     got = run(tmp_path, record_task_trainer)
@@ -66,5 +70,10 @@ def test_same_seed_same_batches_losses_and_weights(tmp_path):
     assert sorted(got["weights"]) == sorted(ref["weights"])
     for name, (s, sq) in ref["weights"].items():
         gs, gsq = got["weights"][name]
+        if sq < 1e-12:  # a conv bias right before an instance norm: its gradient is zero in exact
+            assert gsq < 1e-12, name  # arithmetic, so its values are rounding noise of the norm kernel
+            continue
         assert gsq == pytest.approx(sq, rel=1e-4, abs=1e-8), name
-        assert gs == pytest.approx(s, rel=1e-3, abs=1e-4 * max(sq, 1e-12) ** 0.5 * 10), name
+        # the sum of a signed tensor cancels: compared to 1 % of the tensor's norm (instance norm as a
+        # group-norm kernel moves it by up to 0.3 %; another batch or update moves it by ~100 %)
+        assert gs == pytest.approx(s, rel=1e-3, abs=1e-2 * max(sq, 1e-12) ** 0.5), name

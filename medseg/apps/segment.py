@@ -21,6 +21,7 @@ def run_predict(
     overwrite=False,
     label_map=None,
     amp=None,
+    layout="auto",
     conditions=None,
     case_conditions=None,
     ood_map=None,
@@ -45,7 +46,15 @@ def run_predict(
     check_output_apart(output, input)  # never write label maps over (or among) the input images
     output = check_writable_dir(output)  # created only once a case is predicted
     predictor = Predictor.from_folder(
-        model, folds, device=device, tta=tta, step=step, label_map=label_map, amp=amp, ood_map=ood_map
+        model,
+        folds,
+        device=device,
+        tta=tta,
+        step=step,
+        label_map=label_map,
+        amp=amp,
+        ood_map=ood_map,
+        layout=layout,
     )
     cases = cases_from_input(input, predictor.spec.in_channels)
     results = predictor.predict_cases(
@@ -91,6 +100,7 @@ def run_predict(
             **({"ood_map": list(predictor.ood_maps)} if predictor.ood_maps else {}),
             **({"label_map": {"file": str(label_map), "labels": labels}} if label_map is not None else {}),
             "device": str(predictor.device),
+            **predictor.execution.describe(),
             "seconds": round(elapsed, 2),
             "cases": results,
         },

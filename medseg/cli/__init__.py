@@ -24,6 +24,10 @@ app = typer.Typer(
 WS_HELP = "Workspace folder for preprocessed data and models (default: $MEDSEG_WORKSPACE or ./medseg_workspace)."
 DATASET_HELP = "Dataset folder (nnU-Net v2 raw layout: dataset.json, imagesTr/, labelsTr/)."
 DEVICE_HELP = "auto (CUDA if present, else CPU) | cpu | cuda | cuda:N."
+LAYOUT_HELP = (
+    "Memory layout of the network on CPUs: auto (measured once per machine and network, cached) | "
+    "contiguous | channels_last."
+)
 OVERWRITE_HELP = "Replace outputs that exist (without it, medseg refuses to write over them)."
 
 
@@ -189,6 +193,7 @@ def train(
     amp: bool | None = typer.Option(
         None, "--amp/--no-amp", help="Mixed precision (default: fp16 on CUDA, bf16 on CPUs with native bf16)."
     ),
+    layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
     time_budget: float | None = typer.Option(
         None, "--time-budget", help="Wall-clock minutes: --epochs becomes what fits, measured on the first epoch."
     ),
@@ -241,6 +246,7 @@ def train(
         seed=seed,
         num_threads=threads,
         amp=amp,
+        layout=layout,
         time_budget_minutes=time_budget,
         final_validation=not no_validation,
         model=model,
@@ -288,6 +294,7 @@ def predict(
     fp32: bool = typer.Option(
         False, "--fp32", help="Network in full fp32 (default: bf16 on CPUs with native bf16, fp16 on CUDA)."
     ),
+    layout: str = typer.Option("auto", "--layout", help=LAYOUT_HELP),
     label_map: Path | None = typer.Option(
         None,
         "--label-map",
@@ -337,6 +344,7 @@ def predict(
         overwrite=overwrite,
         label_map=label_map,
         amp=False if fp32 else None,
+        layout=layout,
         conditions=common,
         case_conditions=per_case,
         ood_map=(ood_score or ["auto"]) if ood_map else None,

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.errors import CheckpointError
+from medseg.errors import CheckpointError, MedsegError
 from medseg.inference.conditions import prepare_conditions, tile_conditions
 from medseg.inference.export import map_to_native, segmentation_from_logits, to_input_grid
 from medseg.inference.provenance import check_output_folder, record_output_folder, weights_digest
@@ -26,7 +26,7 @@ from medseg.io.image import ImageMeta, ensure_writable_dir, write_image
 from medseg.planning.ood import case_summary, ood_reasons, ood_warning
 from medseg.preprocessing.pipeline import preprocess_array
 from medseg.tasks import get_task
-from medseg.utils import autocast_context, autocast_dtype, resolve_device
+from medseg.utils import autocast_dtype, resolve_device
 
 STREAMING_BYTES = 2 * 1024**3  # native-space probabilities above this: stream along z instead
 
@@ -59,6 +59,44 @@ def _label_mapping(label_map, model_labels: dict[str, int]):
     return load_label_mapping(label_map, model_labels)
 
 
+def _ood_names(ood_map, task, model: str, source) -> tuple[str, ...]:
+    """The OOD score names asked for (``auto``: the task's default), checked against the model."""
+    if ood_map is None:
+        return ()
+    from medseg.inference.ood import check_ood_score, default_ood_score
+
+    names = [ood_map] if isinstance(ood_map, str) else list(ood_map)
+    try:
+        names = [default_ood_score(task) if n == "auto" else n for n in names]
+        return tuple(dict.fromkeys(check_ood_score(n, task, model) for n in names))
+    except ValueError as exc:
+        raise CheckpointError(source or model, str(exc)) from None
+
+
+def _build_net(spec: ModelSpec, fold: str, weights: dict, root: Path) -> torch.nn.Module:
+    """One fold's network from the spec and its weights; errors name model.json (the weights passed
+    their sha256 check, so a mismatch is the spec's)."""
+    try:
+        net = spec.build(deep_supervision=False)
+    except ImportError as exc:
+        raise CheckpointError(
+            root / "model.json", f"model '{spec.model}' needs a missing optional dependency ({exc})"
+        ) from None
+    except (KeyError, TypeError, ValueError) as exc:
+        detail = str(exc).strip("'")[:200]  # KeyError quotes its message
+        raise CheckpointError(
+            root / "model.json", f"cannot build model '{spec.model}' from its spec ({detail})"
+        ) from None
+    try:
+        net.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise CheckpointError(
+            root / "model.json",
+            f"weights in fold_{fold}/model.safetensors do not match the model spec ({_state_dict_mismatch(exc)})",
+        ) from None
+    return net
+
+
 class Predictor:
     def __init__(
         self,
@@ -74,6 +112,7 @@ class Predictor:
         label_map=None,
         amp: bool | None = None,
         ood_map: str | list[str] | tuple[str, ...] | None = None,
+        layout: str = "auto",
     ):
         """``source``: the model folder, so that errors name the file at fault. ``label_map``: a JSON
         file, dict or :class:`~medseg.inference.label_map.LabelMapping` mapping the model's labels onto
@@ -82,7 +121,9 @@ class Predictor:
         always fp32, see :func:`medseg.utils.autocast_dtype`); tiles are blended and exported in fp32.
         ``ood_map``: also give an OOD score map ``ood`` (:mod:`medseg.inference.ood`: ``maxquery`` for
         mask transformers, ``msp``, ``maxlogit``, ``entropy``; ``auto``: the model's default); a list
-        of names gives ``ood`` for the first and ``ood_<name>`` for each other, from one forward pass."""
+        of names gives ``ood`` for the first and ``ood_<name>`` for each other, from one forward pass.
+        ``layout``: auto | contiguous | channels_last (:mod:`medseg.execution`: with ``amp`` None and
+        ``auto`` the fastest precision and layout of this network on this CPU, measured once and cached)."""
         self.spec = spec
         self.task = get_task(spec.task, spec.num_classes, labels=dict(spec.labels))  # what the outputs mean
         if not self.task.sliding_window:
@@ -90,46 +131,15 @@ class Predictor:
                 source or spec.model, f"is a {spec.task} model: segment with `{self.task.prompt_command}`"
             )
         self.mapping = _label_mapping(label_map, spec.labels)
-        self.ood_maps: tuple[str, ...] = ()
-        if ood_map is not None:
-            from medseg.inference.ood import check_ood_score, default_ood_score
-
-            names = [ood_map] if isinstance(ood_map, str) else list(ood_map)
-            try:
-                names = [default_ood_score(self.task) if n == "auto" else n for n in names]
-                self.ood_maps = tuple(dict.fromkeys(check_ood_score(n, self.task, spec.model) for n in names))
-            except ValueError as exc:
-                raise CheckpointError(source or spec.model, str(exc)) from None
+        self.ood_maps = _ood_names(ood_map, self.task, spec.model, source)
         self.plan = spec.plan
         self.conf = spec.plan.configuration(spec.configuration)
         self.device = resolve_device(device)
         self.amp_dtype = autocast_dtype(self.device, amp)
         if num_threads:
             torch.set_num_threads(num_threads)
-        self.models = []
         root = Path(source) if source is not None else Path(".")
-        for fold, weights in fold_weights.items():
-            try:
-                net = spec.build(deep_supervision=False)
-            except ImportError as exc:
-                raise CheckpointError(
-                    root / "model.json", f"model '{spec.model}' needs a missing optional dependency ({exc})"
-                ) from None
-            except (KeyError, TypeError, ValueError) as exc:
-                detail = str(exc).strip("'")[:200]  # KeyError quotes its message
-                raise CheckpointError(
-                    root / "model.json", f"cannot build model '{spec.model}' from its spec ({detail})"
-                ) from None
-            try:
-                net.load_state_dict(weights)
-            except RuntimeError as exc:
-                # the weights passed their sha256 check, so model.json is the likelier culprit
-                raise CheckpointError(
-                    root / "model.json",
-                    f"weights in fold_{fold}/model.safetensors do not match "
-                    f"the model spec ({_state_dict_mismatch(exc)})",
-                ) from None
-            self.models.append(net.to(self.device).eval())
+        self.models = [_build_net(spec, fold, w, root).to(self.device).eval() for fold, w in fold_weights.items()]
         self.folds = list(fold_weights)
         self.weights_digest = weights_digest(fold_weights)
         if not 0 < step <= 1:
@@ -145,6 +155,8 @@ class Predictor:
             self.mirror_axes = tuple(self.conf.mirror_axes)
         if self.conf.numerics not in ("medseg", "nnunet"):
             raise CheckpointError(root / "model.json", f"unknown numerics '{self.conf.numerics}' (medseg or nnunet)")
+        self.execution = self._choose_execution(amp, layout)
+        self.models = [self.execution.prepare(m) for m in self.models]
 
     @property
     def ood_map(self) -> str | None:
@@ -155,7 +167,7 @@ class Predictor:
         """What decides a folder run's outputs: the weights (digest per fold), labels, model name and
         the options that change the result (see :mod:`medseg.inference.provenance`)."""
         extra = {k: json.loads(json.dumps(v, default=str)) for k, v in options.items() if v}
-        precision = str(self.amp_dtype).removeprefix("torch.") if self.amp_dtype else "float32"
+        precision = self.execution.precision
         return {
             "model": self.spec.model, "weights": self.weights_digest, "labels": self.labels, "tta": self.tta,
             "step": self.step, "precision": precision, "options": extra,
@@ -180,6 +192,22 @@ class Predictor:
         weights = {f: load_weights(folder / f"fold_{f}") for f in folds}
         return cls(spec, weights, source=folder, **kwargs)
 
+    def _choose_execution(self, amp, layout: str):
+        """Precision and layout of the networks (:func:`medseg.execution.choose_execution`), timed on
+        the first fold's network at the tile batch this predictor runs."""
+        from medseg.execution import choose_execution
+        from medseg.models.registry import get_entry
+
+        try:
+            fast = get_entry(self.spec.model).cpu_fast_path
+        except KeyError:
+            fast = False
+        example = (self.tile_batch, self.spec.in_channels, *self.conf.patch_size)
+        try:
+            return choose_execution(self.models[0], example, self.device, amp=amp, layout=layout, fast_path=fast)
+        except ValueError as exc:  # an unknown layout
+            raise MedsegError(None, str(exc)) from None
+
     # ------------------------------------------------------------------
     def _predict_tiles(self, x: torch.Tensor, **cond) -> dict[str, torch.Tensor]:
         """Named maps of a batch of tiles, averaged over the fold models (a 2d configuration's
@@ -188,10 +216,12 @@ class Predictor:
         if squeeze:
             x = x[:, :, 0]
         total: dict[str, torch.Tensor] = {}
-        with autocast_context(self.device, self.amp_dtype):
+        x = self.execution.input(x)
+        with self.execution.context(self.device):
             for m in self.models:
                 for name, y in self.task.outputs(m(x, **cond)).items():
-                    total[name] = y.float() if name not in total else total[name] + y.float()
+                    y = y.float().contiguous()
+                    total[name] = y if name not in total else total[name] + y
         return {k: (v / len(self.models))[:, :, None] if squeeze else v / len(self.models) for k, v in total.items()}
 
     @torch.inference_mode()

@@ -54,6 +54,9 @@ class ModelEntry:
     planner: PlannerHook | None = None  # lets `medseg plan --preset NAME` plan a configuration for it
     input_shape: tuple[int, ...] | None = None  # (C, *spatial) of a fixed-input model (e.g. SAM: 3, 256, 256)
     backbone: str | None = None  # a model built on another ("unet"): it takes that model's planned kwargs whole
+    # a plain CNN (convs, instance norms, pointwise ops): safe to run with weights pre-cast to bf16 and in
+    # channels-last layout (medseg.execution); models with fp32 islands or attention leave it False
+    cpu_fast_path: bool = False
 
     def available(self) -> dict[str, bool]:
         return {mod: importlib.util.find_spec(mod) is not None for mod in self.requires}
@@ -81,6 +84,7 @@ def register_model(
     planner: PlannerHook | None = None,
     input_shape: tuple[int, ...] | None = None,
     backbone: str | None = None,
+    cpu_fast_path: bool = False,
 ):
     """Register a builder under ``name``; see :class:`ModelEntry` for the fields. ``encoder`` and
     ``head`` name modules (``"encoder"``, ``"decoder.seg_layers"``); the generated model tests check
@@ -105,6 +109,7 @@ def register_model(
             planner=planner,
             input_shape=tuple(input_shape) if input_shape else None,
             backbone=backbone,
+            cpu_fast_path=cpu_fast_path,
         )
         return fn
 

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
+from medseg.models.norms import InstanceNorm2d, InstanceNorm3d
 from medseg.models.registry import PlannerHook, register_model
 from medseg.models.unet import check_transpose, permute_spatial, unpermute_spatial
 
@@ -58,9 +59,9 @@ _TEST_CONFIG = {
 
 def _ops(dim: int):
     if dim == 3:
-        return nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d, nn.AvgPool3d
+        return nn.Conv3d, nn.ConvTranspose3d, InstanceNorm3d, nn.AvgPool3d
     if dim == 2:
-        return nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d, nn.AvgPool2d
+        return nn.Conv2d, nn.ConvTranspose2d, InstanceNorm2d, nn.AvgPool2d
     raise ValueError(f"spatial_dims must be 2 or 3, got {dim}")
 
 
@@ -266,6 +267,7 @@ ENCODER, HEAD = ("encoder",), ("decoder.seg_layers",)  # dynamic-network-archite
     task="segmentation",
     encoder=ENCODER,
     head=HEAD,
+    cpu_fast_path=True,
 )
 def build_resenc(
     in_channels: int,
@@ -357,6 +359,7 @@ def _register_preset(name: str, label: str):
         task="segmentation",
         encoder=ENCODER,
         head=HEAD,
+        cpu_fast_path=True,
         memory_estimate=preset_memory_estimate(name),
         planner=PlannerHook(memory_gb=gb, model_kwargs=planned_kwargs),
     )

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from medseg.models.norms import InstanceNorm2d, InstanceNorm3d
 from medseg.models.registry import register_model
 
 # The official presets (STUNetTrainer_small/base/large/huge): widths per stage and blocks per stage.
@@ -44,9 +45,9 @@ _TEST_CONFIG = {
 
 def _ops(dim: int):
     if dim == 3:
-        return nn.Conv3d, nn.InstanceNorm3d
+        return nn.Conv3d, InstanceNorm3d
     if dim == 2:
-        return nn.Conv2d, nn.InstanceNorm2d
+        return nn.Conv2d, InstanceNorm2d
     raise ValueError(f"spatial_dims must be 2 or 3, got {dim}")
 
 
@@ -206,6 +207,7 @@ def _register(preset: str, label: str):
         task="segmentation",
         encoder=("conv_blocks_context",),
         head=("seg_outputs",),
+        cpu_fast_path=True,
     )
     def build(
         in_channels: int,

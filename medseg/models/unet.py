@@ -11,14 +11,15 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from medseg.models.norms import InstanceNorm2d, InstanceNorm3d
 from medseg.models.registry import register_model
 
 
 def _ops(dim: int):
     if dim == 3:
-        return nn.Conv3d, nn.ConvTranspose3d, nn.InstanceNorm3d
+        return nn.Conv3d, nn.ConvTranspose3d, InstanceNorm3d
     if dim == 2:
-        return nn.Conv2d, nn.ConvTranspose2d, nn.InstanceNorm2d
+        return nn.Conv2d, nn.ConvTranspose2d, InstanceNorm2d
     raise ValueError(f"spatial_dims must be 2 or 3, got {dim}")
 
 
@@ -180,6 +181,7 @@ def unet_topology(spatial_dims: int, features=None, strides=None, kernel_sizes=N
     task="segmentation",
     encoder=("encoder",),
     head=("heads",),
+    cpu_fast_path=True,
 )
 def build_unet(
     in_channels: int,

@@ -45,6 +45,7 @@ class TrainingConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool | None = None  # None: fp16 on CUDA, bf16 on CPUs with native bf16, else fp32 (utils.autocast_dtype)
     num_threads: int | None = None  # torch CPU threads; None: all cores
+    layout: str = "auto"  # CPU memory layout: auto (timed, medseg.execution) | contiguous | channels_last
     final_validation: bool = True  # after training, predict the fold's validation cases in native space
     model: str | None = None  # registry name; None: the plan's model
     model_kwargs: dict = field(default_factory=dict)  # overrides of the plan's model kwargs
@@ -66,6 +67,8 @@ class TrainingConfig:
                                  ("--checkpoint-every", self.checkpoint_every, 1)):  # fmt: skip
             if value is not None and value < low:
                 raise ValueError(f"{name} must be at least {low}, got {value}")
+        if self.layout not in ("auto", "contiguous", "channels_last"):  # medseg.execution.LAYOUTS
+            raise ValueError(f"--layout must be auto, contiguous or channels_last, got {self.layout!r}")
         if self.time_budget_minutes is not None and not self.time_budget_minutes > 0:
             raise ValueError(f"--time-budget must be a positive number of minutes, got {self.time_budget_minutes}")
         if self.initial_lr is not None and not self.initial_lr > 0:

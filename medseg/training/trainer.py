@@ -32,7 +32,7 @@ from medseg.training.config import TrainingConfig
 from medseg.training.losses import LOSSES
 from medseg.training.optim import WeightEMA, build_optimizer, set_learning_rate
 from medseg.training.schedules import SCHEDULES, poly_lr  # noqa: F401  (poly_lr: re-exported)
-from medseg.utils import autocast_context, autocast_dtype, resolve_device
+from medseg.utils import autocast_dtype, resolve_device
 
 STATE_FILE = "training_state.pt"
 
@@ -113,6 +113,8 @@ class Trainer:
         if pretrained:
             self._load_pretrained(pretrained)
         self._setup_optimisation()
+        self.batch_size = max(1, (config.batch_size or self.conf.batch_size) // self.dist.world_size)
+        self.execution = self._choose_execution()
         self.ddp_model = self.model
         if self.dist.enabled:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -121,7 +123,21 @@ class Trainer:
         self.history: list[dict] = []
         aniso = self.conf.anisotropic_axis is not None
         self.augment = config.augment_config(self.conf.spatial_dims, aniso)
-        self.batch_size = max(1, (config.batch_size or self.conf.batch_size) // self.dist.world_size)
+
+    def _choose_execution(self):
+        """Precision and layout of the training step (:mod:`medseg.execution`: fp32 master weights,
+        autocast as before; on CPUs the layout, and the precision unless set, timed on this network at
+        this batch once per machine). The model is converted to the chosen layout in place."""
+        from medseg.execution import choose_execution
+        from medseg.models.registry import get_entry
+
+        example = (self.batch_size, self.spec.in_channels, *self.conf.patch_size)
+        fast = get_entry(self.spec.model).cpu_fast_path
+        ex = choose_execution(self.model, example, self.device, amp=self.cfg.amp, layout=self.cfg.layout,
+                              training=True, fast_path=fast)  # fmt: skip
+        self.amp_dtype = None if ex.precision == "float32" else ex.dtype
+        ex.prepare(self.model)
+        return ex
 
     def _model_spec(self, model_name: str, model_kwargs: dict, configuration: str, pretrained) -> ModelSpec:
         """What model.json records: the network, the plan, the task and the recipe's registry names."""
@@ -174,46 +190,9 @@ class Trainer:
 
     # ---------------------------------------------------------------- transfer learning
     def _adopt_pretrained(self, pretrained, model_name: str, model_kwargs: dict) -> tuple[str, dict]:
-        """STU-Net-style fine-tuning: the network is the pretrained one (registry name and kwargs,
-        with --model-kwargs on top); only the class count comes from this dataset. With --model naming
-        another architecture, or a bare .safetensors file, the planned network is kept."""
-        from medseg.errors import CheckpointError
-        from medseg.training.transfer import adopted_kwargs
+        from medseg.training.transfer import adopt_pretrained
 
-        spec = pretrained.spec
-        if spec is None:
-            self.log(f"pretrained: {pretrained.source} has no model.json; keeping the planned {model_name} network")
-            return model_name, model_kwargs
-        n_in = len(self.plan.channel_names)
-        from medseg.training.transfer import repeats_grey
-
-        if spec.in_channels != n_in and not repeats_grey(self.cfg.model or spec.model, spec.in_channels, n_in):
-            raise CheckpointError(
-                pretrained.spec_path,
-                f"the pretrained model takes {spec.in_channels} input channel(s); "
-                f"dataset '{self.plan.dataset_name}' has {n_in}",
-            )
-        adopted = adopted_kwargs(spec, self.cfg.model, self.cfg.model_kwargs)
-        if adopted is None:
-            self.log(
-                f"pretrained: --model {self.cfg.model} differs from the pretrained '{spec.model}'; "
-                "building the planned network and copying the tensors that match"
-            )
-            return model_name, model_kwargs
-        name, kwargs = adopted
-        dims = int(kwargs.get("spatial_dims", spec.plan.configuration(spec.configuration).spatial_dims))
-        if dims != self.conf.spatial_dims:
-            raise CheckpointError(
-                pretrained.spec_path,
-                f"the pretrained model is {dims}D; configuration '{self.conf.name}' is {self.conf.spatial_dims}D",
-            )
-        shown = {k: kwargs[k] for k in ("features", "blocks_per_stage", "n_conv_per_stage") if k in kwargs}
-        self.log(
-            f"pretrained: adopting the '{name}' architecture of {pretrained.spec_path} {shown}"
-            f"{' with --model-kwargs ' + str(self.cfg.model_kwargs) if self.cfg.model_kwargs else ''}; "
-            f"{self.plan.num_classes} classes from this dataset (pretrained: {spec.num_classes})"
-        )
-        return name, kwargs
+        return adopt_pretrained(pretrained, model_name, model_kwargs, self.plan, self.conf, self.cfg, self.log)
 
     def _fit_patch_to(self, model_kwargs: dict, configuration: str) -> None:
         """Round the patch up to a multiple of the network's total stride per axis (logged)."""
@@ -234,19 +213,9 @@ class Trainer:
         self.plan = replace(self.plan, configurations={**self.plan.configurations, configuration: self.conf})
 
     def _load_pretrained(self, pretrained) -> None:
-        from medseg.errors import CheckpointError
-        from medseg.training.transfer import load_pretrained, read_pretrained_weights
+        from medseg.training.transfer import load_pretrained_logged
 
-        report = load_pretrained(self.model, read_pretrained_weights(pretrained.weights))
-        if report["loaded"] == 0:
-            raise CheckpointError(pretrained.weights, "no tensor matches the network's names and shapes")
-        skipped = report["skipped"]
-        prefixes = sorted({n.rsplit(".", 2)[0] for n in skipped})
-        detail = f" ({', '.join(prefixes[:6])}{', ...' if len(prefixes) > 6 else ''})" if skipped else ""
-        self.log(
-            f"pretrained {pretrained.source} (sha256 {pretrained.sha256[:12]}): loaded {report['loaded']} of "
-            f"{report['loaded'] + len(skipped)} tensors, re-initialised {len(skipped)}{detail}"
-        )
+        load_pretrained_logged(self.model, pretrained, self.log)
 
     def _set_encoder_frozen(self, frozen: bool) -> None:
         """--freeze-encoder-epochs: without DDP the encoder stops requiring gradients (no backward
@@ -285,7 +254,7 @@ class Trainer:
         tmp = self.fold_dir / f".{STATE_FILE}.part"
         torch.save(state, tmp)
         os.replace(tmp, self.fold_dir / STATE_FILE)
-        info = {"epoch": epoch, "fold": str(self.fold)}
+        info = {"epoch": epoch, "fold": str(self.fold), "execution": self.execution.name}
         if self.spec.pretrained:
             info["pretrained"] = self.spec.pretrained
         if self.ema is not None:
@@ -333,7 +302,8 @@ class Trainer:
         return self.task.make_batch(sampler.sample(), self.device, self.conf.patch_size, augment, g)
 
     def _forward_loss(self, batch: Batch, model=None):
-        with autocast_context(self.device, self.amp_dtype):
+        batch = dataclasses.replace(batch, image=self.execution.input(batch.image))
+        with self.execution.context(self.device):
             out = self.task.forward(model or self.ddp_model, batch)
         # the loss (softmax, Dice sums, cross-entropy) in float32 whatever the network ran in
         out = _to_float(out)
@@ -445,7 +415,9 @@ class Trainer:
             distributed.teardown(self.dist)
             return self.history
         sampler, val_sampler = self._samplers()
-        precision = f"{str(self.amp_dtype).removeprefix('torch.')} autocast" if self.amp_dtype else "fp32"
+        precision = self.execution.name + (
+            f", chosen by {self.execution.chosen_by}" if self.device.type == "cpu" else ""
+        )
         self.log(
             f"training {self.spec.model} ({sum(p.numel() for p in self.model.parameters()) / 1e6:.2f}M params, "
             f"task {self.task.name}) config {self.conf.name} fold {self.fold}: patch {list(self.conf.patch_size)}, "

@@ -192,3 +192,54 @@ def encoder_parameters(model: torch.nn.Module, model_name: str | None = None) ->
             "--freeze-encoder-epochs cannot tell its encoder"
         )
     return params
+
+
+def adopt_pretrained(pretrained, model_name: str, model_kwargs: dict, plan, conf, cfg, log) -> tuple[str, dict]:
+    """STU-Net-style fine-tuning: the network is the pretrained one (registry name and kwargs,
+    with --model-kwargs on top); only the class count comes from this dataset. With --model naming
+    another architecture, or a bare .safetensors file, the planned network is kept."""
+    spec = pretrained.spec
+    if spec is None:
+        log(f"pretrained: {pretrained.source} has no model.json; keeping the planned {model_name} network")
+        return model_name, model_kwargs
+    n_in = len(plan.channel_names)
+    if spec.in_channels != n_in and not repeats_grey(cfg.model or spec.model, spec.in_channels, n_in):
+        raise CheckpointError(
+            pretrained.spec_path,
+            f"the pretrained model takes {spec.in_channels} input channel(s); dataset '{plan.dataset_name}' has {n_in}",
+        )
+    adopted = adopted_kwargs(spec, cfg.model, cfg.model_kwargs)
+    if adopted is None:
+        log(
+            f"pretrained: --model {cfg.model} differs from the pretrained '{spec.model}'; "
+            "building the planned network and copying the tensors that match"
+        )
+        return model_name, model_kwargs
+    name, kwargs = adopted
+    dims = int(kwargs.get("spatial_dims", spec.plan.configuration(spec.configuration).spatial_dims))
+    if dims != conf.spatial_dims:
+        raise CheckpointError(
+            pretrained.spec_path,
+            f"the pretrained model is {dims}D; configuration '{conf.name}' is {conf.spatial_dims}D",
+        )
+    shown = {k: kwargs[k] for k in ("features", "blocks_per_stage", "n_conv_per_stage") if k in kwargs}
+    log(
+        f"pretrained: adopting the '{name}' architecture of {pretrained.spec_path} {shown}"
+        f"{' with --model-kwargs ' + str(cfg.model_kwargs) if cfg.model_kwargs else ''}; "
+        f"{plan.num_classes} classes from this dataset (pretrained: {spec.num_classes})"
+    )
+    return name, kwargs
+
+
+def load_pretrained_logged(model: torch.nn.Module, pretrained, log) -> None:
+    """--pretrained: copy the matching tensors of ``pretrained`` (a PretrainedSource) into ``model``, logged."""
+    report = load_pretrained(model, read_pretrained_weights(pretrained.weights))
+    if report["loaded"] == 0:
+        raise CheckpointError(pretrained.weights, "no tensor matches the network's names and shapes")
+    skipped = report["skipped"]
+    prefixes = sorted({n.rsplit(".", 2)[0] for n in skipped})
+    detail = f" ({', '.join(prefixes[:6])}{', ...' if len(prefixes) > 6 else ''})" if skipped else ""
+    log(
+        f"pretrained {pretrained.source} (sha256 {pretrained.sha256[:12]}): loaded {report['loaded']} of "
+        f"{report['loaded'] + len(skipped)} tensors, re-initialised {len(skipped)}{detail}"
+    )
