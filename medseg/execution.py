@@ -133,7 +133,15 @@ def choose_execution(
     cached = _read_cache(cache).get(key)
     if cached:
         return Execution(**{**cached, "chosen_by": "cache"})
-    timings = {c.name: _time_or_inf(c, net, example, device, training, cond or {}) for c in cands}
+    timed = []
+    for c in cands:
+        t = _time_or_inf(c, net, example, device, training, cond or {})
+        if t == float("inf") and c.precast:  # e.g. no bf16 kernel for an op: autocast runs it in fp32
+            c = replace(c, precast=False)
+            t = _time_or_inf(c, net, example, device, training, cond or {})
+        timed.append((c, t))
+    cands = [c for c, _ in timed]
+    timings = {c.name: t for c, t in timed}
     best = min(cands, key=lambda c: timings[c.name])
     if timings[best.name] == float("inf"):  # nothing ran: let the default path raise its own error
         fallback = next((c for c in cands if c.precision == "float32" and c.layout == "contiguous"), cands[0])

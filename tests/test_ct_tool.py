@@ -191,8 +191,9 @@ def test_imported_model_agrees_with_nnunet_predict_on_ct(model):
     from medseg.inference.predictor import Predictor
 
     # fp32: this checks the import's numerics; the barely trained fixture's logits are so close between
-    # classes that bf16 rounding (medseg's default on CPUs with native bf16) moves whole small structures
-    predictor = Predictor.from_folder(model, device="cpu", amp=False)
+    # classes that bf16 rounding (medseg's default on CPUs with native bf16) moves whole small structures;
+    # contiguous: nnU-Net's layout (channels-last fp32 rounds differently enough to move them too)
+    predictor = Predictor.from_folder(model, device="cpu", amp=False, layout="contiguous")
     for case in ("ts_ct_example", "ts_ct_dicomseries"):
         image, meta = read_image(TS / "ct_total" / "imagesTr" / f"{case}_0000.nii.gz")
         ours = predictor.predict_array(image[None].astype(np.float32), meta)[0]

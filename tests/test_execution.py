@@ -82,7 +82,9 @@ def test_choice_is_the_fastest_measured_and_cached(monkeypatch, tmp_path):
     fake = {"bfloat16 pre-cast contiguous": 0.3, "bfloat16 pre-cast channels_last": 0.1,
             "float32 contiguous": 0.5, "float32 channels_last": float("inf")}  # fmt: skip
     calls = []
-    monkeypatch.setattr(execution, "_time_or_inf", lambda ex, *a: calls.append(ex.name) or fake[ex.name])
+    monkeypatch.setattr(
+        execution, "_time_or_inf", lambda ex, *a: calls.append(ex.name) or fake.get(ex.name, float("inf"))
+    )
     cache = tmp_path / "execution.json"
     net = _net()
     ex = choose_execution(net, (1, 1, 16, 16, 16), CPU, fast_path=True, cache=cache)
@@ -96,6 +98,10 @@ def test_choice_is_the_fastest_measured_and_cached(monkeypatch, tmp_path):
     assert other.chosen_by == "benchmark" and len(calls) == 8
     cache.write_text("{not json")  # a damaged cache is re-measured, not an error
     assert choose_execution(net, (1, 1, 16, 16, 16), CPU, fast_path=True, cache=cache).chosen_by == "benchmark"
+    fake.update({"bfloat16 pre-cast contiguous": float("inf"), "bfloat16 pre-cast channels_last": float("inf"),
+                 "bfloat16 autocast channels_last": 0.2})  # no bf16 kernel for an op (ResEnc's avg_pool3d)  # fmt: skip
+    fallback = choose_execution(net, (4, 1, 16, 16, 16), CPU, fast_path=True, cache=False)
+    assert (fallback.name, fallback.precast) == ("bfloat16 autocast channels_last", False)  # autocast runs it
     for name in fake:
         fake[name] = float("inf")  # nothing runs: the default path, whose own error a user would see
     none = choose_execution(net, (3, 1, 16, 16, 16), CPU, fast_path=True, cache=False)

@@ -70,10 +70,5 @@ def test_same_seed_same_batches_losses_and_weights(tmp_path, monkeypatch):
     assert sorted(got["weights"]) == sorted(ref["weights"])
     for name, (s, sq) in ref["weights"].items():
         gs, gsq = got["weights"][name]
-        if sq < 1e-12:  # a conv bias right before an instance norm: its gradient is zero in exact
-            assert gsq < 1e-12, name  # arithmetic, so its values are rounding noise of the norm kernel
-            continue
         assert gsq == pytest.approx(sq, rel=1e-4, abs=1e-8), name
-        # the sum of a signed tensor cancels: compared to 1 % of the tensor's norm (instance norm as a
-        # group-norm kernel moves it by up to 0.3 %; another batch or update moves it by ~100 %)
-        assert gs == pytest.approx(s, rel=1e-3, abs=1e-2 * max(sq, 1e-12) ** 0.5), name
+        assert gs == pytest.approx(s, rel=1e-3, abs=1e-4 * max(sq, 1e-12) ** 0.5 * 10), name
