@@ -108,6 +108,7 @@ def test_choice_is_the_fastest_measured_and_cached(monkeypatch, tmp_path):
     assert (none.name, none.chosen_by) == ("float32 contiguous", "rule")
 
 
+@pytest.mark.execution_timing
 def test_real_timing_leaves_the_network_unchanged():
     net = _net()
     before = {k: v.clone() for k, v in net.state_dict().items()}
