@@ -235,3 +235,16 @@ def test_chunked_coarse_pass_matches_without_dropout():
     with torch.no_grad():
         a = _imedsam().eval().decode(emb, BOXES, (30, 41), chunk=97)
     assert a.shape == (2, 1, 30, 41) and torch.isfinite(a).all()
+
+
+def test_points_render_what_the_grid_renders_at_the_pixel_centres():
+    from medseg.models.sam.imedsam import pixel_coords
+
+    model = _imedsam(dropout=0.0).eval()  # no MC dropout: the coarse pass is a plain function of the point
+    grid = pixel_coords((37, 53), (0.8, 0.6))
+    idx = torch.randperm(37 * 53, generator=torch.Generator().manual_seed(0))[:50]
+    with torch.no_grad():
+        full = model(_images(), boxes=BOXES, output_size=(37, 53), extent=(0.8, 0.6), return_all=True)
+        pts = model(_images(), boxes=BOXES, extent=(0.8, 0.6), points=grid[idx], return_all=True)
+    assert pts.coarse.shape == pts.logits.shape == (2, 1, 50, 1)
+    assert torch.allclose(pts.coarse[:, 0, :, 0], full.coarse.flatten(1)[:, idx], atol=1e-5)

@@ -213,3 +213,43 @@ def test_fine_tuning_starts_from_the_real_litemedsam_weights(workspace, tmp_path
     grey = torch.rand(1, 1, 256, 256)
     with torch.no_grad():
         assert torch.equal(net.embed(grey), net.embed(grey.expand(-1, 3, -1, -1)))
+
+
+def test_resolution_free_training_renders_random_points_with_their_pixel_labels():
+    from medseg.models import create_model
+    from medseg.tasks import Batch
+    from medseg.training.losses import LOSSES
+
+    net = create_model("imedsam", 1, 1, **tiny("imedsam")).train()
+    seen = {}
+
+    def spy(module, args, kwargs):
+        seen.update(kwargs)
+
+    net.register_forward_pre_hook(spy, with_kwargs=True)
+    target = torch.zeros(2, 1, 48, 40, dtype=torch.int64)
+    target[..., :20] = 1  # the left half of the patch
+    batch = Batch(torch.rand(2, 1, 48, 40), target, {"boxes": torch.tensor([[0.0, 0, 39, 47]] * 2)})
+    torch.manual_seed(0)
+    out = get_task("prompt_segmentation", 2, train_points=300).forward(net, batch)
+    assert out["logits"].shape == out["coarse_logits"].shape == out["point_target"].shape == (2, 1, 300, 1)
+    points, extent = seen["points"], seen["extent"]  # frame fractions; the patch covers `extent` of the frame
+    assert extent[0] == 1.0 and extent[1] == pytest.approx(40 / 48, abs=0.01) and points.shape == (300, 2)
+    left = points[:, 0] / extent[1] < 0.5
+    assert 0 < left.sum() < 300 and torch.equal(out["point_target"][:, 0, :, 0], left.long().expand(2, -1))
+    loss = LOSSES.get("prompt_dice_bce")(out, batch, TrainingConfig())  # supervised at the points
+    loss.backward()
+    assert torch.isfinite(loss) and net.implicit_decoder.fine[0][0].weight.grad.abs().sum() > 0
+    net.eval()  # validation renders the whole patch
+    assert get_task("prompt_segmentation", 2, train_points=300).forward(net, batch)["logits"].shape == (2, 1, 48, 40)
+
+
+def test_task_options_are_checked_by_name():
+    with pytest.raises(ValueError, match="unknown option.*train_pts.*known: bbox_shift, train_points"):
+        TrainingConfig(task="prompt_segmentation", task_options={"train_pts": 100}).check()
+    with pytest.raises(ValueError, match="needs --task"):
+        TrainingConfig(task_options={"train_points": 100}).check()
+    TrainingConfig(task="prompt_segmentation", task_options={"train_points": 100}).check()
+    with pytest.raises(ValueError, match="for task segmentation .known: none"):
+        get_task("segmentation", 3, train_points=5)
+    assert TrainingConfig(task_options={"train_points": 1}).recipe()["task_options"] == {"train_points": 1}

@@ -187,6 +187,9 @@ def train(
     param_groups: str | None = typer.Option(
         None, help='JSON list of per-group LR scales, e.g. \'[{"prefix": "encoder.", "lr_scale": 0.1}]\'.'
     ),
+    task_options: str | None = typer.Option(
+        None, help="JSON object of the task's own options, e.g. '{\"train_points\": 8192}' (docs/cli.md)."
+    ),
     device: str = typer.Option("auto", help=DEVICE_HELP),
     seed: int = typer.Option(0, help="Random seed (patches, augmentation, initialisation)."),
     threads: int | None = typer.Option(None, help="CPU threads for torch."),
@@ -223,6 +226,7 @@ def train(
     try:
         overrides = json_value(model_kwargs, "--model-kwargs", dict) if model_kwargs else {}
         groups = json_value(param_groups, "--param-groups", list) if param_groups else []
+        options = json_value(task_options, "--task-options", dict) if task_options else {}
     except ValueError as exc:
         _fail(str(exc))
     cfg = TrainingConfig(
@@ -242,6 +246,7 @@ def train(
         weight_decay=weight_decay,
         ema_decay=ema_decay,
         param_groups=groups,
+        task_options=options,
         device=device,
         seed=seed,
         num_threads=threads,

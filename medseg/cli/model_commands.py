@@ -1,5 +1,6 @@
 """The commands about model folders and the registry: ``export-model``, ``import-nnunet``,
-``convert-msd`` (a dataset converter, kept with the other importer) and ``models``."""
+``convert-msd`` (a dataset converter, kept with the other importer), ``models`` and
+``crossval``."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from medseg.cli import OVERWRITE_HELP, _input_output, app
+from medseg.cli import DEVICE_HELP, OVERWRITE_HELP, _input_output, app
 
 
 @app.command("export-model")
@@ -171,3 +172,42 @@ def _measure_at_patch(name: str, patch, in_channels: int, num_classes: int):
             raise
     kw = {"strides": strides, **({"kernel_sizes": kernels} if accepted_kwargs(name, ("kernel_sizes",)) else {})}
     return measure(name, patch, in_channels=in_channels, num_classes=num_classes, **kw), "planned"
+
+
+@app.command("crossval")
+def crossval(
+    model: Path = typer.Option(..., "-m", "--model", help="Model folder with its numbered folds (fold_0 ... fold_4)."),
+    dataset: Path = typer.Argument(..., help="The dataset the folds were trained on (its labelsTr is the reference)."),
+    splits: Path | None = typer.Option(
+        None, "--splits", help="splits_final.json: predict the validation cases of folds that have none."
+    ),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Output folder (default: MODEL/crossval)."),
+    postprocessing: bool = typer.Option(
+        True, "--postprocessing/--no-postprocessing", help="Also choose largest-component postprocessing per label."
+    ),
+    nsd_tolerance: float = typer.Option(1.0, help="Surface-Dice tolerance in mm."),
+    device: str = typer.Option("auto", help=DEVICE_HELP),
+    overwrite: bool = typer.Option(False, "--overwrite", help=OVERWRITE_HELP),
+):
+    """Cross-validation: every case predicted by the fold that did not train on it, evaluated as one set."""
+    from medseg.evaluation.crossval import cross_validate
+    from medseg.evaluation.report import metrics_summary_lines
+    from medseg.outputs import check_new_outputs
+
+    out = output or model / "crossval"
+    check_new_outputs([out / "summary.json", out / "summary.csv"], overwrite=overwrite)
+    s = cross_validate(model, dataset, splits=splits, output=out, postprocessing=postprocessing,
+                       nsd_tolerance_mm=nsd_tolerance, device=device)  # fmt: skip
+    folds = ", ".join(f"fold {f}: {n}" for f, n in s["folds"].items())
+    print(f"cross-validation of {s['num_cases']} cases ({folds})")
+    for line in metrics_summary_lines(s):
+        print(line)
+    if s["missing_cases"]:
+        print(
+            f"warning: {len(s['missing_cases'])} reference case(s) in no fold's validation, e.g. {s['missing_cases'][0]}"
+        )
+    if "postprocessing" in s:
+        kept = s["postprocessing"]["largest_component"]
+        print("postprocessing: keep the largest component of labels " + ", ".join(map(str, kept)) if kept
+              else "postprocessing: none raises a class's Dice (keeping the largest component changes nothing or less)")  # fmt: skip
+    print(f"written {out / 'summary.json'}")

@@ -67,6 +67,7 @@ class Task:
     initial_lr = 1e-2
     weight_decay = 3e-5
     sliding_window = True  # False: not tiled by the Predictor (prompt models: ``prompt_command``)
+    option_names: tuple[str, ...] = ()  # what ``--task-options`` may set for this task
     prompt_command = ""
 
     def __init__(self, num_classes: int, **options):
@@ -106,7 +107,13 @@ class Task:
 
 def get_task(name: str, num_classes: int, **options) -> Task:
     """An instance of the registered task ``name`` (its ``name`` is the registry's, also for a
-    subclass of another task)."""
-    task = TASKS.get(name)(num_classes, **options)
+    subclass of another task). ``options`` other than ``labels`` must be in the task's
+    ``option_names`` (ValueError otherwise: a misspelt option is never silently ignored)."""
+    cls = TASKS.get(name)
+    unknown = sorted(set(options) - {"labels", *cls.option_names})
+    if unknown:
+        known = ", ".join(cls.option_names) or "none"
+        raise ValueError(f"--task-options: unknown option(s) {', '.join(unknown)} for task {name} (known: {known})")
+    task = cls(num_classes, **options)
     task.name = name
     return task

@@ -31,6 +31,7 @@ class TrainingConfig:
     betas: tuple[float, float] = (0.9, 0.999)  # Adam/AdamW
     # per-group learning rates: [{"prefix": "encoder.", "lr_scale": 0.1}, {"match": "adapter", "lr_scale": 10}]
     param_groups: list = field(default_factory=list)
+    task_options: dict = field(default_factory=dict)  # the task's own options (Task.option_names), e.g. train_points
     ema_decay: float | None = None  # EMA of the weights (e.g. 0.999); the averaged weights are exported
     poly_exponent: float = 0.9
     warmup_epochs: int = 0  # linear LR warm-up (useful when fine-tuning)
@@ -75,6 +76,18 @@ class TrainingConfig:
             raise ValueError(f"--lr must be positive, got {self.initial_lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
+        if self.task_options:
+            from medseg.tasks import TASKS
+
+            if self.task is None:
+                raise ValueError("--task-options needs --task (the task whose options they are)")
+            known = TASKS.get(self.task).option_names if self.task in TASKS else ()
+            unknown = sorted(set(self.task_options) - set(known))
+            if unknown and self.task in TASKS:
+                raise ValueError(
+                    f"--task-options: unknown option(s) {', '.join(unknown)} for task {self.task} "
+                    f"(known: {', '.join(known) or 'none'})"
+                )
         from medseg.augment.presets import AUGMENTATIONS
         from medseg.tasks import TASKS
         from medseg.training.losses import LOSSES
@@ -100,7 +113,8 @@ class TrainingConfig:
     def recipe(self) -> dict:
         """The named choices a model was trained with (recorded in model.json)."""
         keys = ("task", "loss", "optimizer", "schedule", "initial_lr", "ema_decay", "augmentation", "param_groups")
-        return {k: getattr(self, k) for k in keys}
+        extra = {"task_options": self.task_options} if self.task_options else {}
+        return {**{k: getattr(self, k) for k in keys}, **extra}
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 
@@ -106,7 +108,10 @@ def dice_bce(prediction, batch, cfg) -> torch.Tensor:
 @register_loss("prompt_dice_bce")
 def prompt_dice_bce(prediction, batch, cfg) -> torch.Tensor:
     """``dice_bce`` on the mask logits, plus the same on ``coarse_logits`` when the model gives them:
-    I-MedSAM supervises its coarse and its refined prediction alike (loss = L_fine + L_coarse)."""
+    I-MedSAM supervises its coarse and its refined prediction alike (loss = L_fine + L_coarse).
+    A ``point_target`` in the prediction (a decoder rendered at sampled points) replaces the target."""
+    if isinstance(prediction, dict) and "point_target" in prediction:
+        batch = dataclasses.replace(batch, target=prediction["point_target"])
     loss = dice_bce(prediction, batch, cfg)
     if isinstance(prediction, dict) and "coarse_logits" in prediction:
         loss = loss + dice_bce(prediction["coarse_logits"], batch, cfg)

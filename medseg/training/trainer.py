@@ -102,7 +102,9 @@ class Trainer:
             pretrained = resolve_pretrained(config.pretrained)
             model_name, model_kwargs = self._adopt_pretrained(pretrained, model_name, model_kwargs)
         self._fit_patch_to(model_kwargs, configuration)
-        self.task = get_task(self._task_name(model_name), self.plan.num_classes, labels=dict(self.plan.labels))
+        self.task = get_task(
+            self._task_name(model_name), self.plan.num_classes, labels=dict(self.plan.labels), **config.task_options
+        )
         self.cfg = config = self.cfg.with_task_defaults(self.task)  # optimizer / lr / weight decay left None
         self.loss_fn = LOSSES.get(config.loss or self.task.loss_name)
         self.schedule = SCHEDULES.get(config.schedule)

@@ -216,10 +216,9 @@ class ImplicitDecoder(nn.Module):
             nn.Linear(hidden // 2, 1),
         )
 
-    def pixel_features(self, upscaled: torch.Tensor, pe_layer: nn.Module, size, extent) -> torch.Tensor:
-        """(P, N, in_dim) features of the N = H*W output pixels."""
+    def pixel_features(self, upscaled: torch.Tensor, pe_layer: nn.Module, coords: torch.Tensor) -> torch.Tensor:
+        """(P, N, in_dim) features at N (x, y) points ``coords`` (N, 2) in [0, 1] frame units."""
         p = upscaled.shape[0]
-        coords = pixel_coords(size, extent, upscaled.device)  # (N, 2)
         grid = (2 * coords - 1).to(upscaled.dtype).view(1, 1, -1, 2).expand(p, -1, -1, -1)
         feats = F.grid_sample(upscaled, grid, mode="bilinear", padding_mode="border", align_corners=False)
         feats = feats.squeeze(2).transpose(1, 2)  # (P, N, feat_dim)
@@ -243,11 +242,15 @@ class ImplicitDecoder(nn.Module):
         size: tuple[int, int],
         extent: tuple[float, float] = (1.0, 1.0),
         chunk: int | None = None,
+        points: torch.Tensor | None = None,
     ) -> ImplicitOutput:
         """``chunk``: run the coarse MLP over at most this many pixels at a time (large outputs at inference;
-        the selection still ranks all pixels of a prompt together)."""
-        h, w = size
-        feats = self.pixel_features(upscaled, pe_layer, size, extent)
+        the selection still ranks all pixels of a prompt together). ``points``: (N, 2) x/y frame
+        coordinates in [0, 1] to render instead of the ``size`` grid (training on sampled points);
+        the outputs are then (P, 1, N, 1)."""
+        h, w = size if points is None else (points.shape[0], 1)
+        coords = pixel_coords(size, extent, upscaled.device) if points is None else points.to(upscaled.device)
+        feats = self.pixel_features(upscaled, pe_layer, coords.float())
         gen = None
         if not self.training:
             gen = torch.Generator(device=feats.device).manual_seed(self.mc_seed)
@@ -372,13 +375,15 @@ class IMedSAM(nn.Module):
         extent: tuple[float, float] = (1.0, 1.0),
         return_all: bool = False,
         chunk: int | None = None,
+        points: torch.Tensor | None = None,
     ):
         """Logits (P, 1, H, W) for P box prompts on one embedding (1, C, h, w), or on P embeddings.
 
         ``boxes``: (P, 4) x0 y0 x1 y1 in input pixels (as LiteMedSAM). ``output_size`` (H, W) defaults to
         the input frame (S, S); the grid covers the top-left ``extent`` (rows, cols) fraction of the
         frame, e.g. the unpadded part of a resized image. ``return_all``: an :class:`ImplicitOutput`.
-        ``chunk``: pixels per coarse-MLP pass (bounds the memory of large outputs at inference)."""
+        ``chunk``: pixels per coarse-MLP pass (bounds the memory of large outputs at inference).
+        ``points``: (N, 2) x/y frame coordinates in [0, 1] rendered instead of a grid: (P, 1, N, 1)."""
         prompt = self.base.prompt_encoder
         sparse, dense = prompt(boxes=boxes)
         if sparse.shape[0] == 1 and embedding.shape[0] > 1:  # no prompt: one empty prompt per embedding
@@ -388,7 +393,7 @@ class IMedSAM(nn.Module):
         pe = prompt.dense_pe().to(dtype)
         _, _, feats = self.base.mask_decoder(embedding, pe, sparse.to(dtype), dense.to(dtype), return_features=True)
         size = tuple(output_size) if output_size is not None else (self.img_size, self.img_size)
-        out = self.implicit_decoder(feats["upscaled"], prompt.pe_layer, size, extent, chunk)
+        out = self.implicit_decoder(feats["upscaled"], prompt.pe_layer, size, extent, chunk, points)
         return out if return_all else out.logits
 
     def forward(
@@ -398,13 +403,14 @@ class IMedSAM(nn.Module):
         output_size: tuple[int, int] | None = None,
         return_all: bool = False,
         extent: tuple[float, float] = (1.0, 1.0),
+        points: torch.Tensor | None = None,
     ):
         """Training form: one box per image, (B, 1, H, W) logits (``output_size`` default: the image's);
-        ``extent`` as in :meth:`decode` (the part of the square input an image resized into it covers)."""
+        ``extent`` as in :meth:`decode` (the part of the square input an image resized into it covers);
+        ``points`` (N, 2): render only these frame points, (B, 1, N, 1)."""
         size = tuple(output_size) if output_size is not None else tuple(image.shape[-2:])
-        return self.decode(
-            self.embed(image), boxes.reshape(-1, 4) if boxes is not None else None, size, extent, return_all
-        )
+        boxes = boxes.reshape(-1, 4) if boxes is not None else None
+        return self.decode(self.embed(image), boxes, size, extent, return_all, points=points)
 
     @torch.no_grad()
     def for_inference(self) -> IMedSAM:
