@@ -330,3 +330,20 @@ def test_a_fine_tuned_prompt_model_folder_segments_through_the_sam_predictor(mod
     assert labels.shape == gt.shape
     if arch == "litemedsam":  # the published weights in a grey model: the same masks as the RGB model
         assert _dice(labels, gt) > 0.9
+
+
+@needs_weights
+def test_decode_at_another_resolution_covers_the_same_extent(fp32_predictor):
+    """LiteMedSAM's fixed 256 x 256 logits resized to half / twice the input grid agree with the
+    native-grid mask resampled the same way (the resolution study of docs/sam.md relies on it)."""
+    img = _png(BUSI / "imagesTr" / "busi_benign_002_0000.png")
+    gt = _png(BUSI / "labelsTr" / "busi_benign_002.png")
+    emb = fp32_predictor.embed(img)
+    box = np.array([_bbox2d(gt)], np.float32)
+    native = fp32_predictor.decode(emb, box)
+    h, w = native.shape[-2:]
+    for size in ((h // 2, w // 2), (2 * h, 2 * w)):
+        other = fp32_predictor.decode(emb, box, output_size=size)
+        assert other.shape == (1, *size)
+        resampled = torch.nn.functional.interpolate(native[None].float(), size=size, mode="bilinear")[0]
+        assert _dice((other > 0).numpy(), (resampled > 0).numpy()) > 0.97

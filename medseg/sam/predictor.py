@@ -77,20 +77,22 @@ class SamPredictor:
         return self._cache
 
     @torch.inference_mode()
-    def decode(self, emb: Embedding, boxes: np.ndarray) -> torch.Tensor:
+    def decode(self, emb: Embedding, boxes: np.ndarray, output_size: tuple[int, int] | None = None) -> torch.Tensor:
         """(P, H, W) float32 logits for (P, 4) boxes x0 y0 x1 y1 (input pixels) on an embedding.
 
         A fixed-resolution decoder (LiteMedSAM: 256 x 256 logits) is cropped to the resized image and
         resized bilinearly; a resolution-free one (I-MedSAM's implicit decoder, ``resolution_free``)
-        renders the input's own pixel grid over the resized image's part of the frame."""
+        renders the input's own pixel grid over the resized image's part of the frame.
+        ``output_size``: (H', W') pixels over the same extent instead of the input's grid."""
         b = scale_boxes(boxes, emb.placement).to(self.device)
         p = emb.placement
+        size = tuple(output_size) if output_size is not None else p.original
         with self._autocast():
             if getattr(self.net, "resolution_free", False):
                 extent = (p.resized[0] / p.size, p.resized[1] / p.size)
-                return self.net.decode(emb.features, boxes=b, output_size=p.original, extent=extent)[:, 0].float()
+                return self.net.decode(emb.features, boxes=b, output_size=size, extent=extent)[:, 0].float()
             logits, _ = self.net.decode(emb.features, boxes=b)
-        return logits_to_input(logits, p)
+        return logits_to_input(logits, p, size)
 
     def segment(self, image: np.ndarray, boxes: np.ndarray, *, window=None, key=None) -> torch.Tensor:
         return self.decode(self.embed(image, window=window, key=key), boxes)

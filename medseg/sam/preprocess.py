@@ -81,8 +81,10 @@ def scale_boxes(boxes: np.ndarray, placement: Resized) -> torch.Tensor:
     return torch.as_tensor(np.asarray(boxes, dtype=np.float32) * placement.scale)
 
 
-def logits_to_input(logits: torch.Tensor, placement: Resized) -> torch.Tensor:
-    """(P, 1, S, S) network logits -> (P, H, W) float32 logits at the input size."""
+def logits_to_input(logits: torch.Tensor, placement: Resized, size: tuple[int, int] | None = None) -> torch.Tensor:
+    """(P, 1, S, S) network logits -> (P, H, W) float32 logits at the input size (or ``size``: the
+    input's extent on another pixel grid, e.g. half or twice its resolution)."""
     h, w = placement.resized
     crop = logits[:, :, :h, :w].float()
-    return F.interpolate(crop, size=placement.original, mode="bilinear", align_corners=False)[:, 0]
+    out = tuple(size) if size is not None else placement.original
+    return F.interpolate(crop, size=out, mode="bilinear", align_corners=False)[:, 0]
