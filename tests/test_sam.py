@@ -314,7 +314,9 @@ def test_a_fine_tuned_prompt_model_folder_segments_through_the_sam_predictor(mod
     from medseg.sam.predictor import SamPredictor
 
     base = load_spec(model_dir)
-    spec = dataclasses.replace(base, model=arch, in_channels=1)
+    conf = dataclasses.replace(base.plan.configuration(base.configuration), patch_size=[224, 256])  # a BUSI patch
+    plan = dataclasses.replace(base.plan, configurations={**base.plan.configurations, base.configuration: conf})
+    spec = dataclasses.replace(base, model=arch, in_channels=1, plan=plan)
     torch.manual_seed(0)
     net = spec.build()
     state = load_weights(model_dir / "fold_all")
@@ -324,6 +326,7 @@ def test_a_fine_tuned_prompt_model_folder_segments_through_the_sam_predictor(mod
     save_spec(folder, spec)
     save_weights(folder / "fold_all", net.state_dict())
     predictor = SamPredictor.from_folder(folder, amp=False)
+    assert predictor.size == 256  # the network's input, not the training patch
     img = _png(BUSI / "imagesTr" / "busi_benign_002_0000.png")
     gt = _png(BUSI / "labelsTr" / "busi_benign_002.png")
     labels = segment_2d(predictor, img, [Box(tuple(_bbox2d(gt)))])

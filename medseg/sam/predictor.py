@@ -56,8 +56,9 @@ class SamPredictor:
         if hasattr(net, "for_inference"):
             net.for_inference()
         net.eval()
-        return cls(net, device=device, amp=amp, size=spec.plan.configuration(spec.configuration).patch_size[0],
-                   name=spec.model)
+        # the network's square input (a fine-tuned model's plan patch is the training patch, e.g. 224 x 256)
+        size = int(getattr(net, "img_size", spec.plan.configuration(spec.configuration).patch_size[0]))
+        return cls(net, device=device, amp=amp, size=size, name=spec.model)
 
     def _autocast(self):
         from medseg.utils import autocast_context
