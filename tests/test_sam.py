@@ -350,3 +350,31 @@ def test_decode_at_another_resolution_covers_the_same_extent(fp32_predictor):
         assert other.shape == (1, *size)
         resampled = torch.nn.functional.interpolate(native[None].float(), size=size, mode="bilinear")[0]
         assert _dice((other > 0).numpy(), (resampled > 0).numpy()) > 0.97
+
+
+@needs_weights
+def test_shipped_busi_imedsam_segments_held_out_ultrasound_from_a_box(tmp_path, monkeypatch, capsys):
+    """`medseg sam -m busi-imedsam`: the shipped adapters on the LiteMedSAM base (checked by sha256)
+    segment BUSI test-split images it never trained on."""
+    from tests.conftest import SHARED_DATA, require, run_main
+
+    src = require(SHARED_DATA / "busi_breast_ultrasound")
+    for case in ("busi_benign_006", "busi_malignant_007"):
+        gt = _png(src / "labelsTr" / f"{case}.png") > 0
+        out = tmp_path / f"{case}.png"
+        box = [str(v) for v in _bbox2d(gt)]
+        code, _, err = run_main(monkeypatch, capsys, "sam", "-m", "busi-imedsam", "-i",
+                                src / "imagesTr" / f"{case}_0000.png", "-o", out, "--box", *box)  # fmt: skip
+        assert code == 0, err
+        assert _dice(_png(out) > 0, gt) > 0.85, case
+
+
+@needs_weights
+def test_adapters_refuse_a_base_with_another_digest(tmp_path):
+    from medseg.io.checkpoint import load_spec
+    from medseg.models.sam.imedsam import _check_base_digest
+
+    spec = load_spec(Path(__file__).parents[1] / "medseg" / "pretrained" / "busi-imedsam")
+    _check_base_digest("litemedsam", spec.model_kwargs["base_sha256"])  # the real base passes
+    with pytest.raises(CheckpointError, match="trained on 000000000000"):
+        _check_base_digest("litemedsam", "0" * 64)

@@ -290,6 +290,7 @@ class IMedSAM(nn.Module):
         refine_ratio: float = 0.125,
         mc_seed: int = 0,
         base_weights: str | None = None,
+        base_sha256: str | None = None,
         **arch,
     ):
         super().__init__()
@@ -306,7 +307,7 @@ class IMedSAM(nn.Module):
                 p.requires_grad_(True)
         self.base_weights = base_weights
         if base_weights is not None:
-            self.load_base_state_dict(_read_base_weights(base_weights))
+            self.load_base_state_dict(_read_base_weights(base_weights, base_sha256))
         self.train()
 
     # ---- parameters and weights
@@ -432,10 +433,14 @@ def _drop_cached_biases(model: nn.Module) -> None:
             m._bias_key = None
 
 
-def _read_base_weights(source: str) -> dict[str, torch.Tensor]:
+def _read_base_weights(source: str, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
     """LiteMedSAM weights from a model folder (``fold_all/``), a fold folder, a ``.safetensors`` file or
-    the name ``litemedsam`` (the user cache written by ``medseg import-medsam``)."""
+    the name ``litemedsam`` (the user cache written by ``medseg import-medsam``); with
+    ``expected_sha256`` the weights file must have that digest (a shipped adapter folder names its base)."""
     from medseg.io.checkpoint import load_weights
+
+    if expected_sha256 is not None:
+        _check_base_digest(source, expected_sha256)
 
     if source == "litemedsam":
         from medseg.sam.weights import resolve_sam_model
@@ -453,6 +458,27 @@ def _read_base_weights(source: str) -> dict[str, torch.Tensor]:
     if not folds:
         raise FileNotFoundError(f"no LiteMedSAM weights under {path} (expected fold_*/model.safetensors)")
     return load_weights(next((f for f in folds if f.name == "fold_all"), folds[0]))
+
+
+def _base_file(source: str) -> Path:
+    if source == "litemedsam":
+        from medseg.sam.weights import resolve_sam_model
+
+        return Path(resolve_sam_model("litemedsam")) / "fold_all" / "model.safetensors"
+    path = Path(source).expanduser()
+    return path if path.suffix == ".safetensors" else next(iter(sorted(path.glob("**/model.safetensors"))), path)
+
+
+def _check_base_digest(source: str, expected: str) -> None:
+    from medseg.errors import CheckpointError
+    from medseg.io.checkpoint import sha256
+
+    path = _base_file(source)
+    if not path.is_file():
+        raise CheckpointError(path, "base weights not found (medseg import-medsam writes them)")
+    got = sha256(path)
+    if got != expected:
+        raise CheckpointError(path, f"base weights have sha256 {got[:12]}..., the model was trained on {expected[:12]}...")
 
 
 @register_model(
