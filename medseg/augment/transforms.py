@@ -245,7 +245,8 @@ def augment_batch(
 
     With ``cond`` (named conditioning tensors) the result is (image, seg, cond), where ``points``
     (B, N, dim) and ``boxes`` (B, N, 2*dim) in region voxel coordinates have been moved by the same
-    rotation, scaling, crop and mirrors as the image; other conditions pass through."""
+    rotation, scaling, crop and mirrors as the image, and so have dense maps (derived inputs, (B, C,
+    *region / cell) at their own resolution); other conditions pass through."""
     record: dict = {}
     region = tuple(image.shape[2:])
     image, seg = spatial_transform(image, seg, patch_size, cfg, g, record)
@@ -254,7 +255,8 @@ def augment_batch(
     image, seg = image.contiguous(), None if seg is None else seg.contiguous()
     if cond is None:
         return image, seg
-    return image, seg, augment_spatial_conditions(cond, record, region, tuple(patch_size))
+    cond = augment_spatial_conditions(cond, record, region, tuple(patch_size))
+    return image, seg, augment_dense_conditions(cond, record, region, tuple(patch_size))
 
 
 # ------------------------------------------------------------------ spatial conditioning
@@ -318,4 +320,33 @@ def augment_spatial_conditions(cond: dict, record: dict, region, patch) -> dict:
         pts = transform_points(pts, record.get("theta"), region, patch)
         pts = mirror_points(pts, record.get("flips", []), patch)
         out[key] = corners_to_boxes(pts, dim) if key == "boxes" else pts
+    return out
+
+
+def augment_dense_conditions(cond: dict, record: dict, region, patch) -> dict:
+    """Resample the dense maps of ``cond`` (:mod:`medseg.data.derived`; (B, C, *cells) covering the
+    region, one cell per ``region / cells`` voxels) with the image's affine and mirrors, to the patch's
+    cells. The normalised grid of ``affine_grid`` is resolution-free, so the same matrices apply."""
+    from medseg.data.derived import DERIVED_INPUTS
+
+    out = dict(cond)
+    for key, value in cond.items():
+        if key not in DERIVED_INPUTS:
+            continue
+        cells = [int(c) for c in value.shape[2:]]
+        cell = [r // c for r, c in zip(region, cells)]
+        if any(r % c for r, c in zip(region, cells)) or any(p % c for p, c in zip(patch, cell)):
+            raise ValueError(
+                f"dense map '{key}': {cells} cells do not tile region {list(region)} / patch {list(patch)}"
+            )
+        theta = record.get("theta")
+        if theta is None:  # the centre crop, as an affine (it may fall between cells)
+            b = value.shape[0]
+            theta = affine_theta(torch.zeros(b, 1 if len(patch) == 2 else 3), torch.ones(b), region, patch)
+        size = (value.shape[0], value.shape[1], *[p // c for p, c in zip(patch, cell)])
+        grid = F.affine_grid(theta.to(value.device, torch.float32), size, align_corners=False)
+        x = F.grid_sample(value.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        for axis, do in record.get("flips", []):
+            x = torch.where(_per_sample(do, len(patch)), x.flip(2 + axis), x)
+        out[key] = x.contiguous()
     return out

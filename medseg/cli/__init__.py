@@ -448,7 +448,14 @@ def _input_output(option: Path | None, positional: Path | None, flag: str) -> Pa
 
 # the CT, DICOM-SEG and cohort commands, `sam`, and the model-folder commands live in their own modules;
 # importing them registers them on `app`
-from medseg.cli import ct_commands, model_commands, report_commands, sam_commands, weak_label_commands  # noqa: E402,F401
+from medseg.cli import (  # noqa: E402,F401
+    adapt_commands,
+    ct_commands,
+    model_commands,
+    report_commands,
+    sam_commands,
+    weak_label_commands,
+)
 
 
 def main() -> None:

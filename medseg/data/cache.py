@@ -23,6 +23,8 @@ class CachedCase:
     # per-case conditioning arrays (CASE_cond.npz): text tokens/embeddings, histograms, scalars, and
     # ``points`` (N, ndim) / ``boxes`` (N, 2*ndim) in voxel coordinates of the cached arrays
     conditions: dict[str, np.ndarray] = field(default_factory=dict)
+    # dense maps derived from the image by a frozen network (medseg.data.derived), name -> DenseMap
+    maps: dict = field(default_factory=dict)
 
 
 def load_cached_case(cache: Path, name: str, *, mmap: bool = False) -> CachedCase:

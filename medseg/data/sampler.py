@@ -6,14 +6,19 @@ from __future__ import annotations
 import numpy as np
 
 from medseg.data.cache import CachedCase
+from medseg.data.derived import dense_region
 
 
-def region_size(patch_size, margin: float) -> tuple[int, ...]:
-    """Patch enlarged by ``margin`` with the same parity as the patch (exact centre crops)."""
+def region_size(patch_size, margin: float, multiple=None) -> tuple[int, ...]:
+    """Patch enlarged by ``margin`` with the same parity as the patch (exact centre crops); with
+    ``multiple`` (per axis) also rounded up to a multiple of it (a dense map's cells tile the region)."""
     out = []
-    for p in patch_size:
+    for i, p in enumerate(patch_size):
         r = int(np.ceil(p * margin))
         r += (r - p) % 2
+        m = int(multiple[i]) if multiple is not None else 1
+        while r % m or (r - p) % 2:
+            r += 1
         out.append(r)
     return tuple(out)
 
@@ -40,7 +45,9 @@ class PatchSampler:
     """Draws (image, seg) regions of ``region`` voxels from cached cases.
 
     For a 2D configuration (``patch_size`` of length 2 on 3D data) a random slice along the
-    first axis is taken and the returned arrays are 2D.
+    first axis is taken and the returned arrays are 2D. Cases with dense maps (``CachedCase.maps``)
+    get each map's region in ``cond`` at the map's own resolution; the region is then a multiple of
+    the maps' cell size, so its cells tile it exactly.
     """
 
     def __init__(
@@ -52,13 +59,16 @@ class PatchSampler:
         margin: float = 1.0,
         oversample_foreground: float = 0.33,
         seed: int = 0,
+        weights=None,
     ):
+        """``weights``: per-case sampling probabilities (joint training); None: uniform."""
         self.cases = cases
         self.patch_size = tuple(patch_size)
         self.batch_size = batch_size
-        self.region = region_size(self.patch_size, margin)
+        self.region = region_size(self.patch_size, margin, map_cell_size(cases, len(self.patch_size)))
         self.oversample = oversample_foreground
         self.rng = np.random.default_rng(seed)
+        self.weights = None if weights is None else np.asarray(weights, dtype=np.float64)
 
     def _center(self, case: CachedCase, force_fg: bool) -> np.ndarray:
         shape = np.array(case.seg.shape)
@@ -83,7 +93,12 @@ class PatchSampler:
         images, segs, conds = [], [], []
         n_fg = int(round(self.batch_size * self.oversample))
         for i in range(self.batch_size):
-            case = self.cases[self.rng.integers(len(self.cases))]
+            pick = (
+                self.rng.integers(len(self.cases))
+                if self.weights is None
+                else self.rng.choice(len(self.cases), p=self.weights)
+            )
+            case = self.cases[pick]
             # the last n_fg samples are forced to contain foreground, as in nnU-Net; a batch too
             # small to hold one (e.g. 1 per DDP rank) forces each sample with probability p instead
             force = i >= self.batch_size - n_fg if n_fg else self.rng.random() < self.oversample
@@ -95,8 +110,10 @@ class PatchSampler:
                 data, seg, center = data[:, z], seg[z], center[1:]
             images.append(extract(data, center, self.region))
             segs.append(extract(seg, center, self.region))
-            if case.conditions:
-                conds.append(region_conditions(case, center, self.region, sliced))
+            if case.conditions or case.maps:
+                cond = region_conditions(case, center, self.region, sliced)
+                cond.update(region_maps(case, center, self.region, z if sliced else None))
+                conds.append(cond)
         out = {"image": np.stack(images).astype(np.float32, copy=False), "seg": np.stack(segs)[:, None]}
         if conds:
             out["cond"] = stack_conditions(conds, [c.name for c in self.cases])
@@ -127,6 +144,27 @@ def region_conditions(case: CachedCase, center, region, sliced: bool) -> dict[st
             reps = 2 if key == "boxes" else 1
             value = v - np.tile(start, reps)
         out[key] = value
+    return out
+
+
+def map_cell_size(cases: list[CachedCase], nd: int):
+    """The cell size (voxels, per axis of the patch) shared by the cases' dense maps; None without maps."""
+    strides = {tuple(m.stride[-nd:]) for c in cases[:1] for m in c.maps.values()}
+    if not strides:
+        return None
+    return tuple(int(np.lcm.reduce([s[a] for s in strides])) for a in range(nd))
+
+
+def region_maps(case: CachedCase, center, region, z: int | None) -> dict[str, np.ndarray]:
+    """Each dense map of ``case`` over the region around ``center`` (of slice ``z`` of a 3D map for a
+    2D configuration): (C, *region / stride) float32."""
+    out = {}
+    for key, dense in case.maps.items():
+        array, stride = dense.array, dense.stride
+        if z is not None:
+            array, stride = array[:, z], stride[1:]
+        start = np.asarray(center) - np.asarray(region) // 2
+        out[key] = dense_region(array, stride, start, [r // s for r, s in zip(region, stride)])
     return out
 
 

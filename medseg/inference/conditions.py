@@ -57,13 +57,26 @@ def prepare_conditions(conditions: dict, props: dict, device) -> dict[str, torch
     return out
 
 
-def tile_conditions(conditions: dict[str, torch.Tensor], tile, squeeze_z: bool):
+def dense_tiles(dense: dict, tile, starts, flip, squeeze_z: bool, device) -> dict[str, torch.Tensor]:
+    """Each dense map (:class:`medseg.data.derived.DenseMap` over the preprocessed array) over the
+    tiles starting at ``starts``, at its own resolution, mirrored like the tiles: (B, C, *tile / stride)."""
+    out = {}
+    for key, m in dense.items():
+        cells = [t // s for t, s in zip(tile, m.stride)]
+        x = torch.from_numpy(np.stack([m.region(st, cells) for st in starts])).to(device)
+        x = x.flip([2 + a for a in flip]) if flip else x
+        out[key] = x[:, :, 0] if squeeze_z else x
+    return out
+
+
+def tile_conditions(conditions: dict[str, torch.Tensor], tile, squeeze_z: bool, dense: dict | None = None):
     """The ``tile_conditions(starts, flip)`` callback of the sliding window for these conditions:
-    spatial ones shifted to each tile's start and mirrored like the tile; all repeated per tile.
-    ``squeeze_z``: a 2D network on (1, h, w) tiles gets 2D coordinates (z dropped)."""
+    spatial ones shifted to each tile's start and mirrored like the tile; all repeated per tile;
+    ``dense`` maps cropped to each tile (:func:`dense_tiles`). ``squeeze_z``: a 2D network on
+    (1, h, w) tiles gets 2D coordinates (z dropped)."""
 
     def for_tiles(starts, flip) -> dict[str, torch.Tensor]:
-        out = {}
+        out = dense_tiles(dense, tile, starts, flip, squeeze_z, device) if dense else {}
         for key, value in conditions.items():
             reps = [len(starts)] + [1] * (value.ndim - 1)
             if key not in SPATIAL:
@@ -81,4 +94,5 @@ def tile_conditions(conditions: dict[str, torch.Tensor], tile, squeeze_z: bool):
                 out[key] = pts[..., 1:] if squeeze_z else pts
         return out
 
+    device = next(iter(conditions.values())).device if conditions else "cpu"
     return for_tiles

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from medseg.data.derived import compute_derived, derived_inputs_of
 from medseg.errors import CheckpointError, MedsegError
 from medseg.inference.conditions import prepare_conditions, tile_conditions
 from medseg.inference.export import map_to_native, segmentation_from_logits, to_input_grid
@@ -113,6 +114,7 @@ class Predictor:
         amp: bool | None = None,
         ood_map: str | list[str] | tuple[str, ...] | None = None,
         layout: str = "auto",
+        derived_cache: str | Path | None = None,
     ):
         """``source``: the model folder, so that errors name the file at fault. ``label_map``: a JSON
         file, dict or :class:`~medseg.inference.label_map.LabelMapping` mapping the model's labels onto
@@ -123,8 +125,11 @@ class Predictor:
         mask transformers, ``msp``, ``maxlogit``, ``entropy``; ``auto``: the model's default); a list
         of names gives ``ood`` for the first and ``ood_<name>`` for each other, from one forward pass.
         ``layout``: auto | contiguous | channels_last (:mod:`medseg.execution`: with ``amp`` None and
-        ``auto`` the fastest precision and layout of this network on this CPU, measured once and cached)."""
+        ``auto`` the fastest precision and layout of this network on this CPU, measured once and cached).
+        ``derived_cache``: a folder keeping the dense maps a model derives from each image (SAM
+        embeddings), keyed by the preprocessed image's content, so predicting it again reuses them."""
         self.spec = spec
+        self.derived_cache = Path(derived_cache) if derived_cache is not None else None
         self.task = get_task(spec.task, spec.num_classes, labels=dict(spec.labels))  # what the outputs mean
         if not self.task.sliding_window:
             raise CheckpointError(
@@ -140,6 +145,7 @@ class Predictor:
             torch.set_num_threads(num_threads)
         root = Path(source) if source is not None else Path(".")
         self.models = [_build_net(spec, fold, w, root).to(self.device).eval() for fold, w in fold_weights.items()]
+        self.derived = derived_inputs_of(self.models[0])  # dense maps the network reads (SAM embeddings)
         self.folds = list(fold_weights)
         self.weights_digest = weights_digest(fold_weights)
         if not 0 < step <= 1:
@@ -260,14 +266,15 @@ class Predictor:
         x = torch.from_numpy(data).to(self.device)
         k = self.spec.num_classes
         cond = prepare_conditions(conditions, props, self.device)
-        per_tile = tile_conditions(cond, self.tile, self.conf.spatial_dims == 2) if cond else None
+        dense = self._derived_maps(data)
+        per_tile = tile_conditions(cond, self.tile, self.conf.spatial_dims == 2, dense) if cond or dense else None
         if streaming is None:
             native_bytes = 4 * k * float(np.prod(props["original_shape"]))
-            whole = return_probabilities or cond or self.ood_maps  # what streaming cannot give
+            whole = return_probabilities or cond or dense or self.ood_maps  # what streaming cannot give
             streaming = not whole and native_bytes > STREAMING_BYTES
         mirror_axes = self.mirror_axes if self.tta else ()
         if streaming and self.conf.spatial_dims == 3 and props.get("separate_z_axis") in (None, 0):
-            if return_probabilities or cond:
+            if return_probabilities or cond or dense:
                 raise ValueError("streaming prediction keeps neither probabilities nor conditions")
             seg = streaming_segmentation(
                 x, self._predict_tiles, self.tile, k, props, step=self.step,
@@ -296,6 +303,13 @@ class Predictor:
             if probabilities is not None:
                 out["probabilities"] = probabilities
         return out
+
+    def _derived_maps(self, data: np.ndarray) -> dict:
+        """The dense maps the network derives from the preprocessed image (SAM embeddings), by name."""
+        return {
+            name: compute_derived(name, data, opts, device=self.device, cache=self.derived_cache)
+            for name, opts in self.derived.items()
+        }
 
     def _mapped(self, seg: np.ndarray, probs):
         """Apply the label map, if any (labels voxel-wise; probabilities summed per target class)."""

@@ -39,3 +39,14 @@ def temp_dir_beside(path: str | Path, suffix: str = ".part") -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=suffix, dir=path.parent))
     default_mode(tmp, directory=True)
     return tmp
+
+
+def save_npy_atomic(path: str | Path, arr) -> None:
+    """``np.save`` to a hidden temporary beside ``path``, then rename: a reader never sees half a file."""
+    import numpy as np
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.part")
+    with open(tmp, "wb") as fh:
+        np.save(fh, arr)
+    os.replace(tmp, path)

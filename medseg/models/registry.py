@@ -124,6 +124,7 @@ def _load_builtin_and_plugins() -> None:
     import medseg.models.resenc  # noqa: F401
     import medseg.models.sam.imedsam  # noqa: F401
     import medseg.models.sam.litemedsam  # noqa: F401
+    import medseg.models.samda  # noqa: F401
     import medseg.models.stunet  # noqa: F401
     import medseg.models.unet  # noqa: F401  (registers built-ins)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.io.atomic import save_npy_atomic
 from medseg.io.dataset import Case, list_cases, load_dataset_json
 from medseg.io.image import ImageMeta, label_dtype
 from medseg.io.jsonio import write_json
@@ -81,13 +82,6 @@ def foreground_locations(seg: np.ndarray, num_classes: int, seed: int) -> dict[s
     return out
 
 
-def _save_atomic_npy(path: Path, arr: np.ndarray) -> None:
-    tmp = path.with_name(f".{path.name}.part")
-    with open(tmp, "wb") as fh:
-        np.save(fh, arr)
-    os.replace(tmp, path)
-
-
 def _preprocess_one(args) -> str:
     case, plan, config, out_dir, seed, embeddings = args
     image, label, meta = load_case(case, len(plan.channel_names))
@@ -105,8 +99,8 @@ def _preprocess_one(args) -> str:
         np.savez(tmp, **cond)
         os.replace(tmp, out_dir / f"{case.name}_cond.npz")
     seg_dtype = label_dtype(plan.num_classes - 1)
-    _save_atomic_npy(out_dir / f"{case.name}.npy", data)
-    _save_atomic_npy(out_dir / f"{case.name}_seg.npy", seg.astype(seg_dtype))
+    save_npy_atomic(out_dir / f"{case.name}.npy", data)
+    save_npy_atomic(out_dir / f"{case.name}_seg.npy", seg.astype(seg_dtype))
     locs = foreground_locations(seg, plan.num_classes, seed)
     tmp = out_dir / f".{case.name}_fg.part.npz"
     np.savez(tmp, **locs)

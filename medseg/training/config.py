@@ -51,6 +51,10 @@ class TrainingConfig:
     model: str | None = None  # registry name; None: the plan's model
     model_kwargs: dict = field(default_factory=dict)  # overrides of the plan's model kwargs
     pretrained: str | None = None  # model folder or safetensors to initialise from
+    # {target class: [pretrained classes]}: heads of another class count start from those classes' rows
+    pretrained_classes: dict | None = None
+    # joint training: further preprocessed datasets sampled beside this one (medseg.data.joint)
+    extra_data: list = field(default_factory=list)
     # wall-clock budget: after the first epoch, ``epochs`` is set to what fits in it, so the
     # schedule ends when the time does (the final validation comes on top)
     time_budget_minutes: float | None = None
@@ -76,6 +80,10 @@ class TrainingConfig:
             raise ValueError(f"--lr must be positive, got {self.initial_lr}")
         if self.ema_decay is not None and not 0 < self.ema_decay < 1:
             raise ValueError(f"--ema-decay must be between 0 and 1, got {self.ema_decay}")
+        if self.extra_data:
+            from medseg.data.joint import check_extra_data
+
+            check_extra_data(self.extra_data)
         if self.task_options:
             from medseg.tasks import TASKS
             from medseg.tasks.base import check_task_options
@@ -110,6 +118,10 @@ class TrainingConfig:
         """The named choices a model was trained with (recorded in model.json)."""
         keys = ("task", "loss", "optimizer", "schedule", "initial_lr", "ema_decay", "augmentation", "param_groups")
         extra = {"task_options": self.task_options} if self.task_options else {}
+        if self.extra_data:
+            extra["extra_data"] = self.extra_data
+        if self.pretrained_classes:
+            extra["pretrained_classes"] = self.pretrained_classes
         return {**{k: getattr(self, k) for k in keys}, **extra}
 
     def to_json(self) -> dict:

@@ -22,6 +22,8 @@ import torch
 
 from medseg.augment.transforms import NO_AUGMENTATION
 from medseg.data.cache import cached_case_names, get_split, load_cached_case
+from medseg.data.derived import derived_inputs_of, ensure_cached, with_maps
+from medseg.data.joint import joint_training_cases
 from medseg.data.sampler import PatchSampler
 from medseg.io.checkpoint import ModelSpec, save_spec, save_weights
 from medseg.planning.ood import training_data_from
@@ -217,7 +219,7 @@ class Trainer:
     def _load_pretrained(self, pretrained) -> None:
         from medseg.training.transfer import load_pretrained_logged
 
-        load_pretrained_logged(self.model, pretrained, self.log)
+        load_pretrained_logged(self.model, pretrained, self.log, self.cfg.pretrained_classes)
 
     def _set_encoder_frozen(self, frozen: bool) -> None:
         """--freeze-encoder-epochs: without DDP the encoder stops requiring gradients (no backward
@@ -232,8 +234,18 @@ class Trainer:
                 p.requires_grad_(not frozen)
 
     # ---------------------------------------------------------------- state
-    def _load_cases(self, names):
-        return [load_cached_case(self.cache_dir, n) for n in names]
+    def _load_cases(self, names, cache_dir: Path | None = None):
+        """The cached cases, with the dense maps the model derives from them (computed on first use)."""
+        cache_dir = cache_dir or self.cache_dir
+        specs = derived_inputs_of(self.model)
+        if specs and self.dist.is_main:
+            ensure_cached(cache_dir, names, specs, device=self.device, log=self.log)
+        distributed.barrier(self.dist)
+        return [with_maps(load_cached_case(cache_dir, n), cache_dir, specs) for n in names]
+
+    def _training_cases(self) -> tuple[list, np.ndarray | None]:
+        """This fold's training cases, plus those of ``extra_data`` with their sampling weights."""
+        return joint_training_cases(self._load_cases, self.train_names, self.cfg.extra_data, log=self.log)
 
     def save_state(self, epoch: int) -> None:
         """Everything needed to resume at ``epoch`` (exclusive), written atomically by rank 0.
@@ -372,12 +384,14 @@ class Trainer:
         return float(np.mean(losses)), self.task.validation_summary(state)
 
     def _samplers(self) -> tuple[PatchSampler, PatchSampler | None]:
+        cases, weights = self._training_cases()
         sampler = PatchSampler(
-            self._load_cases(self.train_names),
+            cases,
             self.conf.patch_size,
             self.batch_size,
             margin=self.augment.region_margin,
             oversample_foreground=self.cfg.oversample_foreground,
+            weights=weights,
         )
         val_sampler = None
         if self.val_names:

@@ -112,8 +112,27 @@ def read_pretrained_weights(source: str | Path) -> dict[str, torch.Tensor]:
     return load_weights(resolve_pretrained(source).weights.parent)
 
 
-def load_pretrained(model: torch.nn.Module, source: str | Path | dict) -> dict:
+def head_rows_from_classes(src: torch.Tensor, like: torch.Tensor, classes: dict, is_bias: bool) -> torch.Tensor | None:
+    """A head tensor for the target classes (rows of ``like``) from the pretrained head ``src``: target
+    class t gets the mean of the rows of the source classes ``classes[t]`` (a bias also + log n, so a
+    merged class starts near the log-sum-exp of its sources' logits: P(t) ~ sum of their P). None if
+    the shapes do not fit a class-row mapping."""
+    if src.shape[1:] != like.shape[1:] or len(classes) != like.shape[0]:
+        return None
+    rows = []
+    for t in range(like.shape[0]):
+        sources = [int(c) for c in classes.get(str(t), classes.get(t, []))]
+        if not sources or max(sources) >= src.shape[0]:
+            return None
+        row = src[sources].mean(0)
+        rows.append(row + math.log(len(sources)) if is_bias else row)
+    return torch.stack(rows).to(like.dtype)
+
+
+def load_pretrained(model: torch.nn.Module, source: str | Path | dict, classes: dict | None = None) -> dict:
     """Copy every tensor of ``source`` whose name and shape match; report loaded count and skipped names.
+    ``classes`` ({target class: [source classes]}, every target class named): head tensors whose class
+    count differs are built from the pretrained rows of those classes (:func:`head_rows_from_classes`).
 
     A network that wraps a pretrained one names where its tensors go by a ``pretrained_prefix``
     attribute (I-MedSAM: ``"base."``, LiteMedSAM's weights under its frozen base)."""
@@ -122,15 +141,31 @@ def load_pretrained(model: torch.nn.Module, source: str | Path | dict) -> dict:
     if prefix and not any(k.startswith(prefix) for k in src):
         src = {prefix + k: v for k, v in src.items()}
     own = model.state_dict()
+    heads = _head_names(model) if classes else set()
     loaded, skipped = 0, []
     for name, tensor in own.items():
+        mapped = None
+        if name in heads and name in src:
+            mapped = head_rows_from_classes(src[name], tensor, classes, name.endswith("bias"))
         if name in src and src[name].shape == tensor.shape:
             own[name] = src[name].to(tensor.dtype)
+            loaded += 1
+        elif mapped is not None:
+            own[name] = mapped
             loaded += 1
         else:
             skipped.append(name)
     model.load_state_dict(own)
     return {"loaded": loaded, "skipped": skipped, "unused": sorted(set(src) - set(own))}
+
+
+def _head_names(model: torch.nn.Module) -> set[str]:
+    from medseg.models.registry import get_entry
+
+    name = getattr(model, "registry_name", None)
+    if name is None:
+        return set()
+    return {n for n, _ in get_entry(name).parameters_under(model, get_entry(name).head)}
 
 
 def repeats_grey(model_name: str, pretrained_channels: int, channels: int) -> bool:
@@ -231,9 +266,10 @@ def adopt_pretrained(pretrained, model_name: str, model_kwargs: dict, plan, conf
     return name, kwargs
 
 
-def load_pretrained_logged(model: torch.nn.Module, pretrained, log) -> None:
-    """--pretrained: copy the matching tensors of ``pretrained`` (a PretrainedSource) into ``model``, logged."""
-    report = load_pretrained(model, read_pretrained_weights(pretrained.weights))
+def load_pretrained_logged(model: torch.nn.Module, pretrained, log, classes: dict | None = None) -> None:
+    """--pretrained: copy the matching tensors of ``pretrained`` (a PretrainedSource) into ``model``, logged;
+    ``classes``: see :func:`load_pretrained`."""
+    report = load_pretrained(model, read_pretrained_weights(pretrained.weights), classes)
     if report["loaded"] == 0:
         raise CheckpointError(pretrained.weights, "no tensor matches the network's names and shapes")
     skipped = report["skipped"]
