@@ -75,18 +75,24 @@ def require(path: Path) -> Path:
     return path
 
 
-def copy_hippo_cases(root: Path, cases) -> Path:
-    """A copy of real hippocampus cases in nnU-Net layout at ``root`` (the shared source is only read)."""
-    require(HIPPO)
+def copy_cases(source: Path, root: Path, cases) -> Path:
+    """A copy of real single-channel cases of the dataset ``source`` in nnU-Net layout at ``root`` (the
+    shared source is only read)."""
+    require(source)
     (root / "imagesTr").mkdir(parents=True)
     (root / "labelsTr").mkdir()
     for c in cases:
-        shutil.copyfile(HIPPO / "imagesTr" / f"{c}_0000.nii.gz", root / "imagesTr" / f"{c}_0000.nii.gz")
-        shutil.copyfile(HIPPO / "labelsTr" / f"{c}.nii.gz", root / "labelsTr" / f"{c}.nii.gz")
-    d = json.loads((HIPPO / "dataset.json").read_text())
+        shutil.copyfile(source / "imagesTr" / f"{c}_0000.nii.gz", root / "imagesTr" / f"{c}_0000.nii.gz")
+        shutil.copyfile(source / "labelsTr" / f"{c}.nii.gz", root / "labelsTr" / f"{c}.nii.gz")
+    d = json.loads((source / "dataset.json").read_text())
     d["numTraining"] = len(cases)
     (root / "dataset.json").write_text(json.dumps(d, indent=2))
     return root
+
+
+def copy_hippo_cases(root: Path, cases) -> Path:
+    """A copy of real hippocampus cases in nnU-Net layout at ``root`` (the shared source is only read)."""
+    return copy_cases(HIPPO, root, cases)
 
 
 @pytest.fixture(scope="session")

@@ -7,12 +7,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import shutil
 
 import numpy as np
 import pytest
 import torch
-from conftest import HIPPO_CASES, SHARED_DATA, copy_hippo_cases, require, run_main
+from conftest import HIPPO_CASES, SHARED_DATA, copy_cases, copy_hippo_cases, run_main
 
 from medseg.apps.adapt import AdaptConfig, draw_shots, head_classes, label_lut, subjects_of
 from medseg.errors import MedsegError
@@ -61,19 +60,6 @@ def test_label_lut_and_head_rows():
     torch.testing.assert_close(bias, torch.tensor([0.5, 2.0 + float(np.log(2))]))
 
 
-def _copy_ixi(dest, names):
-    require(IXI)
-    (dest / "imagesTr").mkdir(parents=True)
-    (dest / "labelsTr").mkdir()
-    for n in names:
-        shutil.copyfile(IXI / "imagesTr" / f"{n}_0000.nii.gz", dest / "imagesTr" / f"{n}_0000.nii.gz")
-        shutil.copyfile(IXI / "labelsTr" / f"{n}.nii.gz", dest / "labelsTr" / f"{n}.nii.gz")
-    meta = json.loads((IXI / "dataset.json").read_text())
-    meta["numTraining"] = len(names)
-    (dest / "dataset.json").write_text(json.dumps(meta))
-    return dest
-
-
 def _digest(folder) -> str:
     h = hashlib.sha256()
     for p in sorted(folder.rglob("*")):
@@ -99,7 +85,7 @@ def source_model(tmp_path_factory):
 
 def test_adapt_end_to_end_on_real_cases(tmp_path, monkeypatch, capsys, source_model):
     model, source = source_model
-    target = _copy_ixi(tmp_path / "ixi", NAMES[:4])
+    target = copy_cases(IXI, tmp_path / "ixi", NAMES[:4])
     before = _digest(target), _digest(source)
     (tmp_path / "test.txt").write_text("# held out\nixi_IXI048-HH-1326_L\nixi_IXI048-HH-1326_R\n")
     (tmp_path / "lm.json").write_text(json.dumps(MERGE))
@@ -139,3 +125,31 @@ def test_adapt_end_to_end_on_real_cases(tmp_path, monkeypatch, capsys, source_mo
         errors = [line for line in err.splitlines() if line.startswith("medseg: error:")]
         assert code == 2 and len(errors) == 1 and message in errors[0], err
         assert not (tmp_path / "never").exists()
+
+
+def test_joint_cases_are_mapped_and_weighted():
+    from medseg.data.cache import CachedCase
+    from medseg.data.joint import check_extra_data, map_case, sampling_weights
+    from medseg.data.sampler import PatchSampler
+
+    seg = np.zeros((4, 8, 8), np.uint8)
+    seg[1, 2:4, 2:4], seg[2, 2:4, 2:4] = 1, 2
+    fg = {1: np.argwhere(seg == 1), 2: np.argwhere(seg == 2)}
+    case = CachedCase("src", np.zeros((1, 4, 8, 8), np.float32), seg, fg)
+    mapped = map_case(case, {"1": 1, "2": 1})
+    assert set(np.unique(mapped.seg)) == {0, 1} and len(mapped.fg[1]) == 8 and 2 not in mapped.fg
+    assert case.seg.max() == 2  # the cached case itself is untouched
+    p = sampling_weights(2, [(8, 0.5)])
+    np.testing.assert_allclose(p, [0.25, 0.25] + [1 / 16] * 8)
+    target = CachedCase("tgt", np.ones((1, 4, 8, 8), np.float32), seg.copy(), fg)
+    sampler = PatchSampler([target] + [mapped] * 8, (4, 8, 8), 400, weights=sampling_weights(1, [(8, 0.25)]), seed=0)
+    images = sampler.sample()["image"]
+    share = float((images.reshape(400, -1).max(1) > 0).mean())  # only the target case has non-zero images
+    assert 0.68 < share < 0.82
+    for bad in (
+        [{"cache": "x", "share": 1.2}],
+        [{"cache": "x", "share": 0.6}, {"cache": "y", "share": 0.5}],
+        [{"share": 0.5}],
+    ):
+        with pytest.raises(ValueError):
+            check_extra_data(bad)

@@ -119,6 +119,7 @@ def register_model(
 def _load_builtin_and_plugins() -> None:
     global _ENTRY_POINTS_LOADED
     import medseg.models.contextual  # noqa: F401
+    import medseg.models.diffusion_unet  # noqa: F401
     import medseg.models.lightm_unet  # noqa: F401
     import medseg.models.mask_transformer  # noqa: F401
     import medseg.models.resenc  # noqa: F401

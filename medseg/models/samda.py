@@ -58,7 +58,9 @@ class SamdaUNet(UNet):
         finally:
             self._embedding = None
 
-    def _fuse(self, x: torch.Tensor) -> torch.Tensor:
+    def encoder_output(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        if stage != self.fusion_stage:
+            return x
         emb = self._embedding
         if emb is None:
             emb = x.new_zeros(x.shape[0], SAM_CHANNELS, *x.shape[2:])
@@ -66,20 +68,6 @@ class SamdaUNet(UNet):
         if tuple(emb.shape[2:]) != tuple(x.shape[2:]):  # tiles not a multiple of the stride
             emb = F.interpolate(emb, size=x.shape[2:], mode="bilinear")
         return self.sam_fuse(torch.cat([x, self.sam_project(emb)], dim=1))
-
-    def decoder_features(self, x: torch.Tensor) -> list[torch.Tensor]:
-        skips = []
-        for i, stage in enumerate(self.encoder):
-            x = stage(x)
-            if i == self.fusion_stage:
-                x = self._fuse(x)
-            skips.append(x)
-        x = skips.pop()
-        features = []
-        for up, dec in zip(self.upsample, self.decoder):
-            x = dec(torch.cat([up(x), skips.pop()], dim=1))
-            features.append(x)
-        return features
 
 
 @register_model(

@@ -129,8 +129,8 @@ class UNet(nn.Module):
         """The output of every decoder stage, coarsest first (in the network's own axis order): what
         the heads read, and the multi-scale pixel features of decoders built on this U-Net."""
         skips = []
-        for stage in self.encoder:
-            x = stage(x)
+        for i, stage in enumerate(self.encoder):
+            x = self.encoder_output(i, stage(x))
             skips.append(x)
         x = skips.pop()
         features = []
@@ -138,6 +138,11 @@ class UNet(nn.Module):
             x = dec(torch.cat([up(x), skips.pop()], dim=1))
             features.append(x)
         return features
+
+    def encoder_output(self, stage: int, x: torch.Tensor) -> torch.Tensor:
+        """The output of encoder stage ``stage`` as the skip and the next stage see it (a subclass
+        fuses other features in here, e.g. SAMDA's SAM embedding)."""
+        return x
 
     def _forward(self, x: torch.Tensor):
         features = self.decoder_features(x)

@@ -34,7 +34,7 @@ import torch
 
 from medseg.registry import Registry
 
-_BUILTIN_TASKS = ("segmentation", "prompt_segmentation", "mask_segmentation", "grounding")
+_BUILTIN_TASKS = ("segmentation", "prompt_segmentation", "mask_segmentation", "grounding", "lesion_diffusion")
 TASKS = Registry("task", loader=lambda: [__import__(f"medseg.tasks.{m}") for m in _BUILTIN_TASKS])
 register_task = TASKS.register
 

@@ -1,0 +1,108 @@
+"""Lesion-focused diffusion (LeFusion): the denoiser learns only the lesion.
+
+A batch is a real ROI x0 in [-1, 1] (the plan's ``range`` normalisation, e.g. CT -1000..400 HU, mapped
+from [0, 1]), one channel per lesion class (multi-channel decomposition: channel k is the image where
+class k is the lesion to learn), a diffusion step t, the noise and the noised ROI
+``x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) noise``. The model predicts the noise from x_t, t and the
+lesion-intensity histogram of each class (``bins`` bins over [-1, 1], normalised to sum 1); the loss
+(``masked_l1``) counts only the lesion voxels of each channel. Outside the lesion the model is never
+asked anything: at sampling time that region is the real image, forward-diffused (RePaint).
+
+Augmentation: flips of the in-plane axes only, with the preset's mirror probability (LeFusion flips
+one in-plane axis), so the histogram and the intensities the model learns are the real ones.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from medseg.tasks.base import Batch, Task, register_task
+
+DEFAULT_TIMESTEPS = 300
+
+
+def cosine_alphas_cumprod(timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """abar_t of the cosine schedule (Nichol & Dhariwal 2021; diffusers' ``squaredcos_cap_v2``):
+    betas from abar(t) = cos^2(((t / T) + s) / (1 + s) * pi / 2), clipped at ``max_beta``."""
+    f = lambda t: math.cos((t / timesteps + s) / (1 + s) * math.pi / 2) ** 2  # noqa: E731
+    betas = torch.tensor([min(1 - f(i + 1) / f(i), max_beta) for i in range(timesteps)], dtype=torch.float64)
+    return torch.cumprod(1 - betas, 0)
+
+
+def lesion_histograms(x0: torch.Tensor, masks: torch.Tensor, bins: int = 16) -> torch.Tensor:
+    """(B, K, ...) images in [-1, 1] and lesion masks -> (B, K * bins) histograms of the intensities inside
+    each mask, each summing to 1 (zeros for an empty mask)."""
+    b, k = masks.shape[:2]
+    idx = ((x0.clamp(-1, 1) + 1) / 2 * bins).long().clamp(max=bins - 1)
+    out = torch.zeros(b, k, bins, device=x0.device)
+    out.scatter_add_(2, idx.flatten(2), masks.flatten(2).float())
+    return (out / out.sum(2, keepdim=True).clamp_min(1)).flatten(1)
+
+
+def decompose(image: torch.Tensor, seg: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, 1, ...) image in [0, 1] and (B, 1, ...) labels -> x0 (B, K, ...) in [-1, 1] (the image per
+    class) and the per-class lesion masks (B, K, ...)."""
+    x0 = (image * 2 - 1).expand(-1, classes, *image.shape[2:])
+    masks = torch.cat([(seg == c) for c in range(1, classes + 1)], dim=1).float()
+    return x0.contiguous(), masks
+
+
+@register_task("lesion_diffusion")
+class LesionDiffusionTask(Task):
+    name = "lesion_diffusion"
+    loss_name = "masked_l1"
+    label_output = None
+    optimizer = "adam"  # LeFusion: Adam 1e-4, no weight decay (use --schedule constant and --ema-decay 0.995)
+    initial_lr = 1e-4
+    weight_decay = 0.0
+    sliding_window = False
+    prompt_command = "medseg synthesize"
+    option_names = ("timesteps", "bins")
+
+    def __init__(self, num_classes: int, **options):
+        super().__init__(num_classes, **options)
+        self.timesteps = int(options.get("timesteps", DEFAULT_TIMESTEPS))
+        self.bins = int(options.get("bins", 16))
+        self.classes = max(num_classes - 1, 1)
+        self.alphas_cumprod = cosine_alphas_cumprod(self.timesteps).float()
+
+    def make_batch(self, sample: dict[str, np.ndarray], device, patch_size, augment, g) -> Batch:
+        from medseg.augment.transforms import _center_crop
+
+        image = torch.from_numpy(sample["image"][:, :1]).to(device)
+        seg = torch.from_numpy(sample["seg"].astype(np.int64)).to(device)
+        image, seg = _center_crop(image, patch_size), _center_crop(seg, patch_size)
+        b = image.shape[0]
+        for axis in (3, 4):  # in-plane flips, per sample (none for validation batches: p_mirror 0)
+            flip = (torch.rand(b, generator=g) < augment.p_mirror).to(device).view(b, 1, 1, 1, 1)
+            image, seg = torch.where(flip, image.flip(axis), image), torch.where(flip, seg.flip(axis), seg)
+        x0, masks = decompose(image, seg, self.classes)
+        t = torch.randint(0, self.timesteps, (b,), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        abar = self.alphas_cumprod.to(device)[t].view(b, 1, 1, 1, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        cond = {"timesteps": t, "histogram": lesion_histograms(x0, masks, self.bins)}
+        return Batch(x_t, noise, cond, {"loss_mask": masks})
+
+    def validation_state(self) -> torch.Tensor:
+        return torch.zeros(2, dtype=torch.float64)
+
+    def validation_update(self, state, prediction, batch) -> None:
+        mask = batch.extras["loss_mask"]
+        state[0] += float(((prediction.float() - batch.target).abs() * mask).sum())
+        state[1] += float(mask.sum())
+
+    def validation_summary(self, state) -> dict:
+        if state is None:
+            return {"lesion_noise_l1": None}
+        return {"lesion_noise_l1": round(float(state[0] / state[1].clamp_min(1)), 5)}
+
+    def summary_line(self, summary: dict) -> str:
+        v = summary.get("lesion_noise_l1")
+        return "lesion noise L1 n/a" if v is None else f"lesion noise L1 {v:.4f}"
+
+    def outputs(self, raw) -> dict:
+        return {"noise": raw}

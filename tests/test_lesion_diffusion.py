@@ -1,0 +1,92 @@
+"""LeFusion's denoiser and its lesion-focused task on the one training loop: the cosine schedule, the
+lesion histograms, the multi-channel decomposition, the noised batch, and training on real LIDC VOIs
+through ``medseg train`` (Adam, constant LR, EMA, masked L1, resume)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import SHARED_DATA, copy_cases, run_main
+
+from medseg.augment.transforms import AugmentConfig
+from medseg.models import create_model
+from medseg.tasks import get_task
+from medseg.tasks.lesion_diffusion import cosine_alphas_cumprod, decompose, lesion_histograms
+
+LIDC = SHARED_DATA / "lidc_nodule_vois"  # CC BY 3.0; the test copies five VOIs (skipped without the data)
+
+
+def test_cosine_schedule():
+    abar = cosine_alphas_cumprod(300)
+    assert abar.shape == (300,) and abar[0] > 0.999 and abar[-1] < 1e-3
+    assert torch.all(abar[1:] < abar[:-1])
+    if importlib.util.find_spec("diffusers"):  # the same numbers as diffusers' squaredcos_cap_v2
+        from diffusers import DDPMScheduler
+
+        ref = DDPMScheduler(num_train_timesteps=300, beta_schedule="squaredcos_cap_v2").alphas_cumprod
+        torch.testing.assert_close(abar.float(), ref.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_lesion_histograms_and_decomposition():
+    image = torch.zeros(1, 1, 2, 4, 4)
+    image[..., :2] = 1.0  # [0, 1] -> x0 = +1 on the left half, -1 on the right
+    seg = torch.zeros(1, 1, 2, 4, 4, dtype=torch.int64)
+    seg[0, 0, 0, :, 1:3] = 1  # class 1: half at +1, half at -1
+    seg[0, 0, 1, :, :2] = 2  # class 2: all at +1
+    x0, masks = decompose(image, seg, 2)
+    assert x0.shape == (1, 2, 2, 4, 4) and float(x0.min()) == -1 and float(x0.max()) == 1
+    assert masks[0, 0].sum() == 8 and masks[0, 1].sum() == 8
+    h = lesion_histograms(x0, masks, bins=4).reshape(2, 4)
+    torch.testing.assert_close(h, torch.tensor([[0.5, 0, 0, 0.5], [0, 0, 0, 1.0]]))
+    empty = lesion_histograms(x0, torch.zeros_like(masks), bins=4)
+    assert float(empty.abs().sum()) == 0
+
+
+def test_batch_is_the_noised_roi_with_lesion_masks():
+    task = get_task("lesion_diffusion", 2, timesteps=300)
+    rng = np.random.default_rng(0)
+    sample = {"image": rng.random((3, 1, 6, 16, 16)).astype(np.float32), "seg": np.zeros((3, 1, 6, 16, 16), np.uint8)}
+    sample["seg"][:, :, 2:4, 5:9, 5:9] = 1
+    batch = task.make_batch(sample, "cpu", (6, 16, 16), AugmentConfig(p_mirror=0.0), torch.Generator().manual_seed(0))
+    x0 = torch.from_numpy(sample["image"]) * 2 - 1
+    abar = task.alphas_cumprod[batch.cond["timesteps"]].view(3, 1, 1, 1, 1)
+    torch.testing.assert_close(batch.image, abar.sqrt() * x0 + (1 - abar).sqrt() * batch.target)
+    assert batch.extras["loss_mask"].sum() == 3 * 32 and batch.cond["histogram"].shape == (3, 16)
+    torch.testing.assert_close(batch.cond["histogram"].sum(1), torch.ones(3))
+
+
+def test_denoiser_keeps_depth_and_reads_time_and_histogram():
+    net = create_model("lefusion_unet", 1, 3, base=8, mults=[1, 2, 4], groups=4, heads=2, head_dim=8).eval()
+    x = torch.randn(2, 2, 5, 16, 16)  # two lesion classes -> two channels; depth 5 is never downsampled
+    h = torch.rand(2, 32)
+    y = net(x, timesteps=torch.tensor([3, 250]), histogram=h)
+    assert y.shape == x.shape
+    assert not torch.allclose(y, net(x, timesteps=torch.tensor([3, 250]), histogram=h.flip(0)))
+    assert not torch.allclose(y, net(x, timesteps=torch.tensor([100, 100]), histogram=h))
+    with pytest.raises(ValueError, match="single-channel"):
+        create_model("lefusion_unet", 2, 2)
+
+
+def test_trains_on_real_lidc_vois_through_medseg_train(tmp_path, monkeypatch, capsys):
+    names = sorted(p.name[: -len(".nii.gz")] for p in (LIDC / "labelsTr").glob("*.nii.gz"))[:5] if LIDC.is_dir() else []
+    data = copy_cases(LIDC, tmp_path / "Dataset501_LIDC", names)
+    ws = tmp_path / "ws"
+    assert run_main(monkeypatch, capsys, "plan", data, "-w", ws, "--normalization", "0=range:-1000,400")[0] == 0
+    assert run_main(monkeypatch, capsys, "preprocess", data, "-w", ws)[0] == 0
+    args = ["train", data, "-w", ws, "--arch", "lefusion_unet", "--model-kwargs", '{"base": 8, "mults": [1, 2]}',
+            "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--schedule", "constant",
+            "--ema-decay", "0.995", "--checkpoint-every", "1", "-o", tmp_path / "m"]  # fmt: skip
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 0, err
+    assert "task lesion_diffusion" in err and "lesion noise L1" in err
+    spec = json.loads((tmp_path / "m" / "model.json").read_text())
+    assert spec["task"] == "lesion_diffusion" and spec["training"]["optimizer"] == "adam"
+    assert spec["training"]["loss"] == "masked_l1" and spec["training"]["ema_decay"] == 0.995
+    code, _, err = run_main(monkeypatch, capsys, *[a if a != "1" else "2" for a in args], "--resume")
+    assert code == 0 and "resumed from" in err
+    log = [json.loads(line) for line in (tmp_path / "m" / "fold_0" / "training_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [1, 2] and all(r["lesion_noise_l1"] > 0 for r in log)
