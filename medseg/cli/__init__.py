@@ -454,6 +454,7 @@ from medseg.cli import (  # noqa: E402,F401
     model_commands,
     report_commands,
     sam_commands,
+    synthesis_commands,
     weak_label_commands,
 )
 

@@ -1,0 +1,151 @@
+"""Lesion synthesis with a trained LeFusion denoiser (``medseg synthesize``).
+
+RePaint (Lugmayr et al. 2022) over a respaced cosine schedule, with diffusers' ``RePaintScheduler``
+(``medseg[synthesis]``): at every step the region outside the lesion mask is the real ROI forward-diffused
+to that step, the lesion region is the model's denoising, and every ``jump_length`` steps the chain jumps
+back ``jump_n_sample - 1`` times to harmonise the two. The result is pasted into the input: every
+voxel outside the mask is the input's own value (bit for bit), the lesion is written in HU (the plan's
+``range`` normalisation inverted) in the input's geometry and dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from medseg.errors import CheckpointError, MedsegError
+
+INSTALL_HINT = "pip install 'medseg[synthesis]' (diffusers)"
+
+
+def repaint_scheduler(timesteps: int, steps: int, jump_length: int, jump_n_sample: int):
+    try:
+        from diffusers import RePaintScheduler
+    except ImportError:
+        raise MedsegError(None, f"lesion synthesis needs the diffusers schedulers: {INSTALL_HINT}") from None
+    sched = RePaintScheduler(
+        num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2", eta=1.0, clip_sample=True
+    )
+    sched.set_timesteps(steps, jump_length=jump_length, jump_n_sample=jump_n_sample)
+    return sched
+
+
+@torch.inference_mode()
+def repaint(net, known: torch.Tensor, lesion: torch.Tensor, histogram: torch.Tensor, *, timesteps: int = 300,
+            steps: int = 50, jump_length: int = 5, jump_n_sample: int = 5, seed: int = 0, dtype=None) -> torch.Tensor:  # fmt: skip
+    """(1, K, D, H, W) real ROI in [-1, 1], (1, K, ...) lesion masks (1 = generate) and (1, K*bins)
+    histograms -> the sampled ROI (1, K, ...) in [-1, 1] (outside the masks: the real ROI at t = 0)."""
+    from medseg.utils import autocast_context
+
+    sched = repaint_scheduler(timesteps, steps, jump_length, jump_n_sample)
+    g = torch.Generator(device=known.device).manual_seed(seed)
+    keep = 1.0 - lesion
+    x = torch.randn(known.shape, generator=g, device=known.device)
+    t_last = int(sched.timesteps[0]) + 1
+    for t in sched.timesteps.tolist():
+        if t < t_last:
+            with autocast_context(known.device, dtype):
+                eps = net(x, timesteps=torch.tensor([t], device=known.device), histogram=histogram).float()
+            x = sched.step(eps, t, x, known, keep, generator=g).prev_sample
+        else:
+            x = sched.undo_step(x, t_last, generator=g)
+        t_last = t
+    return keep * known + lesion * x.clamp(-1, 1)
+
+
+@dataclass
+class Synthesizer:
+    net: torch.nn.Module
+    spec: object  # ModelSpec
+    device: torch.device
+    dtype: object = None
+
+    @classmethod
+    def from_folder(cls, folder: str | Path, *, device: str = "cpu", amp: bool | None = None) -> Synthesizer:
+        from medseg.io.checkpoint import available_folds, load_spec, load_weights, resolve_model
+        from medseg.utils import autocast_dtype, resolve_device
+
+        folder = Path(resolve_model(str(folder)))
+        spec = load_spec(folder)
+        if spec.task != "lesion_diffusion":
+            raise CheckpointError(folder, f"is a {spec.task} model, not a lesion-diffusion (LeFusion) model")
+        folds = available_folds(folder)
+        if not folds:
+            raise CheckpointError(folder, "holds no fold_*/model.safetensors")
+        net = spec.build()
+        net.load_state_dict(load_weights(folder / f"fold_{folds[0]}"))
+        dev = resolve_device(device)
+        return cls(net.to(dev).eval(), spec, dev, autocast_dtype(dev, amp))
+
+    @property
+    def classes(self) -> int:
+        return max(self.spec.num_classes - 1, 1)
+
+    def _window(self) -> tuple[float, float]:
+        norm = self.spec.plan.normalization[0]
+        if norm.scheme != "range":
+            raise CheckpointError(
+                None, f"the model's plan normalises with '{norm.scheme}', synthesis needs 'range' (HU window)"
+            )
+        return float(norm.clip_low), float(norm.clip_high)
+
+    def synthesize(self, image: np.ndarray, meta, mask: np.ndarray, histogram: np.ndarray | None = None, *,
+                   steps: int = 50, jump_length: int = 5, jump_n_sample: int = 5, seed: int = 0) -> np.ndarray:  # fmt: skip
+        """(z, y, x) image in HU and its lesion label map (0 = keep, k = lesion class k) -> the image with
+        new lesions: outside the mask identical to ``image``, inside in HU, same dtype. ``histogram``:
+        (K, bins) or (K * bins,) target lesion histograms (None: the input's own lesion histograms)."""
+        from medseg.inference.export import map_to_native
+        from medseg.preprocessing.pipeline import preprocess_array
+        from medseg.tasks.lesion_diffusion import decompose, lesion_histograms
+
+        conf = self.spec.plan.configuration(self.spec.configuration)
+        data, seg, props = preprocess_array(
+            image[None].astype(np.float32), meta, self.spec.plan, conf, mask.astype(np.int16)
+        )
+        x = torch.from_numpy(data[None, :1]).to(self.device)
+        s = torch.from_numpy(seg.astype(np.int64)[None, None]).to(self.device)
+        x, s, crop = _pad_in_plane(x, s, self.net.in_plane_stride)
+        known, lesion = decompose(x, s, self.classes)
+        bins = self.net.cond_dim // self.classes
+        if histogram is None:
+            h = lesion_histograms(known, lesion, bins)
+        else:
+            h = torch.as_tensor(np.asarray(histogram, np.float32).reshape(1, -1), device=self.device)
+            if h.shape[1] != self.net.cond_dim:
+                raise MedsegError(None, f"histogram has {h.shape[1]} values; the model takes {self.classes} x {bins}")
+        timesteps = int(self.spec.training.get("task_options", {}).get("timesteps", 300)) if self.spec.training else 300
+        out = repaint(self.net, known, lesion, h, timesteps=timesteps, steps=steps, jump_length=jump_length,
+                      jump_n_sample=jump_n_sample, seed=seed, dtype=self.dtype)  # fmt: skip
+        real = x * 2 - 1
+        merged = real * (1 - lesion.amax(1, keepdim=True)) + (out * lesion).sum(1, keepdim=True)
+        merged = merged[(slice(None), slice(None), *crop)][
+            0
+        ]  # (1, D, H, W) in [-1, 1]: class k's channel in its lesion
+        lo, hi = self._window()
+        hu = map_to_native(torch.from_numpy(((merged.float().cpu().numpy() + 1) / 2) * (hi - lo) + lo), props)[0]
+        return paste(image, mask > 0, hu)
+
+
+def _pad_in_plane(x: torch.Tensor, s: torch.Tensor, stride: int):
+    """Zero-pad H and W (after the crop: -1 = the window's low end) to multiples of ``stride``."""
+    import torch.nn.functional as F
+
+    h, w = x.shape[-2:]
+    ph, pw = -h % stride, -w % stride
+    crop = (slice(None), slice(ph // 2, ph // 2 + h), slice(pw // 2, pw // 2 + w))
+    pads = (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2)
+    return F.pad(x, pads), F.pad(s, pads), crop
+
+
+def paste(image: np.ndarray, inside: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``image`` with ``values`` (float HU) inside the mask, rounded and clipped to the image's dtype."""
+    out = image.copy()
+    v = values[inside]
+    if np.issubdtype(image.dtype, np.integer):
+        info = np.iinfo(image.dtype)
+        v = np.clip(np.rint(v), info.min, info.max)
+    out[inside] = v.astype(image.dtype)
+    return out
