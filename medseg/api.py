@@ -127,6 +127,8 @@ def train(
     pre = ws.preprocessed(info.name)
     trainer = Trainer(p, configuration, cache_folder(pre, conf), pre, out, fold, config, log=log)
     trainer.fit(resume=resume, overwrite=overwrite)
+    if trainer.dist.is_main:
+        trainer.task.after_training(trainer)
     summary = final_validation(trainer, Path(dataset), log=log)
     if summary:  # where it was written, for the one-screen summary (the file has every case)
         summary = {**summary, "summary_file": str(trainer.fold_dir / "validation" / "summary.json")}

@@ -145,3 +145,36 @@ def test_synthesize_keeps_everything_outside_the_mask(tiny_lefusion, tmp_path, m
         code, _, err = run_main(monkeypatch, capsys, *cmd)
         assert code == 2 and message in err and err.count("medseg: error:") == 1
     assert not (tmp_path / "c.nii.gz").exists()
+
+
+def test_texture_clusters_are_written_listed_and_jittered(tiny_lefusion, monkeypatch, capsys):
+    from medseg.apps.synthesis import read_textures, texture_histogram
+    from medseg.tasks.lesion_diffusion import texture_clusters
+
+    model, _, _ = tiny_lefusion
+    tex = read_textures(model)
+    assert tex["bins"] == 16 and tex["classes"] == 1 and [t["id"] for t in tex["textures"]] == [0, 1, 2]
+    means = [t["mean_hu"] for t in tex["textures"]]
+    assert means == sorted(means) and all(-1000 <= m <= 400 for m in means)
+    for t in tex["textures"]:
+        assert abs(sum(t["histogram"]) - 1) < 1e-4
+    code, out, _ = run_main(monkeypatch, capsys, "synthesize", "-m", model, "--list-textures")
+    assert code == 0 and [line.split()[0] for line in out.strip().splitlines()] == ["0", "1", "2"] and "HU" in out
+    h = np.asarray(tex["textures"][1]["histogram"])
+    j = texture_histogram(tex, 1, seed=3)
+    assert abs(j.sum() - 1) < 1e-5 and np.all(j[h == 0] == 0) and np.abs(j - h).max() <= 0.25 * h.max()
+    assert not np.allclose(j, texture_histogram(tex, 1, seed=4))
+    code, _, err = run_main(
+        monkeypatch, capsys, "synthesize", "-m", model, "--texture", "7", "--image", "x", "--mask", "y", "-o", "z"
+    )
+    assert code == 2 and err.count("medseg: error:") == 1
+    # two clearly different textures come out as two clusters, darker first
+    rng = np.random.default_rng(0)
+    dark, bright = np.eye(16)[3], np.eye(16)[12]
+    hists = np.stack(
+        [dark + 0.01 * rng.random(16) for _ in range(5)] + [bright + 0.01 * rng.random(16) for _ in range(4)]
+    )
+    res = texture_clusters(hists, 2, 16, (-1000, 400))
+    assert [t["cases"] for t in res["textures"]] == [5, 4] and res["textures"][0]["mean_hu"] < res["textures"][1][
+        "mean_hu"
+    ]

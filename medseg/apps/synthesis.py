@@ -149,3 +149,37 @@ def paste(image: np.ndarray, inside: np.ndarray, values: np.ndarray) -> np.ndarr
         v = np.clip(np.rint(v), info.min, info.max)
     out[inside] = v.astype(image.dtype)
     return out
+
+
+def read_textures(model: Path) -> dict:
+    path = Path(model) / "textures.json"
+    if not path.is_file():
+        raise CheckpointError(path, "no texture clusters (written at the end of `medseg train` for lesion_diffusion)")
+    import json
+
+    return json.loads(path.read_text())
+
+
+def texture_histogram(textures: dict, texture: int, seed: int, jitter: float = 0.1) -> np.ndarray:
+    """Cluster ``texture``'s centre with LeFusion's perturbation: each bin moved by up to ``jitter`` of
+    its own value (zero-mean noise scaled to the largest), then each class's histogram renormalised."""
+    ids = [t["id"] for t in textures["textures"]]
+    if texture not in ids:
+        raise MedsegError(None, f"--texture {texture}: the model has textures {', '.join(map(str, ids))}")
+    h = np.asarray(textures["textures"][ids.index(texture)]["histogram"], np.float64)
+    noise = np.random.default_rng(seed).standard_normal(h.shape)
+    noise -= noise.mean()
+    h = h + jitter * np.abs(h) * noise / max(np.abs(noise).max(), 1e-12)
+    per_class = np.clip(h, 0, None).reshape(int(textures["classes"]), -1)
+    return (per_class / np.maximum(per_class.sum(-1, keepdims=True), 1e-12)).reshape(-1).astype(np.float32)
+
+
+def texture_lines(textures: dict) -> list[str]:
+    """One line per texture, id first: mean HU, the HU range of its peak bin, how many training lesions."""
+    bins, lines = int(textures["bins"]), []
+    for t in textures["textures"]:
+        h = np.asarray(t["histogram"]).reshape(-1, bins).mean(0)
+        peak = int(h.argmax())
+        hu = f"mean {t['mean_hu']:.0f} HU, " if "mean_hu" in t else ""
+        lines.append(f"{t['id']}  {hu}peak bin {peak}/{bins}, {t['cases']} training lesion(s)")
+    return lines

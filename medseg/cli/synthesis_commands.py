@@ -14,12 +14,14 @@ def synthesize(
     model: str = typer.Option(
         ..., "-m", "--model", help="A lesion-diffusion model folder (medseg train --arch lefusion_unet)."
     ),
-    image: Path = typer.Option(..., "--image", help="The real image (HU) to put lesions into."),
-    mask: Path = typer.Option(..., "--mask", help="Lesion label map on the image's grid: 0 keep, k = lesion class k."),
-    output: Path = typer.Option(..., "-o", "--output", help="Image to write (the mask is written beside, *_mask)."),
+    image: Path | None = typer.Option(None, "--image", help="The real image (HU) to put lesions into."),
+    mask: Path | None = typer.Option(None, "--mask", help="Lesion label map on the image's grid: 0 keep, k = class k."),
+    output: Path | None = typer.Option(None, "-o", "--output", help="Image to write (the mask beside it, *_mask)."),
+    texture: int | None = typer.Option(None, "--texture", help="Texture id (--list-textures), jittered by up to 10 %."),
     histogram: Path | None = typer.Option(
         None, "--histogram", help="JSON list of the target lesion histogram(s) (default: the input lesion's own)."
     ),
+    list_textures: bool = typer.Option(False, "--list-textures", help="Print the model's textures, one per line."),
     steps: int = typer.Option(50, "--steps", help="Denoising steps of the respaced schedule (RePaint jumps on top)."),
     jump_length: int = typer.Option(5, "--jump-length", help="RePaint: steps between jumps back."),
     jump_n_sample: int = typer.Option(5, "--jump-n-sample", help="RePaint: passes over each jumped stretch."),
@@ -32,11 +34,20 @@ def synthesize(
     import json
     import time
 
-    from medseg.apps.synthesis import Synthesizer
-    from medseg.errors import DatasetError
+    from medseg.apps.synthesis import Synthesizer, read_textures, texture_histogram, texture_lines
+    from medseg.errors import DatasetError, MedsegError
+    from medseg.io.checkpoint import resolve_model
     from medseg.io.image import read_image, write_image
     from medseg.outputs import check_new_outputs
 
+    if list_textures:
+        for line in texture_lines(read_textures(resolve_model(model))):
+            print(line)
+        return
+    if image is None or mask is None or output is None:
+        raise MedsegError(None, "synthesize needs --image, --mask and -o (or --list-textures)")
+    if texture is not None and histogram is not None:
+        raise MedsegError(None, "give --texture or --histogram, not both")
     mask_out = output.with_name(output.name.replace(".nii.gz", "").rsplit(".", 1)[0] + "_mask" + _ending(output))
     check_new_outputs([output, mask_out], overwrite=overwrite)
     img, meta = read_image(image)
@@ -51,6 +62,8 @@ def synthesize(
             h = json.loads(histogram.read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise DatasetError(histogram, f"cannot read a JSON histogram ({exc})") from None
+    if texture is not None:
+        h = texture_histogram(read_textures(resolve_model(model)), texture, seed)
     t0 = time.perf_counter()
     syn = Synthesizer.from_folder(model, device=device)
     out = syn.synthesize(

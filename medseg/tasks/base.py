@@ -95,6 +95,10 @@ class Task:
     def summary_line(self, summary: dict) -> str:
         return "  ".join(f"{k} {v}" for k, v in summary.items())
 
+    def after_training(self, trainer) -> None:
+        """Called once on rank 0 after ``fit()``: what a task adds to the model folder besides the
+        weights (LeFusion: the texture clusters of the training lesions)."""
+
     # ------------------------------------------------------------------ inference
     def outputs(self, raw) -> dict[str, torch.Tensor]:
         """Named maps (B, K, *tile) from an inference forward; deep-supervision lists keep scale 0."""

@@ -60,12 +60,13 @@ class LesionDiffusionTask(Task):
     weight_decay = 0.0
     sliding_window = False
     prompt_command = "medseg synthesize"
-    option_names = ("timesteps", "bins")
+    option_names = ("timesteps", "bins", "textures")
 
     def __init__(self, num_classes: int, **options):
         super().__init__(num_classes, **options)
         self.timesteps = int(options.get("timesteps", DEFAULT_TIMESTEPS))
         self.bins = int(options.get("bins", 16))
+        self.textures = int(options.get("textures", 3))  # k-means clusters of the training lesions' histograms
         self.classes = max(num_classes - 1, 1)
         self.alphas_cumprod = cosine_alphas_cumprod(self.timesteps).float()
 
@@ -106,3 +107,43 @@ class LesionDiffusionTask(Task):
 
     def outputs(self, raw) -> dict:
         return {"noise": raw}
+
+    def after_training(self, trainer) -> None:
+        """``MODEL/textures.json``: k-means centres of the training lesions' histograms (the textures
+        ``medseg synthesize --texture K`` asks for), from the cached training cases."""
+        from medseg.data.cache import load_cached_case
+        from medseg.io.jsonio import write_json
+
+        hists = []
+        for name in trainer.train_names:
+            case = load_cached_case(trainer.cache_dir, name, mmap=True)
+            image = torch.from_numpy(np.array(case.data[:1], np.float32))[None]
+            seg = torch.from_numpy(np.array(case.seg, np.int64))[None, None]
+            x0, masks = decompose(image, seg, self.classes)
+            hists.append(lesion_histograms(x0, masks, self.bins)[0].numpy())
+        norm = trainer.plan.normalization[0]
+        window = (norm.clip_low, norm.clip_high) if norm.scheme == "range" else None
+        write_json(
+            trainer.output_dir / "textures.json", texture_clusters(np.stack(hists), self.textures, self.bins, window)
+        )
+
+
+def texture_clusters(hists: np.ndarray, k: int, bins: int, window=None, seed: int = 0) -> dict:
+    """k-means (k-means++ seeding, seeded) of (N, K*bins) lesion histograms -> the cluster centres, ordered
+    by mean intensity, each with its size and (with the HU ``window``) its mean HU."""
+    from scipy.cluster.vq import kmeans2
+
+    k = max(1, min(k, len(hists)))
+    centres, labels = kmeans2(hists.astype(np.float64), k, seed=seed, minit="++")
+    per_class = np.clip(centres, 0, None).reshape(k, -1, bins)
+    centres = (per_class / np.maximum(per_class.sum(-1, keepdims=True), 1e-12)).reshape(k, -1)
+    mids = (np.arange(bins) + 0.5) / bins  # bin centres in [0, 1]
+    mean01 = (centres.reshape(k, -1, bins) * mids).sum(-1).mean(-1)
+    order = np.argsort(mean01)
+    out = []
+    for new_id, c in enumerate(order):
+        entry = {"id": new_id, "histogram": [round(float(v), 6) for v in centres[c]], "cases": int((labels == c).sum())}
+        if window is not None:
+            entry["mean_hu"] = round(float(window[0] + mean01[c] * (window[1] - window[0])), 1)
+        out.append(entry)
+    return {"bins": bins, "classes": hists.shape[1] // bins, "textures": out}
