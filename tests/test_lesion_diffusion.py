@@ -178,3 +178,57 @@ def test_texture_clusters_are_written_listed_and_jittered(tiny_lefusion, monkeyp
     assert [t["cases"] for t in res["textures"]] == [5, 4] and res["textures"][0]["mean_hu"] < res["textures"][1][
         "mean_hu"
     ]
+
+
+def test_enclosing_sphere_and_mask_cleaning():
+    from medseg.apps.synthesis import clean_mask
+    from medseg.tasks.lesion_diffusion import enclosing_sphere, sphere
+
+    m = torch.zeros(1, 1, 9, 9, 9)
+    m[0, 0, 3:6, 3:6, 3:6] = 1
+    ball = enclosing_sphere(m)
+    assert ball[0, 0, 4, 4, 4] == 1 and ball[0, 0, 0, 0, 0] == -1 and bool((ball[m > 0] == 1).all())
+    np.testing.assert_array_equal(
+        sphere((9, 9, 9), (4, 4, 4), 2.0)[0, 0, 4, 4].numpy() > 0, np.abs(np.arange(9) - 4) <= 2
+    )
+    prob = np.zeros((12, 20, 20), np.float32)
+    prob[2:10, 3:15, 3:15] = 1
+    prob[5, 8, 8] = 0  # a hole
+    prob[0, 18:20, 18:20] = 1  # a speck
+    out = clean_mask(prob)
+    assert out.dtype == np.uint8 and out[5, 8, 8] == 1 and out[0, 19, 19] == 0
+    assert clean_mask(np.zeros((4, 4, 4), np.float32)).sum() == 0
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason="sampling needs medseg[synthesis] (diffusers)"
+)
+def test_diffmask_trains_and_draws_one_lesion_on_the_image_grid(tiny_lefusion, tmp_path, monkeypatch, capsys):
+    from medseg import api
+    from medseg.io.image import read_image
+    from medseg.training.config import TrainingConfig
+
+    _, data, names = tiny_lefusion
+    root = data.parent
+    cfg = TrainingConfig(model="diffmask_unet", model_kwargs={"base": 8, "mults": [1, 2]}, epochs=1,
+                         iterations_per_epoch=2, val_iterations=0, schedule="constant", device="cpu")  # fmt: skip
+    api.train(data, root / "ws", fold="all", config=cfg, output=tmp_path / "dm", log=lambda *a: None)
+    like = data / "imagesTr" / f"{names[0]}_0000.nii.gz"
+    image, _ = read_image(like)
+    centre = [s // 2 for s in image.shape]
+    args = ["synthesize-mask", "-m", tmp_path / "dm", "--like", like, "--centre", *centre, "--radius", "6",
+            "--steps", "5", "--device", "cpu"]  # fmt: skip
+    code, out, err = run_main(monkeypatch, capsys, *args, "-o", tmp_path / "m.nii.gz")
+    assert code == 0, err
+    mask, _ = read_image(tmp_path / "m.nii.gz")
+    assert mask.shape == image.shape and set(np.unique(mask)) <= {0, 1}
+    import cc3d
+
+    assert cc3d.connected_components(mask.astype(np.uint8)).max() <= 1  # one lesion at most
+    code, _, err = run_main(
+        monkeypatch, capsys, *[a if a != centre[0] else 999 for a in args], "-o", tmp_path / "x.nii.gz"
+    )
+    assert code == 2 and "outside the image" in err and not (tmp_path / "x.nii.gz").exists()
+    code, _, err = run_main(monkeypatch, capsys, "synthesize-mask", "-m", data.parent / "m", "--like", like, "--centre",
+                            *centre, "--radius", "6", "-o", tmp_path / "y.nii.gz")  # fmt: skip
+    assert code == 2 and "not a mask-diffusion" in err

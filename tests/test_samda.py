@@ -158,6 +158,9 @@ def test_samda_trains_and_predicts_real_cases_with_cached_embeddings(tmp_path, m
     code, out, err = run_main(monkeypatch, capsys, *[a if a != "2" else "3" for a in args], "--resume")
     assert code == 0 and "computing sam_embedding" not in out + err
 
+    import medseg.sam.embeddings as emb
+
+    monkeypatch.setattr(emb, "_ENCODERS", {})  # as in a fresh `medseg predict`: the encoder is built in inference mode
     predictor = Predictor.from_folder(tmp_path / "m", device="cpu", derived_cache=tmp_path / "dc")
     image, meta = read_image(data / "imagesTr" / f"{HIPPO_CASES[0]}_0000.nii.gz")
     seg, _ = predictor.predict_array(image[None], meta)

@@ -64,14 +64,19 @@ class Synthesizer:
     dtype: object = None
 
     @classmethod
-    def from_folder(cls, folder: str | Path, *, device: str = "cpu", amp: bool | None = None) -> Synthesizer:
+    def from_folder(
+        cls, folder: str | Path, *, device: str = "cpu", amp: bool | None = None, task: str = "lesion_diffusion"
+    ) -> Synthesizer:
         from medseg.io.checkpoint import available_folds, load_spec, load_weights, resolve_model
         from medseg.utils import autocast_dtype, resolve_device
 
         folder = Path(resolve_model(str(folder)))
         spec = load_spec(folder)
-        if spec.task != "lesion_diffusion":
-            raise CheckpointError(folder, f"is a {spec.task} model, not a lesion-diffusion (LeFusion) model")
+        if spec.task != task:
+            what = {"lesion_diffusion": "lesion-diffusion (LeFusion)", "mask_diffusion": "mask-diffusion (DiffMask)"}[
+                task
+            ]
+            raise CheckpointError(folder, f"is a {spec.task} model, not a {what} model")
         folds = available_folds(folder)
         if not folds:
             raise CheckpointError(folder, "holds no fold_*/model.safetensors")
@@ -79,6 +84,29 @@ class Synthesizer:
         net.load_state_dict(load_weights(folder / f"fold_{folds[0]}"))
         dev = resolve_device(device)
         return cls(net.to(dev).eval(), spec, dev, autocast_dtype(dev, amp))
+
+    @property
+    def timesteps(self) -> int:
+        return int((self.spec.training or {}).get("task_options", {}).get("timesteps", 300))
+
+    def synthesize_mask(self, like: np.ndarray, meta, centre, radius_mm: float, *, steps: int = 50, seed: int = 0):
+        """A new lesion mask on the grid of the image ``like`` (z, y, x), around voxel ``centre`` (z, y, x
+        of ``like``) in a ball of ``radius_mm``: DiffMask sampling in the plan's space, post-processed."""
+        from medseg.inference.conditions import points_to_preprocessed
+        from medseg.inference.export import map_to_native
+        from medseg.preprocessing.pipeline import preprocess_array
+        from medseg.tasks.lesion_diffusion import sphere
+
+        conf = self.spec.plan.configuration(self.spec.configuration)
+        data, _, props = preprocess_array(like[None].astype(np.float32), meta, self.spec.plan, conf)
+        c = points_to_preprocessed(np.asarray([centre], np.float64), props)[0]
+        ball = sphere(data.shape[1:], c, [radius_mm / sp for sp in conf.spacing]).to(self.device)
+        shifted, _, crop = _pad_in_plane(ball + 1, ball, self.net.in_plane_stride)  # padding is outside the ball
+        ball = shifted - 1
+        x = sample_mask(self.net, ball, timesteps=self.timesteps, steps=steps, seed=seed,
+                        dtype=self.dtype)  # fmt: skip
+        prob = ((x[(0, slice(None), *crop)] + 1) / 2).float().cpu()
+        return clean_mask(map_to_native(prob, props)[0])
 
     @property
     def classes(self) -> int:
@@ -116,8 +144,7 @@ class Synthesizer:
             h = torch.as_tensor(np.asarray(histogram, np.float32).reshape(1, -1), device=self.device)
             if h.shape[1] != self.net.cond_dim:
                 raise MedsegError(None, f"histogram has {h.shape[1]} values; the model takes {self.classes} x {bins}")
-        timesteps = int(self.spec.training.get("task_options", {}).get("timesteps", 300)) if self.spec.training else 300
-        out = repaint(self.net, known, lesion, h, timesteps=timesteps, steps=steps, jump_length=jump_length,
+        out = repaint(self.net, known, lesion, h, timesteps=self.timesteps, steps=steps, jump_length=jump_length,
                       jump_n_sample=jump_n_sample, seed=seed, dtype=self.dtype)  # fmt: skip
         real = x * 2 - 1
         merged = real * (1 - lesion.amax(1, keepdim=True)) + (out * lesion).sum(1, keepdim=True)
@@ -183,3 +210,48 @@ def texture_lines(textures: dict) -> list[str]:
         hu = f"mean {t['mean_hu']:.0f} HU, " if "mean_hu" in t else ""
         lines.append(f"{t['id']}  {hu}peak bin {peak}/{bins}, {t['cases']} training lesion(s)")
     return lines
+
+
+# ---------------------------------------------------------------------------------- DiffMask
+# size-adaptive smoothing of a sampled mask (DiffMask's post-processing): (max voxels, sigma, threshold)
+SMOOTHING = ((20, 0.5, 0.01), (50, 0.5, 0.1), (100, 0.5, 0.2), (1000, 1.0, 0.3), (10000, 1.5, 0.5), (None, 2.0, 0.5))
+
+
+@torch.inference_mode()
+def sample_mask(net, ball: torch.Tensor, *, timesteps: int = 300, steps: int = 50, seed: int = 0, dtype=None):
+    """Ancestral DDPM sampling (diffusers ``DDPMScheduler``, cosine schedule respaced to ``steps``) of a
+    lesion mask conditioned on ``ball`` (1, 1, D, H, W) in {-1, 1} -> (1, 1, ...) values in [-1, 1]."""
+    from medseg.utils import autocast_context
+
+    try:
+        from diffusers import DDPMScheduler
+    except ImportError:
+        raise MedsegError(None, f"mask synthesis needs the diffusers schedulers: {INSTALL_HINT}") from None
+    sched = DDPMScheduler(num_train_timesteps=timesteps, beta_schedule="squaredcos_cap_v2", clip_sample=True)
+    sched.set_timesteps(steps)
+    g = torch.Generator(device=ball.device).manual_seed(seed)
+    x = torch.randn(ball.shape, generator=g, device=ball.device)
+    for t in sched.timesteps.tolist():
+        with autocast_context(ball.device, dtype):
+            eps = net(x, timesteps=torch.tensor([t], device=ball.device), extra=ball).float()
+        x = sched.step(eps, t, x, generator=g).prev_sample
+    return x.clamp(-1, 1)
+
+
+def clean_mask(prob: np.ndarray) -> np.ndarray:
+    """DiffMask's post-processing of a sampled mask (probabilities in [0, 1]): threshold 0.5, fill holes,
+    Gaussian smoothing with a size-dependent sigma and threshold, the largest connected component."""
+    import cc3d
+    from scipy import ndimage
+
+    mask = ndimage.binary_fill_holes(prob > 0.5)
+    n = int(mask.sum())
+    if n == 0:
+        return mask.astype(np.uint8)
+    sigma, thr = next((s, t) for limit, s, t in SMOOTHING if limit is None or n < limit)
+    mask = ndimage.gaussian_filter(mask.astype(np.float32), sigma) > thr
+    labels = cc3d.connected_components(mask.astype(np.uint8), connectivity=26)
+    if labels.max() > 1:
+        sizes = np.bincount(labels.ravel())[1:]
+        mask = labels == (int(sizes.argmax()) + 1)
+    return mask.astype(np.uint8)

@@ -134,7 +134,7 @@ class LesionDiffusionUNet(nn.Module):
                  groups: int = 8, heads: int = 8, head_dim: int = 32, extra_channels: int = 0):  # fmt: skip
         """``extra_channels``: inputs beside the noisy image that are not denoised (DiffMask's sphere)."""
         super().__init__()
-        self.cond_dim, self.base = cond_dim, base
+        self.cond_dim, self.base, self.extra_channels = cond_dim, base, extra_channels
         widths = [base * m for m in mults]
         emb_dim = 4 * base + cond_dim
         self.time_mlp = nn.Sequential(nn.Linear(base, 4 * base), nn.GELU(), nn.Linear(4 * base, 4 * base))
@@ -177,7 +177,10 @@ class LesionDiffusionUNet(nn.Module):
         ``timesteps``: (B,) or a scalar (None: 0); ``histogram``: (B, cond_dim); ``extra``: the extra
         input channels."""
         emb = self.embedding(timesteps, histogram, x.shape[0], x.device)
-        h = self.stem_attn(self.stem(x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1)))
+        if self.extra_channels:
+            extra = extra if extra is not None else x.new_zeros(x.shape[0], self.extra_channels, *x.shape[2:])
+            x = torch.cat([x, extra.to(x.dtype)], dim=1)
+        h = self.stem_attn(self.stem(x))
         stem, skips = h, []
         for level, down in zip(self.down, self.downsample):
             h = level(h, emb)
@@ -221,3 +224,21 @@ def build_lefusion_unet(in_channels: int = 1, num_classes: int = 2, *, spatial_d
     k = lesion_channels or max(num_classes - 1, 1)
     return LesionDiffusionUNet(k, k, base=base, mults=tuple(mults), cond_dim=cond_dim * k, groups=groups,
                                heads=heads, head_dim=head_dim, extra_channels=extra_channels)  # fmt: skip
+
+
+@register_model(
+    "diffmask_unet",
+    test_config={"base": 8, "mults": [1, 2], "groups": 4, "heads": 2, "head_dim": 8, "input_size": [4, 16, 16]},
+    description="DiffMask: the LeFusion denoiser on lesion masks, conditioned on an enclosing sphere",
+    task="mask_diffusion",
+    encoder=("down", "downsample", "stem", "stem_attn"),
+    head=("head",),
+)
+def build_diffmask_unet(in_channels: int = 1, num_classes: int = 2, *, spatial_dims: int = 3, deep_supervision=False,
+                        base: int = 16, mults=(1, 2, 4), groups: int = 8, heads: int = 4,
+                        head_dim: int = 16) -> LesionDiffusionUNet:  # fmt: skip
+    """One mask channel (all lesion classes), the sphere as an extra input, no histogram."""
+    if spatial_dims != 3:
+        raise ValueError("diffmask_unet is a 3D model (depth first: D, H, W)")
+    return LesionDiffusionUNet(1, 1, base=base, mults=tuple(mults), cond_dim=0, groups=groups, heads=heads,
+                               head_dim=head_dim, extra_channels=1)  # fmt: skip

@@ -29,19 +29,24 @@ def frozen_encoder(weights: str, input_size: int, device) -> torch.nn.Module:
     folder), BatchNorm folded, channels-last, eval; built once per process."""
     key = (str(weights), int(input_size), str(device))
     if key not in _ENCODERS:
-        from medseg.io.checkpoint import load_spec
-        from medseg.models.sam.tinyvit import TinyViT
-        from medseg.sam.weights import read_base_weights, resolve_sam_model
-
-        folder = resolve_sam_model(weights)
-        arch = load_spec(folder).model_kwargs
-        enc = TinyViT(int(input_size), 3, arch["embed_dims"], arch["depths"], arch["num_heads"], arch["window_sizes"])
-        prefix = "image_encoder."
-        state = {k[len(prefix) :]: v for k, v in read_base_weights(str(folder)).items() if k.startswith(prefix)}
-        enc.load_state_dict(state)
-        enc.eval().fuse_batchnorm()
-        _ENCODERS[key] = enc.to(device, memory_format=torch.channels_last).requires_grad_(False)
+        with torch.inference_mode(False):  # normal tensors even when first asked for inside inference mode
+            _ENCODERS[key] = _build_encoder(weights, input_size, device)
     return _ENCODERS[key]
+
+
+def _build_encoder(weights: str, input_size: int, device) -> torch.nn.Module:
+    from medseg.io.checkpoint import load_spec
+    from medseg.models.sam.tinyvit import TinyViT
+    from medseg.sam.weights import read_base_weights, resolve_sam_model
+
+    folder = resolve_sam_model(weights)
+    arch = load_spec(folder).model_kwargs
+    enc = TinyViT(int(input_size), 3, arch["embed_dims"], arch["depths"], arch["num_heads"], arch["window_sizes"])
+    prefix = "image_encoder."
+    state = {k[len(prefix) :]: v for k, v in read_base_weights(str(folder)).items() if k.startswith(prefix)}
+    enc.load_state_dict(state)
+    enc.eval().fuse_batchnorm()
+    return enc.to(device, memory_format=torch.channels_last).requires_grad_(False)
 
 
 def volume_window(volume: np.ndarray) -> tuple[float, float]:

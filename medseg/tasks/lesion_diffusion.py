@@ -147,3 +147,63 @@ def texture_clusters(hists: np.ndarray, k: int, bins: int, window=None, seed: in
             entry["mean_hu"] = round(float(window[0] + mean01[c] * (window[1] - window[0])), 1)
         out.append(entry)
     return {"bins": bins, "classes": hists.shape[1] // bins, "textures": out}
+
+
+def enclosing_sphere(masks: torch.Tensor) -> torch.Tensor:
+    """(B, 1, D, H, W) binary masks -> (B, 1, D, H, W) spheres in {-1, 1}: centre = the mask's centroid,
+    radius = its largest voxel distance from it (DiffMask's condition; in voxels of the array)."""
+    out = torch.full_like(masks, -1.0)
+    grids = torch.stack(torch.meshgrid(*[torch.arange(n, device=masks.device) for n in masks.shape[2:]], indexing="ij"))
+    for b in range(masks.shape[0]):
+        pts = torch.nonzero(masks[b, 0] > 0).float()
+        if not len(pts):
+            continue
+        centre = pts.mean(0)
+        radius = (pts - centre).norm(dim=1).max()
+        dist = (grids.float() - centre.view(3, 1, 1, 1)).norm(dim=0)
+        out[b, 0][dist <= radius] = 1.0
+    return out
+
+
+def sphere(shape, centre, radius) -> torch.Tensor:
+    """(1, 1, *shape) ball in {-1, 1} around ``centre`` (z, y, x voxels); ``radius``: voxels, one value
+    or one per axis (a ball in mm on an anisotropic grid)."""
+    grids = torch.stack(torch.meshgrid(*[torch.arange(n) for n in shape], indexing="ij")).float()
+    r = torch.as_tensor(radius, dtype=torch.float32).reshape(-1).expand(3).view(3, 1, 1, 1)
+    dist = ((grids - torch.tensor(centre, dtype=torch.float32).view(3, 1, 1, 1)) / r).norm(dim=0)
+    return torch.where(dist <= 1.0, 1.0, -1.0)[None, None]
+
+
+@register_task("mask_diffusion")
+class MaskDiffusionTask(LesionDiffusionTask):
+    """DiffMask: the same denoiser learns lesion *masks* x0 = 2 * mask - 1 (all lesion classes together),
+    conditioned on the mask's enclosing sphere (an extra input channel), loss L1 over every voxel."""
+
+    name = "mask_diffusion"
+    loss_name = "masked_l1"
+    initial_lr = 3e-4  # DiffMask's
+    prompt_command = "medseg synthesize-mask"
+    option_names = ("timesteps",)
+
+    def make_batch(self, sample, device, patch_size, augment, g) -> Batch:
+        from medseg.augment.transforms import _center_crop
+
+        seg = _center_crop(torch.from_numpy(sample["seg"].astype(np.int64)).to(device), patch_size)
+        b = seg.shape[0]
+        for axis in (3, 4):
+            flip = (torch.rand(b, generator=g) < augment.p_mirror).to(device).view(b, 1, 1, 1, 1)
+            seg = torch.where(flip, seg.flip(axis), seg)
+        masks = (seg > 0).float()
+        x0 = masks * 2 - 1
+        t = torch.randint(0, self.timesteps, (b,), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        abar = self.alphas_cumprod.to(device)[t].view(b, 1, 1, 1, 1)
+        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        return Batch(x_t, noise, {"timesteps": t, "extra": enclosing_sphere(masks)}, {"loss_mask": torch.ones_like(x0)})
+
+    def summary_line(self, summary: dict) -> str:
+        v = summary.get("lesion_noise_l1")
+        return "mask noise L1 n/a" if v is None else f"mask noise L1 {v:.4f}"
+
+    def after_training(self, trainer) -> None:
+        pass  # no textures: DiffMask has no histogram condition
