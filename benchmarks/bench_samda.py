@@ -202,7 +202,7 @@ def main() -> None:
     ap.add_argument("--shots", type=int, nargs="+", default=[1, 2, 5, 10])
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
-    ap.add_argument("--source-epochs", type=int, default=30)
+    ap.add_argument("--source-epochs", type=int, default=20)
     ap.add_argument("--source-iterations", type=int, default=250)
     ap.add_argument("--adapt-epochs", type=int, default=10)
     ap.add_argument("--joint-epochs", type=int, default=10)
