@@ -75,10 +75,7 @@ def train_sources(args, ws: Path, out: Path) -> dict[str, Path]:
     sources = {"unet3d": Path("hippocampus")}
     for name, extra in (("unet2d", []), ("samda", ["--arch", "samda", "--model-kwargs", '{"sam_input_size": 128}'])):
         folder = out / "sources" / name
-        if (
-            not (folder / "fold_0" / "model.safetensors").is_file()
-            or (folder / "fold_0" / "training_state.pt").is_file()
-        ):
+        if not (folder / "fold_0" / "validation" / "summary.json").is_file():  # trained and validated: done
             resume = ["--resume"] if (folder / "fold_0" / "training_state.pt").is_file() else []
             medseg("train", src, "-w", ws, "-c", "2d", "-f", "0", *extra, "--epochs", args.source_epochs,
                    "--iterations", args.source_iterations, "--checkpoint-every", 2, "-o", folder, *resume,
