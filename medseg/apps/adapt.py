@@ -138,8 +138,10 @@ def shots_dataset(target: Path, shots: list[str], dest: Path) -> Path:
 
 
 def source_cache(source: Path, plan, configuration: str, ws, *, progress: bool = True) -> Path:
-    """The source dataset preprocessed with the source model's own plan (once per plan, in the workspace)."""
+    """The source dataset preprocessed with the source model's own plan, once per plan in the workspace:
+    where the source model was trained in this workspace, its own cache (and cached SAM embeddings)."""
     from medseg.io.dataset import load_dataset_json
+    from medseg.planning.plan import Plan
     from medseg.preprocessing.pipeline import preprocess_dataset
 
     info = load_dataset_json(source)
@@ -147,7 +149,9 @@ def source_cache(source: Path, plan, configuration: str, ws, *, progress: bool =
         raise DatasetError(
             Path(source) / "dataset.json", f"labels {info.labels} are not the source model's {plan.labels}"
         )
-    pre = ws.preprocessed(f"{info.name}_plan_{_digest(plan.to_json())}")
+    pre = ws.preprocessed(info.name)  # the workspace the source model was trained in, if its plan is this one
+    if not ws.plan_path(info.name).is_file() or Plan.load(ws.plan_path(info.name)).to_json() != plan.to_json():
+        pre = ws.preprocessed(f"{info.name}_plan_{_digest(plan.to_json())}")
     return preprocess_dataset(source, plan, configuration, pre, progress=progress)
 
 
