@@ -114,7 +114,8 @@ def _scores(summary: dict) -> tuple[float, float]:
     return m["dice"], m["hd95"]
 
 
-def _agg(values: list[float]) -> str:
+def _agg(values: list) -> str:
+    values = [v for v in values if v is not None]  # HD95 is undefined where a prediction is empty
     if not values:
         return "–"
     sd = statistics.stdev(values) if len(values) > 1 else 0.0
@@ -152,7 +153,7 @@ def report(out: Path, args, direct_results: dict, elapsed: float) -> str:
     direct_lines = ["", "Source models on the test crops, no target label (Dice / HD95):", ""]
     for name, s in direct_results.items():
         dice, hd95 = _scores(s)
-        direct_lines.append(f"* {name}: {dice:.3f} / {hd95:.2f} mm")
+        direct_lines.append(f"* {name}: {dice:.3f} / " + (f"{hd95:.2f} mm" if hd95 is not None else "HD95 undefined"))
     text = "\n".join(
         ["Dice (mean over the 40 test crops; mean ± std over 3 draws of the shots):", "", *lines, *hd, *direct_lines]
     )
