@@ -235,7 +235,7 @@ def main() -> None:
             for draw in range(args.draws):
                 for m in args.methods:
                     adapt_run(m, sources[m], k, draw, args, out, ws, test_file, lm)
-                    log(report(out, args, direct_results, time.time() - t0).splitlines()[2 + METHODS.index(m)])
+                    log(report(out, args, direct_results, time.time() - t0).splitlines()[4 + METHODS.index(m)])
     print(report(out, args, direct_results, time.time() - t0))
 
 

@@ -111,6 +111,9 @@ def test_adapt_end_to_end_on_real_cases(tmp_path, monkeypatch, capsys, source_mo
     assert preds == ["ixi_IXI048-HH-1326_L.nii.gz", "ixi_IXI048-HH-1326_R.nii.gz"]
     assert (tmp_path / "adapted" / "adaptation" / "fewshot" / "summary.json").is_file()
     assert "hippocampus" in out and "Dice" in out
+    (shots_plan,) = (tmp_path / "ws" / "preprocessed").glob("*_shots_*/plan.json")  # the source's own plan
+    src_plan = json.loads((model / "model.json").read_text())["plan"]
+    assert json.loads(shots_plan.read_text())["configurations"] == src_plan["configurations"]
     assert (_digest(target), _digest(source)) == before  # the inputs are only read
     assert not list((tmp_path / "adapted").rglob("training_state.pt"))
 

@@ -195,7 +195,7 @@ def adapt(source_model, target, output, cfg: AdaptConfig, *, workspace=None, log
     shots = draw_shots(names, subjects_of(names, cfg.subject_pattern), cfg)
     lut = label_lut(spec.labels, info.labels, cfg)
     plan = replace(spec.plan, labels=dict(info.labels))
-    name = f"{info.name}_shots_{_digest(shots)}"
+    name = f"{info.name}_shots_{_digest([shots, plan.to_json()])}"  # one per source plan: its spacing, patch, batch
     raw = shots_dataset(target, shots, ws.root / "adapt" / name)
     if not ws.plan_path(name).is_file():
         compute_fingerprint(raw, progress=False).save(ws.fingerprint_path(name))
