@@ -118,7 +118,7 @@ def test_synthesize_keeps_everything_outside_the_mask(tiny_lefusion, tmp_path, m
     model, data, names = tiny_lefusion
     img_path, mask_path = data / "imagesTr" / f"{names[0]}_0000.nii.gz", data / "labelsTr" / f"{names[0]}.nii.gz"
     before = img_path.read_bytes()
-    args = ["synthesize", "-m", model, "--image", img_path, "--mask", mask_path, "--steps", "4", "--jump-length", "2",
+    args = ["synthesize", "-m", model, "-i", img_path, "--mask", mask_path, "--steps", "4", "--jump-length", "2",
             "--jump-n-sample", "2", "--device", "cpu"]  # fmt: skip
     code, out, err = run_main(monkeypatch, capsys, *args, "-o", tmp_path / "a.nii.gz")
     assert code == 0, err

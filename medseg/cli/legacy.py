@@ -20,6 +20,7 @@ RENAMED: dict[str, dict[str, str]] = {
     "predict": {"--folds": "--fold"},
     "ct-stats": {"--image": "--input"},
     "dicom-seg": {"--series": "--input", "--out": "--output"},
+    "synthesize": {"--image": "--input"},  # LeFusion's own spelling (issue 13): accepted, -i/--input is ours
 }
 
 

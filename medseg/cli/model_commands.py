@@ -161,9 +161,11 @@ def _measure_at_patch(name: str, patch, in_channels: int, num_classes: int):
     """(cost, "default" | "planned"): the builder's default network, or, if its total stride does not
     divide ``patch``, the network with the topology the planner gives ``patch`` at 1 mm spacing."""
     from medseg.models.flops import measure
-    from medseg.models.registry import accepted_kwargs
+    from medseg.models.registry import accepted_kwargs, get_entry
     from medseg.planning.planner import pool_and_conv_props
 
+    if len(patch) not in get_entry(name).spatial_dims:  # a 2D-only model: one slice of the patch
+        patch = tuple(patch)[1:] if len(patch) == 3 else tuple(patch)
     try:
         return measure(name, patch, in_channels=in_channels, num_classes=num_classes), "default"
     except Exception:

@@ -14,7 +14,7 @@ def synthesize(
     model: str = typer.Option(
         ..., "-m", "--model", help="A lesion-diffusion model folder (medseg train --arch lefusion_unet)."
     ),
-    image: Path | None = typer.Option(None, "--image", help="The real image (HU) to put lesions into."),
+    image: Path | None = typer.Option(None, "-i", "--input", help="The real image (HU) to put lesions into."),
     mask: Path | None = typer.Option(None, "--mask", help="Lesion label map on the image's grid: 0 keep, k = class k."),
     output: Path | None = typer.Option(None, "-o", "--output", help="Image to write (the mask beside it, *_mask)."),
     texture: int | None = typer.Option(None, "--texture", help="Texture id (--list-textures), jittered by up to 10 %."),
@@ -45,7 +45,7 @@ def synthesize(
             print(line)
         return
     if image is None or mask is None or output is None:
-        raise MedsegError(None, "synthesize needs --image, --mask and -o (or --list-textures)")
+        raise MedsegError(None, "synthesize needs -i/--input, --mask and -o (or --list-textures)")
     if texture is not None and histogram is not None:
         raise MedsegError(None, "give --texture or --histogram, not both")
     mask_out = output.with_name(output.name.replace(".nii.gz", "").rsplit(".", 1)[0] + "_mask" + _ending(output))

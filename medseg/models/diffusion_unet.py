@@ -135,6 +135,7 @@ class LesionDiffusionUNet(nn.Module):
         """``extra_channels``: inputs beside the noisy image that are not denoised (DiffMask's sphere)."""
         super().__init__()
         self.cond_dim, self.base, self.extra_channels = cond_dim, base, extra_channels
+        self.input_channels = in_channels  # what forward's x has (one per lesion class), whatever the image has
         widths = [base * m for m in mults]
         emb_dim = 4 * base + cond_dim
         self.time_mlp = nn.Sequential(nn.Linear(base, 4 * base), nn.GELU(), nn.Linear(4 * base, 4 * base))
@@ -206,6 +207,7 @@ class LesionDiffusionUNet(nn.Module):
     },  # fmt: skip
     description="LeFusion denoiser: per-slice 3D U-Net with depth attention, time + histogram conditioning",
     task="lesion_diffusion",
+    spatial_dims=(3,),
     encoder=("down", "downsample", "stem", "stem_attn"),
     head=("head",),
 )
@@ -231,6 +233,7 @@ def build_lefusion_unet(in_channels: int = 1, num_classes: int = 2, *, spatial_d
     test_config={"base": 8, "mults": [1, 2], "groups": 4, "heads": 2, "head_dim": 8, "input_size": [4, 16, 16]},
     description="DiffMask: the LeFusion denoiser on lesion masks, conditioned on an enclosing sphere",
     task="mask_diffusion",
+    spatial_dims=(3,),
     encoder=("down", "downsample", "stem", "stem_attn"),
     head=("head",),
 )

@@ -62,7 +62,8 @@ def forward_cost(model: nn.Module, patch: Sequence[int], in_channels: int) -> tu
     On a meta model nothing is computed, so this is free; on a real model it runs the forward pass.
     """
     device = next((p.device for p in model.parameters()), torch.device("meta"))
-    x = torch.empty(1, in_channels, *patch, device=device)
+    # a model whose input is not the image's channels says so (LeFusion: one noisy channel per lesion class)
+    x = torch.empty(1, getattr(model, "input_channels", in_channels), *patch, device=device)
     elements = [0]
 
     def hook(_module, _inp, out):

