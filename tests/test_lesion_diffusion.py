@@ -232,3 +232,29 @@ def test_diffmask_trains_and_draws_one_lesion_on_the_image_grid(tiny_lefusion, t
     code, _, err = run_main(monkeypatch, capsys, "synthesize-mask", "-m", data.parent / "m", "--like", like, "--centre",
                             *centre, "--radius", "6", "-o", tmp_path / "y.nii.gz")  # fmt: skip
     assert code == 2 and "not a mask-diffusion" in err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason="sampling needs medseg[synthesis] (diffusers)"
+)
+def test_synthesize_a_dataset_resumes_and_keeps_backgrounds(tiny_lefusion, tmp_path, monkeypatch, capsys):
+    from medseg.io.image import read_image
+
+    model, data, names = tiny_lefusion
+    args = ["synthesize", "-m", model, "-i", data, "-o", tmp_path / "syn", "--samples", "2", "--all-textures",
+            "--steps", "2", "--jump-length", "1", "--jump-n-sample", "1", "--device", "cpu"]  # fmt: skip
+    code, _, err = run_main(monkeypatch, capsys, *args)
+    assert code == 0, err
+    record = json.loads((tmp_path / "syn" / "synthesis.json").read_text())
+    assert [r["texture"] for r in record["cases"]] == [0, 1] * len(names)
+    first = tmp_path / "syn" / "imagesTr" / f"{names[0]}_syn1_0000.nii.gz"
+    image, _ = read_image(data / "imagesTr" / f"{names[0]}_0000.nii.gz")
+    mask, _ = read_image(data / "labelsTr" / f"{names[0]}.nii.gz")
+    new, _ = read_image(first)
+    np.testing.assert_array_equal(new[mask == 0], image[mask == 0])
+    np.testing.assert_array_equal(read_image(tmp_path / "syn" / "labelsTr" / f"{names[0]}_syn1.nii.gz")[0], mask)
+    assert json.loads((tmp_path / "syn" / "dataset.json").read_text())["numTraining"] == 2 * len(names)
+    stamp = first.stat().st_mtime_ns
+    assert run_main(monkeypatch, capsys, *args)[0] == 0  # a rerun skips what is written
+    assert first.stat().st_mtime_ns == stamp
+    assert run_main(monkeypatch, capsys, "verify", tmp_path / "syn")[0] == 0  # a dataset medseg can train on

@@ -255,3 +255,50 @@ def clean_mask(prob: np.ndarray) -> np.ndarray:
         sizes = np.bincount(labels.ravel())[1:]
         mask = labels == (int(sizes.argmax()) + 1)
     return mask.astype(np.uint8)
+
+
+def synthesize_dataset(syn: Synthesizer, model: Path, dataset: Path, out: Path, *, samples: int = 1,
+                       texture: int | None = None, all_textures: bool = False, seed: int = 0, log=print,
+                       **sampling) -> list[dict]:  # fmt: skip
+    """Every labelled case of ``dataset`` (nnU-Net layout) ``samples`` times with new lesions into ``out``,
+    an nnU-Net dataset of its own (``CASE_synK``: the image with synthetic lesions and the unchanged mask),
+    model loaded once; cases already written are skipped (the label file is written last). Texture:
+    ``texture``, each texture in turn (``all_textures``) or each lesion's own histogram."""
+    import json
+    import time
+
+    from medseg.io.dataset import list_cases
+    from medseg.io.image import read_image, write_image
+    from medseg.io.jsonio import write_json
+    from medseg.utils import track
+
+    cases = [c for c in list_cases(dataset) if c.label is not None]
+    tex = read_textures(model) if (texture is not None or all_textures) else None
+    n_tex = len(tex["textures"]) if tex else 0
+    (out / "imagesTr").mkdir(parents=True, exist_ok=True)
+    (out / "labelsTr").mkdir(exist_ok=True)
+    meta_json = json.loads((Path(dataset) / "dataset.json").read_text())
+    meta_json.update(name=f"{meta_json.get('name', 'dataset')}_synthetic", numTraining=len(cases) * samples)
+    write_json(out / "dataset.json", meta_json)
+    rows = []
+    for i, case in enumerate(track(cases, total=len(cases), description="synthesize")):
+        for k in range(samples):
+            name, s = f"{case.name}_syn{k}", seed + 1000 * i + k
+            tid = (k % n_tex) if all_textures else texture
+            row = {"case": name, "source": case.name, "texture": tid, "seed": s}
+            label_out = out / "labelsTr" / f"{name}.nii.gz"
+            if label_out.is_file():
+                rows.append(row)
+                continue
+            image, meta = read_image(case.images[0])
+            mask, mask_meta = read_image(case.label)
+            h = texture_histogram(tex, tid, s) if tid is not None else None
+            t0 = time.perf_counter()
+            new = syn.synthesize(image, meta, mask, h, seed=s, **sampling)
+            row["seconds"] = round(time.perf_counter() - t0, 2)
+            write_image(new, meta, out / "imagesTr" / f"{name}_0000.nii.gz")
+            write_image(mask, mask_meta, label_out)  # last: marks the case complete
+            rows.append(row)
+    write_json(out / "synthesis.json", {"model": str(model), "source": str(dataset), "cases": rows})
+    log(f"{len(rows)} synthetic case(s) in {out}")
+    return rows

@@ -22,6 +22,8 @@ def synthesize(
         None, "--histogram", help="JSON list of the target lesion histogram(s) (default: the input lesion's own)."
     ),
     list_textures: bool = typer.Option(False, "--list-textures", help="Print the model's textures, one per line."),
+    samples: int = typer.Option(1, "--samples", help="With a dataset folder as -i: synthetic cases per real case."),
+    all_textures: bool = typer.Option(False, "--all-textures", help="With a dataset folder: each texture in turn."),
     steps: int = typer.Option(50, "--steps", help="Denoising steps of the respaced schedule (RePaint jumps on top)."),
     jump_length: int = typer.Option(5, "--jump-length", help="RePaint: steps between jumps back."),
     jump_n_sample: int = typer.Option(5, "--jump-n-sample", help="RePaint: passes over each jumped stretch."),
@@ -44,10 +46,18 @@ def synthesize(
         for line in texture_lines(read_textures(resolve_model(model))):
             print(line)
         return
-    if image is None or mask is None or output is None:
-        raise MedsegError(None, "synthesize needs -i/--input, --mask and -o (or --list-textures)")
+    if image is None or output is None or (mask is None and not image.is_dir()):
+        raise MedsegError(None, "synthesize needs -i/--input (an image with --mask, or a dataset folder) and -o")
     if texture is not None and histogram is not None:
         raise MedsegError(None, "give --texture or --histogram, not both")
+    if image.is_dir():  # a dataset: every labelled case, --samples times, into a new nnU-Net dataset at -o
+        from medseg.apps.synthesis import synthesize_dataset
+
+        syn = Synthesizer.from_folder(model, device=device)
+        synthesize_dataset(syn, resolve_model(model), image, output, samples=samples, texture=texture,
+                           all_textures=all_textures, seed=seed, steps=steps, jump_length=jump_length,
+                           jump_n_sample=jump_n_sample)  # fmt: skip
+        return
     mask_out = output.with_name(output.name.replace(".nii.gz", "").rsplit(".", 1)[0] + "_mask" + _ending(output))
     check_new_outputs([output, mask_out], overwrite=overwrite)
     img, meta = read_image(image)
