@@ -140,28 +140,12 @@ def _train_and_predict(prepared, name: str, kwargs: dict, pythonpath: Path | Non
     work, data, ws, inp = prepared
     out, pred = work / f"model_{name}", work / f"pred_{name}"
     train_args = [
-        "train",
-        data,
-        "-w",
-        ws,
-        "--arch",
-        name,
-        "--model-kwargs",
-        json.dumps(kwargs),
-        "--epochs",
-        "1",
-        "--iterations",
-        "2",
-        "--val-iterations",
-        "1",
-        "--checkpoint-every",
-        "1",
-        "--threads",
-        "1",
-        "--no-validation",
-        "-o",
-        out,
-    ] + (["-c", "2d"] if kwargs.get("spatial_dims") == 2 else [])  # fmt: skip  (2D-only models: the 2d configuration)
+        "train", data, "-w", ws, "--arch", name, "--model-kwargs", json.dumps(kwargs),
+        "--epochs", "1", "--iterations", "2", "--val-iterations", "1", "--checkpoint-every", "1",
+        "--threads", "1", "--no-validation", "-o", out,
+    ]  # fmt: skip
+    if kwargs.get("spatial_dims") == 2:  # a 2D-only model trains in the plan's 2d configuration
+        train_args += ["-c", "2d"]
     train = medseg(*train_args, cwd=work, pythonpath=pythonpath, check=False)
     result = {"train": train, "train_args": train_args, "out": out, "pred": pred, "predict": None}
     if train.returncode == 0:
