@@ -14,10 +14,8 @@ def region_size(patch_size, margin: float, multiple=None) -> tuple[int, ...]:
     ``multiple`` (per axis) also rounded up to a multiple of it (a dense map's cells tile the region)."""
     out = []
     for i, p in enumerate(patch_size):
-        r = int(np.ceil(p * margin))
-        r += (r - p) % 2
-        m = int(multiple[i]) if multiple is not None else 1
-        while r % m or (r - p) % 2:
+        r, m = int(np.ceil(p * margin)), int(multiple[i]) if multiple is not None else 1
+        while r % m or (r - p) % 2:  # the smallest such size with the patch's parity
             r += 1
         out.append(r)
     return tuple(out)

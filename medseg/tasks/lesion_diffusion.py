@@ -42,6 +42,16 @@ def lesion_histograms(x0: torch.Tensor, masks: torch.Tensor, bins: int = 16) -> 
     return (out / out.sum(2, keepdim=True).clamp_min(1)).flatten(1)
 
 
+def flip_inplane(tensors: list[torch.Tensor], p: float, g: torch.Generator) -> list[torch.Tensor]:
+    """The same random flips of H and W (probability ``p`` each, per sample) on every (B, C, D, H, W) tensor
+    (none for validation batches: p 0)."""
+    b, device = tensors[0].shape[0], tensors[0].device
+    for axis in (3, 4):
+        flip = (torch.rand(b, generator=g) < p).to(device).view(b, 1, 1, 1, 1)
+        tensors = [torch.where(flip, x.flip(axis), x) for x in tensors]
+    return tensors
+
+
 def decompose(image: torch.Tensor, seg: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, 1, ...) image in [0, 1] and (B, 1, ...) labels -> x0 (B, K, ...) in [-1, 1] (the image per
     class) and the per-class lesion masks (B, K, ...)."""
@@ -75,18 +85,19 @@ class LesionDiffusionTask(Task):
 
         image = torch.from_numpy(sample["image"][:, :1]).to(device)
         seg = torch.from_numpy(sample["seg"].astype(np.int64)).to(device)
-        image, seg = _center_crop(image, patch_size), _center_crop(seg, patch_size)
-        b = image.shape[0]
-        for axis in (3, 4):  # in-plane flips, per sample (none for validation batches: p_mirror 0)
-            flip = (torch.rand(b, generator=g) < augment.p_mirror).to(device).view(b, 1, 1, 1, 1)
-            image, seg = torch.where(flip, image.flip(axis), image), torch.where(flip, seg.flip(axis), seg)
+        image, seg = flip_inplane([_center_crop(image, patch_size), _center_crop(seg, patch_size)], augment.p_mirror, g)
         x0, masks = decompose(image, seg, self.classes)
-        t = torch.randint(0, self.timesteps, (b,), generator=g).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        abar = self.alphas_cumprod.to(device)[t].view(b, 1, 1, 1, 1)
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        t, noise, x_t = self.noised(x0, g)
         cond = {"timesteps": t, "histogram": lesion_histograms(x0, masks, self.bins)}
         return Batch(x_t, noise, cond, {"loss_mask": masks})
+
+    def noised(self, x0: torch.Tensor, g: torch.Generator):
+        """(t, noise, x_t): a uniform step per sample, Gaussian noise and the forward-diffused x0."""
+        b, device = x0.shape[0], x0.device
+        t = torch.randint(0, self.timesteps, (b,), generator=g).to(device)
+        noise = torch.randn(x0.shape, generator=g).to(device)
+        abar = self.alphas_cumprod.to(device)[t].view(b, *[1] * (x0.ndim - 1))
+        return t, noise, abar.sqrt() * x0 + (1 - abar).sqrt() * noise
 
     def validation_state(self) -> torch.Tensor:
         return torch.zeros(2, dtype=torch.float64)
@@ -189,16 +200,10 @@ class MaskDiffusionTask(LesionDiffusionTask):
         from medseg.augment.transforms import _center_crop
 
         seg = _center_crop(torch.from_numpy(sample["seg"].astype(np.int64)).to(device), patch_size)
-        b = seg.shape[0]
-        for axis in (3, 4):
-            flip = (torch.rand(b, generator=g) < augment.p_mirror).to(device).view(b, 1, 1, 1, 1)
-            seg = torch.where(flip, seg.flip(axis), seg)
+        (seg,) = flip_inplane([seg], augment.p_mirror, g)
         masks = (seg > 0).float()
         x0 = masks * 2 - 1
-        t = torch.randint(0, self.timesteps, (b,), generator=g).to(device)
-        noise = torch.randn(x0.shape, generator=g).to(device)
-        abar = self.alphas_cumprod.to(device)[t].view(b, 1, 1, 1, 1)
-        x_t = abar.sqrt() * x0 + (1 - abar).sqrt() * noise
+        t, noise, x_t = self.noised(x0, g)
         return Batch(x_t, noise, {"timesteps": t, "extra": enclosing_sphere(masks)}, {"loss_mask": torch.ones_like(x0)})
 
     def summary_line(self, summary: dict) -> str:

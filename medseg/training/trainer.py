@@ -243,10 +243,6 @@ class Trainer:
         distributed.barrier(self.dist)
         return [with_maps(load_cached_case(cache_dir, n), cache_dir, specs) for n in names]
 
-    def _training_cases(self) -> tuple[list, np.ndarray | None]:
-        """This fold's training cases, plus those of ``extra_data`` with their sampling weights."""
-        return joint_training_cases(self._load_cases, self.train_names, self.cfg.extra_data, log=self.log)
-
     def save_state(self, epoch: int) -> None:
         """Everything needed to resume at ``epoch`` (exclusive), written atomically by rank 0.
 
@@ -384,7 +380,8 @@ class Trainer:
         return float(np.mean(losses)), self.task.validation_summary(state)
 
     def _samplers(self) -> tuple[PatchSampler, PatchSampler | None]:
-        cases, weights = self._training_cases()
+        # this fold's training cases, plus those of ``extra_data`` with their sampling weights
+        cases, weights = joint_training_cases(self._load_cases, self.train_names, self.cfg.extra_data, log=self.log)
         sampler = PatchSampler(
             cases,
             self.conf.patch_size,
