@@ -258,3 +258,22 @@ def test_synthesize_a_dataset_resumes_and_keeps_backgrounds(tiny_lefusion, tmp_p
     assert run_main(monkeypatch, capsys, *args)[0] == 0  # a rerun skips what is written
     assert first.stat().st_mtime_ns == stamp
     assert run_main(monkeypatch, capsys, "verify", tmp_path / "syn")[0] == 0  # a dataset medseg can train on
+
+
+def test_synthesize_refuses_mismatched_masks_and_double_textures(tiny_lefusion, tmp_path, monkeypatch, capsys):
+    from medseg.io.image import read_image, write_image
+
+    model, data, names = tiny_lefusion
+    img = data / "imagesTr" / f"{names[0]}_0000.nii.gz"
+    mask, meta = read_image(data / "labelsTr" / f"{names[0]}.nii.gz")
+    small = tmp_path / "small.nii.gz"
+    write_image(mask[:, :-2], meta, small)
+    (tmp_path / "h.json").write_text("[" + ",".join(["0.0625"] * 16) + "]")
+    for extra, message in ((["--mask", small], "is not the image's"),
+                           (["--mask", data / "labelsTr" / f"{names[0]}.nii.gz", "--texture", "0", "--histogram",
+                             tmp_path / "h.json"], "not both")):  # fmt: skip
+        code, _, err = run_main(
+            monkeypatch, capsys, "synthesize", "-m", model, "-i", img, *extra, "-o", tmp_path / "o.nii.gz"
+        )
+        assert code == 2 and message in err and err.count("medseg: error:") == 1
+    assert not (tmp_path / "o.nii.gz").exists()
