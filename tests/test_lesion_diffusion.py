@@ -277,3 +277,41 @@ def test_synthesize_refuses_mismatched_masks_and_double_textures(tiny_lefusion, 
         )
         assert code == 2 and message in err and err.count("medseg: error:") == 1
     assert not (tmp_path / "o.nii.gz").exists()
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason="sampling needs medseg[synthesis] (diffusers)"
+)
+def test_synthesize_a_csv_table_checks_every_row_first_and_resumes(tiny_lefusion, tmp_path, monkeypatch, capsys):
+    from medseg.io.image import read_image
+
+    model, data, names = tiny_lefusion
+    table = tmp_path / "jobs.csv"
+    img, lab = data / "imagesTr" / f"{names[0]}_0000.nii.gz", data / "labelsTr" / f"{names[0]}.nii.gz"
+    (tmp_path / "h.json").write_text(json.dumps([1 / 16] * 16))
+    rows = ["image,mask,texture,histogram,seed,output", f"{img},{lab},1,,5,a.nii.gz", f"{img},{lab},,h.json,,",
+            f"{data / 'imagesTr' / f'{names[1]}_0000.nii.gz'},{data / 'labelsTr' / f'{names[1]}.nii.gz'},,,,"]  # fmt: skip
+    args = ["synthesize", "-m", model, "--steps", "2", "--jump-length", "1", "--jump-n-sample", "1", "--device", "cpu"]
+    bad = {"image,mask,colour\n": "unknown column(s) colour",
+           f"image,mask\n{img},{tmp_path / 'missing.nii.gz'}\n": "line 2: mask",
+           f"image,mask,texture\n{img},{lab},9\n": "line 2: texture 9 is not one of",
+           f"image,mask,output\n{img},{lab},x.nii.gz\n{img},{lab},x.nii.gz\n": "line 3: output x.nii.gz"}  # fmt: skip
+    for text, message in bad.items():
+        table.write_text(text)
+        code, _, err = run_main(monkeypatch, capsys, *args, "-i", table, "-o", tmp_path / "bad")
+        assert code == 2 and message in err and "jobs.csv" in err and err.count("medseg: error:") == 1, err
+        assert not (tmp_path / "bad").exists()  # checked before anything is sampled or written
+    table.write_text("\n".join(rows) + "\n")
+    code, _, err = run_main(monkeypatch, capsys, *args, "-i", table, "-o", tmp_path / "out")
+    assert code == 0, err
+    record = json.loads((tmp_path / "out" / "synthesis.json").read_text())["jobs"]
+    assert [(r["output"], r["texture"], r["seed"]) for r in record] == [
+        ("a.nii.gz", 1, 5), (f"{names[0]}_0000_syn1.nii.gz", None, 1), (f"{names[1]}_0000_syn2.nii.gz", None, 2)]  # fmt: skip
+    image, mask = read_image(img)[0], read_image(lab)[0]
+    for out in ("a", f"{names[0]}_0000_syn1"):
+        new = read_image(tmp_path / "out" / f"{out}.nii.gz")[0]
+        np.testing.assert_array_equal(new[mask == 0], image[mask == 0])
+        np.testing.assert_array_equal(read_image(tmp_path / "out" / f"{out}_mask.nii.gz")[0], mask)
+    stamp = (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns
+    assert run_main(monkeypatch, capsys, *args, "-i", table, "-o", tmp_path / "out")[0] == 0  # resumes: nothing redone
+    assert (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns == stamp

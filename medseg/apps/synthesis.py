@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from medseg.errors import CheckpointError, MedsegError
+from medseg.errors import CheckpointError, DatasetError, MedsegError
 
 INSTALL_HINT = "pip install 'medseg[synthesis]' (diffusers)"
 
@@ -257,6 +257,44 @@ def clean_mask(prob: np.ndarray) -> np.ndarray:
     return mask.astype(np.uint8)
 
 
+def read_histogram(path: Path) -> np.ndarray:
+    """A target histogram from a JSON list (``--histogram``, or a batch table's ``histogram`` column)."""
+    import json
+
+    try:
+        return np.asarray(json.loads(Path(path).read_text()), np.float32)
+    except (OSError, ValueError, TypeError) as exc:
+        raise DatasetError(path, f"cannot read a JSON list of histogram values ({exc})") from None
+
+
+def synthesize_file(syn: Synthesizer, image_path: Path, mask_path: Path, out: Path, mask_out: Path,
+                    histogram: np.ndarray | None = None, **sampling) -> float:  # fmt: skip
+    """One image + lesion mask -> ``out`` (the image with new lesions) and ``mask_out`` (the mask, written
+    last: it marks the job complete); both atomic. Returns the sampling seconds."""
+    import time
+
+    from medseg.io.image import read_image, write_image
+
+    image, meta = read_image(image_path)
+    mask, mask_meta = read_image(mask_path)
+    if mask.shape != image.shape:
+        raise DatasetError(mask_path, f"shape {mask.shape} is not the image's {image.shape} ({image_path})")
+    if not (mask > 0).any():
+        raise DatasetError(mask_path, "the mask is empty: nothing to synthesise")
+    t0 = time.perf_counter()
+    new = syn.synthesize(image, meta, mask, histogram, **sampling)
+    seconds = time.perf_counter() - t0
+    write_image(new, meta, out)
+    write_image(mask, mask_meta, mask_out)
+    return seconds
+
+
+def mask_name(output: Path) -> Path:
+    """Where the mask of the synthetic image ``output`` goes: ``NAME_mask`` + the same ending."""
+    ending = ".nii.gz" if output.name.endswith(".nii.gz") else output.suffix
+    return output.with_name(output.name[: len(output.name) - len(ending)] + "_mask" + ending)
+
+
 def synthesize_dataset(syn: Synthesizer, model: Path, dataset: Path, out: Path, *, samples: int = 1,
                        texture: int | None = None, all_textures: bool = False, seed: int = 0, log=print,
                        **sampling) -> list[dict]:  # fmt: skip
@@ -265,10 +303,8 @@ def synthesize_dataset(syn: Synthesizer, model: Path, dataset: Path, out: Path, 
     model loaded once; cases already written are skipped (the label file is written last). Texture:
     ``texture``, each texture in turn (``all_textures``) or each lesion's own histogram."""
     import json
-    import time
 
     from medseg.io.dataset import list_cases
-    from medseg.io.image import read_image, write_image
     from medseg.io.jsonio import write_json
     from medseg.utils import track
 
@@ -287,18 +323,95 @@ def synthesize_dataset(syn: Synthesizer, model: Path, dataset: Path, out: Path, 
             tid = (k % n_tex) if all_textures else texture
             row = {"case": name, "source": case.name, "texture": tid, "seed": s}
             label_out = out / "labelsTr" / f"{name}.nii.gz"
-            if label_out.is_file():
-                rows.append(row)
-                continue
-            image, meta = read_image(case.images[0])
-            mask, mask_meta = read_image(case.label)
-            h = texture_histogram(tex, tid, s) if tid is not None else None
-            t0 = time.perf_counter()
-            new = syn.synthesize(image, meta, mask, h, seed=s, **sampling)
-            row["seconds"] = round(time.perf_counter() - t0, 2)
-            write_image(new, meta, out / "imagesTr" / f"{name}_0000.nii.gz")
-            write_image(mask, mask_meta, label_out)  # last: marks the case complete
+            if not label_out.is_file():
+                h = texture_histogram(tex, tid, s) if tid is not None else None
+                row["seconds"] = round(synthesize_file(syn, case.images[0], case.label, out / "imagesTr" /
+                                                       f"{name}_0000.nii.gz", label_out, h, seed=s, **sampling), 2)  # fmt: skip
             rows.append(row)
     write_json(out / "synthesis.json", {"model": str(model), "source": str(dataset), "cases": rows})
     log(f"{len(rows)} synthetic case(s) in {out}")
     return rows
+
+
+# -------------------------------------------------------------------------- batch table (CSV)
+TABLE_COLUMNS = ("image", "mask", "texture", "histogram", "seed", "output")
+
+
+def read_jobs(table: Path, out: Path, textures: dict | None, seed: int) -> list[dict]:
+    """The rows of a batch table (CSV with a header: ``image,mask`` and optionally ``texture``,
+    ``histogram``, ``seed``, ``output``; paths relative to the table's folder) as checked jobs. Every
+    row is checked before anything is sampled: a bad row is a one-line error naming the table and row."""
+    import csv
+
+    try:
+        with open(table, newline="") as fh:
+            reader = csv.DictReader(fh)
+            header, rows = [c.strip() for c in reader.fieldnames or []], list(reader)
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DatasetError(table, f"cannot read the batch table ({exc})") from None
+    unknown = sorted(set(header) - set(TABLE_COLUMNS))
+    if unknown:
+        raise DatasetError(table, f"unknown column(s) {', '.join(unknown)}; known: {', '.join(TABLE_COLUMNS)}")
+    if not rows or not {"image", "mask"} <= set(header):
+        raise DatasetError(table, "needs a header with at least the columns image,mask and one row")
+    jobs, outputs = [], set()
+    for n, raw in enumerate(rows, start=2):  # line 1 is the header
+        jobs.append(_job(table, n, {k.strip(): (v or "").strip() for k, v in raw.items()}, out, textures, seed))
+        if jobs[-1]["output"] in outputs:
+            raise DatasetError(table, f"line {n}: output {jobs[-1]['output'].name} is also another row's output")
+        outputs.add(jobs[-1]["output"])
+    return jobs
+
+
+def _job(table: Path, line: int, row: dict, out: Path, textures: dict | None, seed: int) -> dict:
+    where, base = f"line {line}", table.parent
+    paths = {}
+    for col in ("image", "mask", "histogram"):
+        if row.get(col):
+            paths[col] = (base / row[col]) if not Path(row[col]).is_absolute() else Path(row[col])
+            if not paths[col].is_file():
+                raise DatasetError(table, f"{where}: {col} {paths[col]} does not exist")
+        elif col != "histogram":
+            raise DatasetError(table, f"{where}: no {col}")
+    try:
+        texture = int(row["texture"]) if row.get("texture") else None
+        job_seed = int(row["seed"]) if row.get("seed") else seed + line - 2
+    except ValueError as exc:
+        raise DatasetError(table, f"{where}: texture and seed are integers ({exc})") from None
+    if texture is not None and "histogram" in paths:
+        raise DatasetError(table, f"{where}: give a texture or a histogram, not both")
+    if texture is not None and texture not in [t["id"] for t in (textures or {}).get("textures", [])]:
+        known = ", ".join(str(t["id"]) for t in (textures or {}).get("textures", [])) or "none (no textures.json)"
+        raise DatasetError(table, f"{where}: texture {texture} is not one of the model's textures: {known}")
+    name = row.get("output") or paths["image"].name.replace(".nii.gz", "").rsplit(".", 1)[0] + f"_syn{line - 2}.nii.gz"
+    if Path(name).name != name:
+        raise DatasetError(table, f"{where}: output {name} must be a file name (outputs go to -o)")
+    return {"line": line, "image": paths["image"], "mask": paths["mask"], "histogram": paths.get("histogram"),
+            "texture": texture, "seed": job_seed, "output": out / name}  # fmt: skip
+
+
+def synthesize_table(syn: Synthesizer, model: Path, table: Path, out: Path, *, seed: int = 0, log=print,
+                     **sampling) -> list[dict]:  # fmt: skip
+    """Every row of the batch table ``table`` (:func:`read_jobs`) into the folder ``out``; resumable
+    (a job whose mask is written is skipped); ``out/synthesis.json`` records each job."""
+    from medseg.io.jsonio import write_json
+    from medseg.utils import track
+
+    textures = read_textures(model) if (Path(model) / "textures.json").is_file() else None
+    jobs = read_jobs(table, out, textures, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    records = []
+    for job in track(jobs, total=len(jobs), description="synthesize"):
+        rec = {"line": job["line"], "image": str(job["image"]), "mask": str(job["mask"]), "seed": job["seed"],
+               "texture": job["texture"], "output": job["output"].name}  # fmt: skip
+        if not mask_name(job["output"]).is_file():
+            if job["texture"] is not None:
+                h = texture_histogram(textures, job["texture"], job["seed"])
+            else:
+                h = read_histogram(job["histogram"]) if job["histogram"] else None
+            rec["seconds"] = round(synthesize_file(syn, job["image"], job["mask"], job["output"],
+                                                   mask_name(job["output"]), h, seed=job["seed"], **sampling), 2)  # fmt: skip
+        records.append(rec)
+    write_json(out / "synthesis.json", {"model": str(model), "table": str(table), "jobs": records})
+    log(f"{len(records)} synthetic image(s) in {out}")
+    return records

@@ -14,9 +14,16 @@ def synthesize(
     model: str = typer.Option(
         ..., "-m", "--model", help="A lesion-diffusion model folder (medseg train --arch lefusion_unet)."
     ),
-    image: Path | None = typer.Option(None, "-i", "--input", help="The real image (HU) to put lesions into."),
+    image: Path | None = typer.Option(
+        None,
+        "-i",
+        "--input",
+        help="The real image (HU) to put lesions into; or a dataset folder; or a CSV batch table.",
+    ),
     mask: Path | None = typer.Option(None, "--mask", help="Lesion label map on the image's grid: 0 keep, k = class k."),
-    output: Path | None = typer.Option(None, "-o", "--output", help="Image to write (the mask beside it, *_mask)."),
+    output: Path | None = typer.Option(
+        None, "-o", "--output", help="Image to write (the mask beside it, *_mask); a folder for a dataset or table."
+    ),
     texture: int | None = typer.Option(None, "--texture", help="Texture id (--list-textures), jittered by up to 10 %."),
     histogram: Path | None = typer.Option(
         None, "--histogram", help="JSON list of the target lesion histogram(s) (default: the input lesion's own)."
@@ -33,62 +40,39 @@ def synthesize(
 ):
     """Synthesise lesions into a real image (LeFusion, RePaint sampling); outside the mask the image is kept
     bit for bit. docs/synthesis.md."""
-    import json
-    import time
-
-    from medseg.apps.synthesis import Synthesizer, read_textures, texture_histogram, texture_lines
-    from medseg.errors import DatasetError, MedsegError
+    from medseg.apps import synthesis as syn_app
+    from medseg.errors import MedsegError
     from medseg.io.checkpoint import resolve_model
-    from medseg.io.image import read_image, write_image
     from medseg.outputs import check_new_outputs
 
     if list_textures:
-        for line in texture_lines(read_textures(resolve_model(model))):
+        for line in syn_app.texture_lines(syn_app.read_textures(resolve_model(model))):
             print(line)
         return
-    if image is None or output is None or (mask is None and not image.is_dir()):
-        raise MedsegError(None, "synthesize needs -i/--input (an image with --mask, or a dataset folder) and -o")
+    if image is None or output is None or (mask is None and not (image.is_dir() or image.suffix.lower() == ".csv")):
+        raise MedsegError(
+            None, "synthesize needs -i/--input (an image with --mask, a dataset folder or a CSV table) and -o"
+        )
     if texture is not None and histogram is not None:
         raise MedsegError(None, "give --texture or --histogram, not both")
+    sampling = {"steps": steps, "jump_length": jump_length, "jump_n_sample": jump_n_sample}
     if image.is_dir():  # a dataset: every labelled case, --samples times, into a new nnU-Net dataset at -o
-        from medseg.apps.synthesis import synthesize_dataset
-
-        syn = Synthesizer.from_folder(model, device=device)
-        synthesize_dataset(syn, resolve_model(model), image, output, samples=samples, texture=texture,
-                           all_textures=all_textures, seed=seed, steps=steps, jump_length=jump_length,
-                           jump_n_sample=jump_n_sample)  # fmt: skip
+        syn = syn_app.Synthesizer.from_folder(model, device=device)
+        syn_app.synthesize_dataset(syn, resolve_model(model), image, output, samples=samples, texture=texture,
+                                   all_textures=all_textures, seed=seed, **sampling)  # fmt: skip
         return
-    mask_out = output.with_name(output.name.replace(".nii.gz", "").rsplit(".", 1)[0] + "_mask" + _ending(output))
+    if image.suffix.lower() == ".csv":  # a batch table: one job per row, into the folder -o
+        syn = syn_app.Synthesizer.from_folder(model, device=device)
+        syn_app.synthesize_table(syn, resolve_model(model), image, output, seed=seed, **sampling)
+        return
+    mask_out = syn_app.mask_name(output)
     check_new_outputs([output, mask_out], overwrite=overwrite)
-    img, meta = read_image(image)
-    lab, lab_meta = read_image(mask)
-    if lab.shape != img.shape:
-        raise DatasetError(mask, f"shape {lab.shape} is not the image's {img.shape}")
-    if not (lab > 0).any():
-        raise DatasetError(mask, "the mask is empty: nothing to synthesise")
-    h = None
-    if histogram is not None:
-        try:
-            h = json.loads(histogram.read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise DatasetError(histogram, f"cannot read a JSON histogram ({exc})") from None
+    h = syn_app.read_histogram(histogram) if histogram is not None else None
     if texture is not None:
-        h = texture_histogram(read_textures(resolve_model(model)), texture, seed)
-    t0 = time.perf_counter()
-    syn = Synthesizer.from_folder(model, device=device)
-    out = syn.synthesize(
-        img, meta, lab, h, steps=steps, jump_length=jump_length, jump_n_sample=jump_n_sample, seed=seed
-    )
-    output.parent.mkdir(parents=True, exist_ok=True)
-    write_image(out, meta, output)
-    write_image(lab, lab_meta, mask_out)
-    print(
-        f"synthesised {int((lab > 0).sum())} lesion voxels in {time.perf_counter() - t0:.1f} s -> {output}, {mask_out}"
-    )
-
-
-def _ending(path: Path) -> str:
-    return ".nii.gz" if path.name.endswith(".nii.gz") else path.suffix
+        h = syn_app.texture_histogram(syn_app.read_textures(resolve_model(model)), texture, seed)
+    syn = syn_app.Synthesizer.from_folder(model, device=device)
+    seconds = syn_app.synthesize_file(syn, image, mask, output, mask_out, h, seed=seed, **sampling)
+    print(f"synthesised in {seconds:.1f} s -> {output}, {mask_out}")
 
 
 @app.command("synthesize-mask")
