@@ -231,9 +231,15 @@ def evaluate(
     )
 
 
+# root files of a model folder that travel with it: the texture clusters `medseg synthesize` samples
+# (lesion_diffusion), the record of a `medseg adapt` run, a model card
+MODEL_RECORDS = ("textures.json", "adaptation.json", "README.md")
+
+
 def package_model(source: str | Path, destination: str | Path, *, folds=None, overwrite: bool = False) -> Path:
     """Copy only what inference needs (model.json, fold weights + hash records, training log,
-    validation summary) from a training output folder into a shippable model folder.
+    validation summary, and the records a model kind reads or documents: ``MODEL_RECORDS``) from a
+    training output folder into a shippable model folder.
 
     The folder is assembled beside the destination and renamed into place, so an interrupted
     export leaves no half-written model."""
@@ -253,6 +259,9 @@ def package_model(source: str | Path, destination: str | Path, *, folds=None, ov
     tmp.mkdir()
     try:
         shutil.copyfile(src / "model.json", tmp / "model.json")
+        for name in MODEL_RECORDS:
+            if (src / name).is_file():
+                shutil.copyfile(src / name, tmp / name)
         for f in folds:
             load_weights(src / f"fold_{f}")  # refuses tampered or missing weights
             (tmp / f"fold_{f}").mkdir()

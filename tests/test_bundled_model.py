@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -88,6 +89,15 @@ def test_export_model_copies_inference_files_and_refuses_to_clobber(tmp_path):
     assert (tmp_path / "m/fold_0/model.safetensors").read_bytes() == (src / "fold_0/model.safetensors").read_bytes()
     again = subprocess.run(cli, capture_output=True, text=True)
     assert again.returncode != 0 and "exists and is not empty" in again.stderr and "Traceback" not in again.stderr
+    # the records a model kind reads (texture clusters, an adaptation record, a model card) travel with it
+    rec = tmp_path / "rec"
+    shutil.copytree(src, rec)
+    for name in ("textures.json", "adaptation.json", "README.md"):
+        (rec / name).write_text("{}")
+    subprocess.run(cli[:4] + ["-i", str(rec), "-o", str(tmp_path / "rec_out")], check=True, capture_output=True)
+    assert all(
+        (tmp_path / "rec_out" / n).read_text() == "{}" for n in ("textures.json", "adaptation.json", "README.md")
+    )
     # a tampered source is refused and leaves no half-written destination
     bad = tmp_path / "bad"
     subprocess.run(cli[:4] + ["-i", str(src), "-o", str(bad)], check=True, capture_output=True)
