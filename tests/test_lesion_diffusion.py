@@ -315,3 +315,57 @@ def test_synthesize_a_csv_table_checks_every_row_first_and_resumes(tiny_lefusion
     stamp = (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns
     assert run_main(monkeypatch, capsys, *args, "-i", table, "-o", tmp_path / "out")[0] == 0  # resumes: nothing redone
     assert (tmp_path / "out" / "a.nii.gz").stat().st_mtime_ns == stamp
+
+
+IRCAD = SHARED_DATA / "ircad_liver_tumor_ct_slabs"  # CC BY-NC-ND 4.0: used from ../shared only, nothing written back
+
+
+@pytest.mark.skipif(not IRCAD.is_dir(), reason="needs ../shared/data/ircad_liver_tumor_ct_slabs")
+@pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason="sampling needs medseg[synthesis] (diffusers)"
+)
+def test_two_lesion_classes_one_channel_each_on_real_liver_tumour_ct(tmp_path, monkeypatch, capsys):
+    """Multi-channel decomposition on a real two-class case: IRCAD liver (1) and tumour (2), ROIs around
+    the tumours built in a temporary folder at test time (the licence forbids sharing derivatives)."""
+    from medseg import api
+    from medseg.io.checkpoint import load_spec
+    from medseg.io.image import read_image, write_image
+    from medseg.training.config import TrainingConfig
+
+    data = tmp_path / "Dataset777_IrcadRoi"
+    (data / "imagesTr").mkdir(parents=True)
+    (data / "labelsTr").mkdir()
+    for case in ("ircad_01", "ircad_07"):
+        image, meta = read_image(IRCAD / "imagesTr" / f"{case}_0000.nii.gz")
+        label = np.zeros(image.shape, np.uint8)
+        for mask_file in sorted((IRCAD / "masks" / case).glob("*.nii.gz")):  # liver = 1, any tumour = 2 (overrides)
+            m = read_image(mask_file)[0] > 0
+            label[m] = np.maximum(label[m], 2 if "tumor" in mask_file.name else 1)
+        # an ROI where both classes are: around the midpoint of the liver's and the tumours' centroids
+        _, y, x = np.mean([np.argwhere(label == k).mean(0) for k in (1, 2)], axis=0).astype(int)
+        roi = (slice(None), slice(max(y - 32, 0), y + 32), slice(max(x - 32, 0), x + 32))
+        assert all((label[roi] == k).sum() > 100 for k in (1, 2))
+        write_image(image[roi].copy(), meta, data / "imagesTr" / f"{case}_0000.nii.gz")
+        write_image(label[roi].copy(), meta, data / "labelsTr" / f"{case}.nii.gz")
+    (data / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "file_ending": ".nii.gz",
+        "labels": {"background": 0, "liver": 1, "tumor": 2}, "numTraining": 2}))  # fmt: skip
+    api.plan(data, tmp_path / "ws", normalization={0: "range:-200,300"}, progress=False)
+    api.preprocess(data, tmp_path / "ws", progress=False)
+    cfg = TrainingConfig(model="lefusion_unet", model_kwargs={"base": 8, "mults": [1, 2]}, epochs=1,
+                         iterations_per_epoch=2, val_iterations=0, schedule="constant", device="cpu")  # fmt: skip
+    api.train(data, tmp_path / "ws", fold="all", config=cfg, output=tmp_path / "m", log=lambda *a: None)
+    spec = load_spec(tmp_path / "m")
+    assert spec.build().input_channels == 2  # one channel per lesion class
+    tex = json.loads((tmp_path / "m" / "textures.json").read_text())
+    assert tex["classes"] == 2 and len(tex["textures"][0]["histogram"]) == 2 * tex["bins"]
+    img, lab = data / "imagesTr" / "ircad_07_0000.nii.gz", data / "labelsTr" / "ircad_07.nii.gz"
+    code, _, err = run_main(monkeypatch, capsys, "synthesize", "-m", tmp_path / "m", "-i", img, "--mask", lab,
+                            "--steps", "3", "--jump-length", "1", "--jump-n-sample", "1", "--texture", "0",
+                            "--device", "cpu", "-o", tmp_path / "syn.nii.gz")  # fmt: skip
+    assert code == 0, err
+    image, label, new = read_image(img)[0], read_image(lab)[0], read_image(tmp_path / "syn.nii.gz")[0]
+    np.testing.assert_array_equal(new[label == 0], image[label == 0])  # outside both classes: bit for bit
+    for k in (1, 2):  # each class's region is generated (merged by class mask) within the model's window
+        inside = label == k
+        assert np.abs(new[inside].astype(float) - image[inside]).mean() > 1
+        assert -200 <= new[inside].min() and new[inside].max() <= 300
