@@ -136,6 +136,11 @@ def collect(out: Path, shots, draws) -> dict:
     return table
 
 
+def _draws_done(table: dict) -> str:
+    counts = sorted({len(rows["final"]) for rows in table.values()})
+    return " to ".join(map(str, counts)) + " per cell"
+
+
 def report(out: Path, args, direct_results: dict, elapsed: float) -> str:
     table = collect(out, args.shots, args.draws)
     lines = ["| method | " + " | ".join(f"k = {k}" for k in args.shots) + " |", "|---|" + "---:|" * len(args.shots)]
@@ -155,7 +160,7 @@ def report(out: Path, args, direct_results: dict, elapsed: float) -> str:
         dice, hd95 = _scores(s)
         direct_lines.append(f"* {name}: {dice:.3f} / " + (f"{hd95:.2f} mm" if hd95 is not None else "HD95 undefined"))
     text = "\n".join(
-        ["Dice (mean over the 40 test crops; mean ± std over 3 draws of the shots):", "", *lines, *hd, *direct_lines]
+        [f"Dice (mean over the 40 test crops; mean ± std over the draws of the shots: {_draws_done(table)}):", "", *lines, *hd, *direct_lines]
     )
     (RESULTS / "samda.json").write_text(json.dumps({"table": table, "direct": {k: _scores(v) for k, v in direct_results.items()},
                                                      "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
@@ -231,8 +236,8 @@ def main() -> None:
         "unet3d": Path("hippocampus"), "unet2d": out / "sources" / "unet2d", "samda": out / "sources" / "samda"}  # fmt: skip
     direct_results = direct(sources, args, out, test_dir, lm)
     if not args.report_only:
-        for k in args.shots:
-            for draw in range(args.draws):
+        for draw in range(args.draws):  # draw-major: every k has as many draws as possible at any time
+            for k in args.shots:
                 for m in args.methods:
                     adapt_run(m, sources[m], k, draw, args, out, ws, test_file, lm)
                     log(report(out, args, direct_results, time.time() - t0).splitlines()[4 + METHODS.index(m)])

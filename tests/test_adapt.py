@@ -156,3 +156,25 @@ def test_joint_cases_are_mapped_and_weighted():
     ):
         with pytest.raises(ValueError):
             check_extra_data(bad)
+
+
+def test_shipped_ixi_model_segments_held_out_ixi_subjects(tmp_path, monkeypatch, capsys):
+    """`medseg predict -m hippocampus-ixi` on real IXI crops of subjects that were never its shots (its
+    adaptation record lists them): label 1 = whole hippocampus, at the adapted level (BENCHMARKS.md)."""
+    from medseg.evaluation.metrics import evaluate_folder
+    from medseg.io.checkpoint import resolve_model
+
+    if not IXI.is_dir():
+        pytest.skip("needs ../shared/data/ixi_hippocampus_target")
+    model = resolve_model("hippocampus-ixi")
+    record = json.loads((model / "adaptation.json").read_text())
+    assert record["subjects"] <= 10 and json.loads((model / "model.json").read_text())["labels"] == IXI_LABELS
+    held_out = record["config"]["test_cases"][:4]  # the benchmark's test subjects, never shots
+    shot_subjects = set(subjects_of(record["shots"], PATTERN).values())
+    assert len(held_out) == 4 and not shot_subjects & set(subjects_of(held_out, PATTERN).values())
+    data = copy_cases(IXI, tmp_path / "ixi", held_out)
+    code, _, err = run_main(monkeypatch, capsys, "predict", "-m", "hippocampus-ixi", "-i", data / "imagesTr",
+                            "-o", tmp_path / "pred", "--device", "cpu")  # fmt: skip
+    assert code == 0, err
+    summary = evaluate_folder(tmp_path / "pred", data / "labelsTr", IXI_LABELS, names=held_out)
+    assert summary["mean"]["hippocampus"]["dice"] > 0.80, summary["mean"]  # the source model alone: ~0.69
