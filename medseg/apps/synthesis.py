@@ -380,8 +380,9 @@ def _job(table: Path, line: int, row: dict, out: Path, textures: dict | None, se
         raise DatasetError(table, f"{where}: texture and seed are integers ({exc})") from None
     if texture is not None and "histogram" in paths:
         raise DatasetError(table, f"{where}: give a texture or a histogram, not both")
-    if texture is not None and texture not in [t["id"] for t in (textures or {}).get("textures", [])]:
-        known = ", ".join(str(t["id"]) for t in (textures or {}).get("textures", [])) or "none (no textures.json)"
+    ids = [t["id"] for t in (textures or {}).get("textures", [])]
+    if texture is not None and texture not in ids:
+        known = ", ".join(map(str, ids)) or "none (no textures.json)"
         raise DatasetError(table, f"{where}: texture {texture} is not one of the model's textures: {known}")
     name = row.get("output") or paths["image"].name.replace(".nii.gz", "").rsplit(".", 1)[0] + f"_syn{line - 2}.nii.gz"
     if Path(name).name != name:
