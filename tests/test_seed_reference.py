@@ -5,6 +5,10 @@ The reference (tests/fixtures/seed_reference_hippocampus.json) was recorded with
 commit be952cc by scripts/make_seed_reference.py: 4 real hippocampus cases, 2 epochs x 3
 iterations, float32, one thread. Tolerances absorb only the float rounding of another CPU's
 kernels; a different batch, augmentation or update changes these numbers by orders more.
+
+Measured on an AMX Xeon against the reference: the squared norms of the small norm biases (5e-9
+after 6 steps) differ by up to 2e-3 relative and their sums by up to 7e-3 of their norm, while
+seed 1 instead of 0 moves both by 0.6-3 (scripts: the comparison in this test, run with seed 1).
 """
 
 from __future__ import annotations
@@ -18,6 +22,9 @@ from conftest import HIPPO, REPO, require
 sys.path.insert(0, str(REPO / "scripts"))
 
 REFERENCE = REPO / "tests" / "fixtures" / "seed_reference_hippocampus.json"
+# squared norm below which a weight is rounding noise: the reference has them at 1e-22..2e-16,
+# its smallest trained weight (a norm bias after 6 steps) at 5e-9
+ROUNDING_LEVEL = 1e-12
 
 
 def record_task_trainer(steps):
@@ -70,5 +77,11 @@ def test_same_seed_same_batches_losses_and_weights(tmp_path, monkeypatch):
     assert sorted(got["weights"]) == sorted(ref["weights"])
     for name, (s, sq) in ref["weights"].items():
         gs, gsq = got["weights"][name]
-        assert gsq == pytest.approx(sq, rel=1e-4, abs=1e-8), name
-        assert gs == pytest.approx(s, rel=1e-3, abs=1e-4 * max(sq, 1e-12) ** 0.5 * 10), name
+        if sq < ROUNDING_LEVEL:
+            # a conv bias ahead of an instance norm: its gradient is zero in exact arithmetic, so
+            # it holds only rounding noise whose sum depends on the CPU's kernels (AVX512 vs AMX);
+            # what must hold is that it stays noise.
+            assert gsq < ROUNDING_LEVEL, f"{name} learnt from a gradient that should be zero"
+            continue
+        assert gsq == pytest.approx(sq, rel=1e-2), name
+        assert gs == pytest.approx(s, rel=1e-2, abs=3e-2 * sq**0.5), name
