@@ -79,7 +79,7 @@ def _planned(dataset: Path, ws: Path) -> bool:
     from medseg import api
     from medseg.io.dataset import load_dataset_json
 
-    return api._ws(ws).plan_path(load_dataset_json(dataset).name).is_file()
+    return api.open_workspace(ws).plan_path(load_dataset_json(dataset).name).is_file()
 
 
 def train_denoiser(real: Path, out: Path, args) -> Path:
@@ -212,8 +212,6 @@ def plot_grid(grid, path: Path, mean_hu) -> None:
 def train_segmenter(real: Path, out: Path, arm: str, seed: int, args) -> Path:
     from medseg import api
     from medseg.apps.adapt import source_cache
-    from medseg.io.dataset import load_dataset_json
-    from medseg.planning.plan import Plan
     from medseg.training.config import TrainingConfig
 
     model = out / "segmenters" / f"{arm}_s{seed}"
@@ -226,8 +224,8 @@ def train_segmenter(real: Path, out: Path, arm: str, seed: int, args) -> Path:
     extra = []
     if ARMS[arm]:
         folder, share = ARMS[arm]
-        plan = Plan.load(api._ws(ws).plan_path(load_dataset_json(real).name))
-        cache = source_cache(out / folder, plan, "3d_fullres", api._ws(ws), progress=False)
+        plan = api.load_plan(real, ws)
+        cache = source_cache(out / folder, plan, "3d_fullres", api.open_workspace(ws), progress=False)
         extra = [{"cache": str(cache), "share": share}]
     cfg = TrainingConfig(epochs=args.seg_epochs, iterations_per_epoch=args.seg_iterations, val_iterations=0,
                          seed=seed, extra_data=extra, final_validation=False, checkpoint_every=5)  # fmt: skip

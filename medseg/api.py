@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # imported lazily: it pulls in torch, which verify/plan/evalu
     from medseg.training.config import TrainingConfig
 
 
-def _ws(workspace) -> Workspace:
+def open_workspace(workspace) -> Workspace:
+    """The :class:`Workspace` at ``workspace`` (a path, ``None`` for the default, or a Workspace)."""
     return workspace if isinstance(workspace, Workspace) else Workspace.resolve(workspace)
 
 
@@ -44,7 +45,7 @@ def plan(
     from medseg.planning.fingerprint import compute_fingerprint
     from medseg.planning.planner import make_plan
 
-    ws = _ws(workspace)
+    ws = open_workspace(workspace)
     info = load_dataset_json(dataset)
     from medseg.preprocessing.pipeline import checked_record
 
@@ -69,7 +70,7 @@ def plan(
 
 def load_plan(dataset: str | Path, workspace=None) -> Plan:
     info = load_dataset_json(dataset)
-    return Plan.load(_ws(workspace).plan_path(info.name))
+    return Plan.load(open_workspace(workspace).plan_path(info.name))
 
 
 def preprocess(
@@ -79,7 +80,7 @@ def preprocess(
     for a plan of 2D images); names the plan lacks are skipped."""
     from medseg.preprocessing.pipeline import preprocess_dataset
 
-    ws = _ws(workspace)
+    ws = open_workspace(workspace)
     p = load_plan(dataset, ws)
     info = load_dataset_json(dataset)
     configurations = configurations or (p.default_configuration,)
@@ -110,7 +111,7 @@ def train(
     from medseg.training.config import TrainingConfig
     from medseg.training.trainer import Trainer
 
-    ws = _ws(workspace)
+    ws = open_workspace(workspace)
     config = config or TrainingConfig()
     info = load_dataset_json(dataset)
     p = load_plan(dataset, ws)

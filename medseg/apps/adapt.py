@@ -177,7 +177,7 @@ def adapt(source_model, target, output, cfg: AdaptConfig, *, workspace=None, log
     from medseg.io.dataset import list_cases, load_dataset_json
     from medseg.planning.fingerprint import compute_fingerprint
 
-    ws = api._ws(workspace)
+    ws = api.open_workspace(workspace)
     src_dir = Path(resolve_model(str(source_model)))
     spec = load_spec(src_dir)
     if spec.task != "segmentation":
