@@ -251,7 +251,9 @@ def score(model: Path, data: Path, test: list[str], patient: dict) -> dict:
     for case, m in per_case.items():
         by_patient.setdefault(patient[case], []).append(m["nodule"])
     dice = statistics.mean(statistics.mean(r["dice"] for r in rows) for rows in by_patient.values())
-    hd = [statistics.mean(h) for rows in by_patient.values() if (h := [r["hd95"] for r in rows if r["hd95"] is not None])]
+    hd = [
+        statistics.mean(h) for rows in by_patient.values() if (h := [r["hd95"] for r in rows if r["hd95"] is not None])
+    ]
     return {"dice": dice, "hd95": statistics.mean(hd) if hd else None, "patients": len(by_patient)}
 
 
