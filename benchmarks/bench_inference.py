@@ -3,7 +3,7 @@
 
 peer:   nnUNetv2_predict -i CASES -o OUT -d 4 -c 3d_fullres -tr TRAINER -f 0 -device cpu [--disable_tta]
 medseg: medseg predict -m MODEL -i CASES -o OUT [--no-tta] [--fp32]   (MODEL = medseg import-nnunet RESULTS)
-        run twice: with its default precision (bf16 autocast on CPUs with native bf16) and --fp32
+        run three times: its default (the CPU fast path's choice), bf16 with --layout contiguous, --fp32
 
 The model is nnU-Net's own default 3d_fullres plan for MSD hippocampus (PlainConvUNet
 [32, 64, 128, 256], patch 40x56x40, as nnUNetv2_plan_and_preprocess plans it), trained by
@@ -16,7 +16,10 @@ Test cases: ``--cases`` (default 20) MSD hippocampus cases that are not among th
 read from the same folder by both. Each (tool, TTA) pair runs ``--repeats`` times (default 2) as one
 process over all cases, in alternating order; wall time and peak RSS of the process tree are
 recorded, per case = wall / cases (start-up included, as a user sees it). Agreement: per case and
-class Dice between the two tools' label maps (TTA on vs TTA on, off vs off).
+class Dice between the two tools' label maps (TTA on vs TTA on, off vs off), between each medseg
+variant and medseg's fp32, and each tool's mean Dice against the manual labels (how good the
+short-schedule model is: agreement between precisions is lower for a model whose class scores are
+close, so it is shown beside it).
 
 Both use all cores: nnUNetv2_predict with ``-npp 1 -nps 1`` (one preprocessing and one export
 worker, the minimum; it still runs them as background processes), medseg in-process.
@@ -40,8 +43,13 @@ from bench_preprocess import NNUNET_CHECK, make_raw  # noqa: E402
 
 NAME = "inference"
 DS_ID, DS_NAME = 4, "Hippocampus"
-# medseg's default (bf16 autocast on CPUs with native bf16, else fp32) and forced fp32 (--fp32)
-MEDSEG_VARIANTS = {"medseg": "default (auto)", "medseg_fp32": "fp32 (`--fp32`)"}
+# medseg's default (the CPU fast path's choice: bf16 pre-cast, layout timed), bf16 with the layout forced to
+# NCDHW (what the default was before the fast path, less autocast), and forced fp32
+MEDSEG_VARIANTS = {
+    "medseg": ("default (auto)", []),
+    "medseg_ncdhw": ("bf16, NCDHW (`--layout contiguous`)", ["--layout", "contiguous"]),
+    "medseg_fp32": ("fp32 (`--fp32`)", ["--fp32"]),
+}
 TRAINER = "nnUNetTrainer_MedsegBench"
 TRAINER_SOURCE = '''"""Written by medseg's benchmarks/bench_inference.py: nnUNetTrainer with a short schedule."""
 import os
@@ -129,7 +137,8 @@ def prepare(args, nn_py: Path) -> dict:
     cases_dir.mkdir()
     for case in test_cases:
         (cases_dir / f"{case}_0000.nii.gz").symlink_to((src / "imagesTr" / f"{case}_0000.nii.gz").resolve())
-    return {"env": env, "model": model, "cases_dir": cases_dir, "n": len(test_cases), "results": results}
+    return {"env": env, "model": model, "cases_dir": cases_dir, "n": len(test_cases), "results": results,
+            "labels": src / "labelsTr"}  # fmt: skip
 
 
 def commands(tool: str, tta: bool, prep: dict, out: Path, nn_py: Path) -> list:
@@ -138,7 +147,18 @@ def commands(tool: str, tta: bool, prep: dict, out: Path, nn_py: Path) -> list:
                "-tr", TRAINER, "-f", "0", "-device", "cpu", "-npp", "1", "-nps", "1", "--disable_progress_bar"]  # fmt: skip
         return cmd + ([] if tta else ["--disable_tta"])
     cmd = [C.medseg_python().parent / "medseg", "predict", "-m", prep["model"], "-i", prep["cases_dir"], "-o", out]
-    return cmd + ([] if tta else ["--no-tta"]) + (["--fp32"] if tool == "medseg_fp32" else [])
+    return cmd + ([] if tta else ["--no-tta"]) + MEDSEG_VARIANTS[tool][1]
+
+
+def _dice(a: Path, b: Path) -> dict:
+    """Per case and class Dice of the label maps in ``a`` against the same names in ``b``."""
+    proc = subprocess.run([str(C.medseg_python()), "-c", AGREEMENT, str(a), str(b)],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    return json.loads(proc.stdout)
+
+
+def _dices(per_case: dict) -> list[float]:
+    return [d for case in per_case.values() for d in case["dice"].values()]
 
 
 def main() -> None:
@@ -162,7 +182,7 @@ def main() -> None:
     runs: dict[tuple[str, bool], list[dict]] = {}
     for rep in range(args.repeats):
         for tta in (True, False):
-            tools = ("nnunet", "medseg", "medseg_fp32") if rep % 2 == 0 else ("medseg_fp32", "medseg", "nnunet")
+            tools = ("nnunet", *MEDSEG_VARIANTS) if rep % 2 == 0 else (*reversed(MEDSEG_VARIANTS), "nnunet")
             for tool in tools:
                 out = args.workdir / f"pred_{tool}_{'tta' if tta else 'notta'}"
                 shutil.rmtree(out, ignore_errors=True)
@@ -170,20 +190,21 @@ def main() -> None:
                 r = C.run_measured(commands(tool, tta, prep, out, nn_py), env=prep["env"],
                                    log_file=args.workdir / "logs" / f"{tool}.log")  # fmt: skip
                 runs.setdefault((tool, tta), []).append(r)
-    agreement = {}
-    for tool in MEDSEG_VARIANTS:
-        for tta in (True, False):
-            tag = "tta" if tta else "notta"
-            proc = subprocess.run(
-                [str(C.medseg_python()), "-c", AGREEMENT, str(args.workdir / f"pred_nnunet_{tag}"),
-                 str(args.workdir / f"pred_{tool}_{tag}")], capture_output=True, text=True, check=True,
-            )  # fmt: skip
-            agreement[(tool, tta)] = json.loads(proc.stdout)
+    agreement, vs_fp32, vs_truth = {}, {}, {}
+    for tta in (True, False):
+        pred = {t: args.workdir / f"pred_{t}_{'tta' if tta else 'notta'}" for t in ("nnunet", *MEDSEG_VARIANTS)}
+        for tool in MEDSEG_VARIANTS:
+            agreement[(tool, tta)] = _dice(pred["nnunet"], pred[tool])
+            vs_fp32[(tool, tta)] = _dice(pred["medseg_fp32"], pred[tool])
+        for tool in pred:
+            vs_truth[(tool, tta)] = _dice(pred[tool], prep["labels"])
     (args.workdir / "results.json").write_text(
         json.dumps(
             {
                 "runs": {f"{t}_{tta}": v for (t, tta), v in runs.items()},
                 "agreement": {f"{t}_{tta}": v for (t, tta), v in agreement.items()},
+                "agreement_with_medseg_fp32": {f"{t}_{tta}": v for (t, tta), v in vs_fp32.items()},
+                "dice_vs_manual_labels": {f"{t}_{tta}": v for (t, tta), v in vs_truth.items()},
             },
             indent=1,
         )
@@ -204,19 +225,23 @@ def main() -> None:
         "them once per process as summed RSS would)",
         "",
         "| TTA | medseg precision | nnU-Net s/case | medseg s/case | speed-up | nnU-Net peak PSS (GiB) "
-        "| medseg peak PSS (GiB) | memory ratio | min / mean Dice agreement | identical cases |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|",
+        "| medseg peak PSS (GiB) | memory ratio | min / mean Dice agreement | identical cases "
+        "| min / mean Dice vs medseg fp32 | mean Dice vs manual labels (nnU-Net / medseg) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     for tool, tta in [(t, tta) for tta in (True, False) for t in MEDSEG_VARIANTS]:
         nn, ms = runs[("nnunet", tta)], runs[(tool, tta)]
         t_nn, t_ms = C.median([r["wall_s"] for r in nn]) / prep["n"], C.median([r["wall_s"] for r in ms]) / prep["n"]
         m_nn = C.median([r["tree_pss_mb"] for r in nn]) / 1024
         m_ms = C.median([r["tree_pss_mb"] for r in ms]) / 1024
-        dices = [d for case in agreement[(tool, tta)].values() for d in case["dice"].values()]
+        dices = _dices(agreement[(tool, tta)])
         same = sum(case["identical"] for case in agreement[(tool, tta)].values())
+        fp32 = _dices(vs_fp32[(tool, tta)])
+        truth = [sum(d) / len(d) for d in (_dices(vs_truth[("nnunet", tta)]), _dices(vs_truth[(tool, tta)]))]
         lines.append(
-            f"| {'on' if tta else 'off'} | {MEDSEG_VARIANTS[tool]} | {t_nn:.2f} | {t_ms:.2f} | {t_nn / t_ms:.2f}x | {m_nn:.2f} | {m_ms:.2f} | "
-            f"{m_ms / m_nn:.2f} | {min(dices):.4f} / {sum(dices) / len(dices):.4f} | {same}/{prep['n']} |"
+            f"| {'on' if tta else 'off'} | {MEDSEG_VARIANTS[tool][0]} | {t_nn:.2f} | {t_ms:.2f} | {t_nn / t_ms:.2f}x | {m_nn:.2f} | {m_ms:.2f} | "
+            f"{m_ms / m_nn:.2f} | {min(dices):.4f} / {sum(dices) / len(dices):.4f} | {same}/{prep['n']} | "
+            f"{min(fp32):.4f} / {sum(fp32) / len(fp32):.4f} | {truth[0]:.3f} / {truth[1]:.3f} |"
         )
     C.write_results(NAME, lines, args.quick, args.out)
     print("\n".join(lines))
