@@ -296,6 +296,8 @@ def main() -> None:
     ap.add_argument("--seg-epochs", type=int, default=30)
     ap.add_argument("--seg-iterations", type=int, default=100)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--stop-after", choices=("denoiser", "samples", "textures"), default=None,
+                    help="run the stages up to this one only (each resumes; rerun without it to go on)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="tiny budgets and sets (smoke test, not figures)")
     args = ap.parse_args()
     if args.quick:
@@ -311,9 +313,15 @@ def main() -> None:
     real = make_dataset(args.data, names, out / "Dataset601_LIDCReal")
     log(f"split: {len(names)} real training VOIs, {len(test)} test VOIs of {len({patient[c] for c in test})} patients")
     denoiser = args.denoiser or train_denoiser(real, out, args)
+    if args.stop_after == "denoiser":
+        return log(f"denoiser ready: {denoiser}")
     synthesize(denoiser, real, out, names, args)
     conventional_copies(real, out / "conventional_x4", names)
+    if args.stop_after == "samples":
+        return log(f"synthetic pairs ready: {out / 'syn_x4'}")
     textures = texture_control(denoiser, args.data, test, out, args)
+    if args.stop_after == "textures":
+        return log(f"texture control: accuracy {textures['accuracy']:.2f}")
     results = {}
     for arm in args.arms:
         results[arm] = [score(train_segmenter(real, out, arm, s, args), args.data, test, patient) for s in args.seeds]

@@ -43,14 +43,14 @@ def _channels_last(x: torch.Tensor) -> bool:
 
 
 class InstanceNorm3d(nn.InstanceNorm3d):
-    """``nn.InstanceNorm3d`` computed as a one-group-per-channel group norm (layout-preserving)."""
+    """``nn.InstanceNorm3d`` that keeps a channels-last input channels-last (a batch norm over its (voxels, C) view)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self, x)
 
 
 class InstanceNorm2d(nn.InstanceNorm2d):
-    """``nn.InstanceNorm2d`` computed as a one-group-per-channel group norm (layout-preserving)."""
+    """``nn.InstanceNorm2d`` that keeps a channels-last input channels-last (a batch norm over its (voxels, C) view)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _forward(self, x)
