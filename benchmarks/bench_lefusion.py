@@ -162,14 +162,16 @@ def texture_control(denoiser: Path, data: Path, test: list[str], out: Path, args
     lo, hi = syn._window()
     bins = int(tex["bins"])
     confusion = np.zeros((len(centres), len(centres)), int)
-    grid = []
+    grid, seconds = [], []
     for n in test[: args.texture_vois]:
         image, meta = read_image(data / "imagesTr" / f"{n}_0000.nii.gz")
         mask, _ = read_image(data / "labelsTr" / f"{n}.nii.gz")
         row = [image]
         for k in range(len(centres)):
+            t0 = time.perf_counter()
             new = syn.synthesize(image, meta, mask, texture_histogram(tex, k, seed=k), steps=args.steps,
                                  jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, seed=k)  # fmt: skip
+            seconds.append(time.perf_counter() - t0)
             v = (np.clip(new[mask > 0].astype(np.float64), lo, hi) - lo) / (hi - lo) * 2 - 1
             h = torch.histc(torch.from_numpy(v), bins=bins, min=-1, max=1).numpy()
             h = h / max(h.sum(), 1)
@@ -178,7 +180,8 @@ def texture_control(denoiser: Path, data: Path, test: list[str], out: Path, args
         grid.append((row, mask))
     result = {"confusion": confusion.tolist(), "vois": len(grid),
               "accuracy": float(np.trace(confusion) / max(confusion.sum(), 1)),
-              "mean_hu": [t.get("mean_hu") for t in tex["textures"]]}  # fmt: skip
+              "mean_hu": [t.get("mean_hu") for t in tex["textures"]], "seconds_per_roi": statistics.median(seconds),
+              "sampling": {"steps": args.steps, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}}  # fmt: skip
     plot_grid(grid, out / "lefusion_textures.png" if args.quick else REPO / "docs" / "images" / "lefusion_textures.png",
               result["mean_hu"])  # fmt: skip
     path.write_text(json.dumps(result, indent=1))
@@ -289,14 +292,14 @@ def main() -> None:
     ap.add_argument("--denoiser", type=Path, default=None, help="an existing lefusion model trained on the same VOIs")
     ap.add_argument("--denoiser-epochs", type=int, default=40)
     ap.add_argument("--denoiser-iterations", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--steps", type=int, default=30)
     ap.add_argument("--jump-length", type=int, default=5)
-    ap.add_argument("--jump-n-sample", type=int, default=5)
+    ap.add_argument("--jump-n-sample", type=int, default=3)
     ap.add_argument("--texture-vois", type=int, default=20)
     ap.add_argument("--seg-epochs", type=int, default=30)
     ap.add_argument("--seg-iterations", type=int, default=100)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
-    ap.add_argument("--stop-after", choices=("denoiser", "samples", "textures"), default=None,
+    ap.add_argument("--stop-after", choices=("denoiser", "textures", "samples"), default=None,
                     help="run the stages up to this one only (each resumes; rerun without it to go on)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="tiny budgets and sets (smoke test, not figures)")
     args = ap.parse_args()
@@ -315,13 +318,14 @@ def main() -> None:
     denoiser = args.denoiser or train_denoiser(real, out, args)
     if args.stop_after == "denoiser":
         return log(f"denoiser ready: {denoiser}")
+    textures = texture_control(denoiser, args.data, test, out, args)
+    log(f"texture control: accuracy {textures['accuracy']:.2f}, {textures['seconds_per_roi']:.1f} s per ROI")
+    if args.stop_after == "textures":
+        return None
     synthesize(denoiser, real, out, names, args)
     conventional_copies(real, out / "conventional_x4", names)
     if args.stop_after == "samples":
         return log(f"synthetic pairs ready: {out / 'syn_x4'}")
-    textures = texture_control(denoiser, args.data, test, out, args)
-    if args.stop_after == "textures":
-        return log(f"texture control: accuracy {textures['accuracy']:.2f}")
     results = {}
     for arm in args.arms:
         results[arm] = [score(train_segmenter(real, out, arm, s, args), args.data, test, patient) for s in args.seeds]

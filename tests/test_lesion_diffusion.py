@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import SHARED_DATA, copy_cases, run_main
+from conftest import BUNDLED_DATA, SHARED_DATA, copy_cases, run_main
 
 from medseg.augment.transforms import AugmentConfig
 from medseg.models import create_model
@@ -369,3 +370,44 @@ def test_two_lesion_classes_one_channel_each_on_real_liver_tumour_ct(tmp_path, m
         inside = label == k
         assert np.abs(new[inside].astype(float) - image[inside]).mean() > 1
         assert -200 <= new[inside].min() and new[inside].max() <= 300
+
+
+HELD_OUT_VOI = BUNDLED_DATA / "lidc_ood_2"  # lidc_0048_n03: a patient bench_lefusion holds out (never trained on)
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("diffusers") is None, reason="sampling needs medseg[synthesis] (diffusers)"
+)
+def test_shipped_lidc_lefusion_draws_the_asked_texture_into_a_held_out_voi(tmp_path, monkeypatch, capsys):
+    """``medseg synthesize -m lidc-lefusion``: a real held-out VOI and its nodule mask in, a new nodule out
+    (background bit for bit); the dense texture's nodule is brighter than the faint one's, and the faint
+    one's histogram is nearest its own texture centre."""
+    from medseg.apps.synthesis import read_textures
+    from medseg.io.checkpoint import resolve_model
+    from medseg.io.image import read_image
+
+    img_path = HELD_OUT_VOI / "imagesTr" / "lidc_0048_n03_0000.nii.gz"
+    mask_path = HELD_OUT_VOI / "labelsTr" / "lidc_0048_n03.nii.gz"
+    code, out, _ = run_main(monkeypatch, capsys, "synthesize", "-m", "lidc-lefusion", "--list-textures")
+    assert code == 0 and len(out.strip().splitlines()) == 3
+    tex = read_textures(Path(resolve_model("lidc-lefusion")))
+    centres = np.asarray([t["histogram"] for t in tex["textures"]])
+    image, _ = read_image(img_path)
+    inside = read_image(mask_path)[0] > 0
+    results = {}
+    for k in (0, 2):
+        args = ["synthesize", "-m", "lidc-lefusion", "-i", img_path, "--mask", mask_path, "--texture", str(k),
+                "--steps", "20", "--jump-length", "5", "--jump-n-sample", "1", "--seed", "0", "-o", tmp_path / f"t{k}.nii.gz"]  # fmt: skip
+        code, _, err = run_main(monkeypatch, capsys, *args)
+        assert code == 0, err
+        new, _ = read_image(tmp_path / f"t{k}.nii.gz")
+        assert new.dtype == image.dtype and new.shape == image.shape
+        np.testing.assert_array_equal(new[~inside], image[~inside])
+        v = (np.clip(new[inside].astype(np.float64), -1000, 400) + 1000) / 1400 * 2 - 1
+        h = np.histogram(v, bins=16, range=(-1, 1))[0] / inside.sum()
+        results[k] = (new[inside].mean(), np.abs(centres - h).sum(1))
+    # measured on an AMX Xeon: -431 vs -282 HU; texture 0's histogram at L1 0.22 from its centre (0.65, 1.0 from
+    # the others); texture 2's is about as far from all three (0.54 / 0.56 / 0.51): the small model's
+    # texture control is weak (BENCHMARKS.md), so only what it does reliably is asserted
+    assert results[2][0] > results[0][0] + 75  # HU: dense vs faint texture
+    assert int(np.argmin(results[0][1])) == 0

@@ -58,15 +58,19 @@ class ResBlock(nn.Module):
 
 
 class ChannelNorm(nn.Module):
-    """LayerNorm over channels of (B, C, ...) with a gain (the pre-norm of the attention blocks)."""
+    """LayerNorm over channels of (B, C, ...) with a gain (the pre-norm of the attention blocks).
+    ``last``: the same on a tensor whose channels are its last axis (the attention blocks' own
+    layout: one fused layer-norm kernel instead of a strided reduction over dim 1)."""
 
     def __init__(self, dim: int):
         super().__init__()
         self.gain = nn.Parameter(torch.ones(1, dim, 1, 1, 1))
 
     def forward(self, x):
-        var, mean = torch.var_mean(x, dim=1, unbiased=False, keepdim=True)
-        return (x - mean) * torch.rsqrt(var + 1e-5) * self.gain
+        return self.last(x.movedim(1, -1)).movedim(-1, 1)
+
+    def last(self, y: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(y, y.shape[-1:], self.gain.flatten().to(y.dtype), None, 1e-5)
 
 
 class SliceAttention(nn.Module):
@@ -81,17 +85,18 @@ class SliceAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
-        y = self.norm(x).permute(0, 2, 1, 3, 4).reshape(b * d, c, h, w)
-        q, k, v = self.qkv(y).reshape(b * d, 3, self.heads, -1, h * w).unbind(1)  # (N, heads, e, hw)
-        if self.linear:
-            q, k = q.softmax(dim=-2) * q.shape[-2] ** -0.5, k.softmax(dim=-1)
-            ctx = torch.einsum("nhdp,nhep->nhde", k, v)
-            o = torch.einsum("nhde,nhdp->nhep", ctx, q)
+        y = self.norm.last(x.permute(0, 2, 3, 4, 1).reshape(b * d, h * w, c))  # (N, hw, C), one copy
+        qkv = F.linear(y, self.qkv.weight.flatten(1).to(y.dtype))  # the 1x1 convolution on (hw, C) rows
+        q, k, v = qkv.reshape(b * d, h * w, 3, self.heads, -1).unbind(2)  # (N, hw, heads, e)
+        if self.linear:  # softmax of q over its features (the last axis here), of k over the pixels
+            q = q.softmax(dim=-1) * q.shape[-1] ** -0.5
+            k = k.permute(0, 2, 3, 1).softmax(dim=-1)  # (N, heads, e, hw)
+            ctx = torch.einsum("nhdp,nphe->nhde", k, v)
+            o = torch.einsum("nhde,nphd->nphe", ctx, q)
         else:
-            o = F.scaled_dot_product_attention(q.transpose(-1, -2), k.transpose(-1, -2), v.transpose(-1, -2))
-            o = o.transpose(-1, -2)
-        o = self.out(o.reshape(b * d, -1, h, w))
-        return x + o.reshape(b, d, c, h, w).permute(0, 2, 1, 3, 4)
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
+        o = F.linear(o.reshape(b * d, h * w, -1), self.out.weight.flatten(1).to(o.dtype), self.out.bias.to(o.dtype))
+        return x + o.reshape(b, d, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 class DepthAttention(nn.Module):
@@ -108,11 +113,15 @@ class DepthAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, d, h, w = x.shape
-        y = self.norm(x).permute(0, 3, 4, 2, 1).reshape(b * h * w, d, c)
+        y = self.norm.last(x.permute(0, 3, 4, 2, 1).reshape(b * h * w, d, c))
         q, k, v = self.qkv(y).reshape(b * h * w, d, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         pos = torch.arange(d, device=x.device)
         rel = (pos[None] - pos[:, None]).clamp(-self.max_offset, self.max_offset) + self.max_offset
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=self.bias[:, rel].to(q.dtype))
+        # short sequences (depth) with a float bias, written out: torch's masked SDPA takes a slow math path
+        # there and its softmax kernel is slow on rows this short (measured 80 / 12.6 vs 7.6 ms, AMX Xeon)
+        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + self.bias[:, rel].to(q.dtype)
+        e = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
+        o = (e / e.sum(dim=-1, keepdim=True)) @ v
         o = self.out(o.transpose(1, 2).reshape(b * h * w, d, -1))
         return x + o.reshape(b, h, w, d, c).permute(0, 4, 3, 1, 2)
 
