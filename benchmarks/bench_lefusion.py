@@ -162,25 +162,32 @@ def texture_control(denoiser: Path, data: Path, test: list[str], out: Path, args
     lo, hi = syn._window()
     bins = int(tex["bins"])
     confusion = np.zeros((len(centres), len(centres)), int)
-    grid, seconds = [], []
+    grid, seconds, asked_hu, got_hu, real_hu = [], [], [], [], []
+    bin_hu = lo + (np.arange(bins) + 0.5) / bins * (hi - lo)
     for n in test[: args.texture_vois]:
         image, meta = read_image(data / "imagesTr" / f"{n}_0000.nii.gz")
         mask, _ = read_image(data / "labelsTr" / f"{n}.nii.gz")
         row = [image]
+        real_hu.append(float(np.clip(image[mask > 0], lo, hi).mean()))
         for k in range(len(centres)):
             t0 = time.perf_counter()
-            new = syn.synthesize(image, meta, mask, texture_histogram(tex, k, seed=k), steps=args.steps,
+            asked = texture_histogram(tex, k, seed=k)
+            new = syn.synthesize(image, meta, mask, asked, steps=args.steps,
                                  jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, seed=k)  # fmt: skip
             seconds.append(time.perf_counter() - t0)
             v = (np.clip(new[mask > 0].astype(np.float64), lo, hi) - lo) / (hi - lo) * 2 - 1
             h = torch.histc(torch.from_numpy(v), bins=bins, min=-1, max=1).numpy()
             h = h / max(h.sum(), 1)
             confusion[k, int(np.abs(centres - h[None]).sum(1).argmin())] += 1
+            asked_hu.append(float(asked[:bins] @ bin_hu))
+            got_hu.append(float(np.clip(new[mask > 0], lo, hi).mean()))
             row.append(new)
         grid.append((row, mask))
     result = {"confusion": confusion.tolist(), "vois": len(grid),
               "accuracy": float(np.trace(confusion) / max(confusion.sum(), 1)),
               "mean_hu": [t.get("mean_hu") for t in tex["textures"]], "seconds_per_roi": statistics.median(seconds),
+              "generated_mean_hu": [statistics.mean(got_hu[k :: len(centres)]) for k in range(len(centres))],
+              "asked_vs_generated_hu_r": float(np.corrcoef(asked_hu, got_hu)[0, 1]), "real_mean_hu": statistics.mean(real_hu),
               "sampling": {"steps": args.steps, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}}  # fmt: skip
     plot_grid(grid, out / "lefusion_textures.png" if args.quick else REPO / "docs" / "images" / "lefusion_textures.png",
               result["mean_hu"])  # fmt: skip
@@ -253,11 +260,25 @@ def score(model: Path, data: Path, test: list[str], patient: dict) -> dict:
     by_patient: dict[str, list] = {}
     for case, m in per_case.items():
         by_patient.setdefault(patient[case], []).append(m["nodule"])
-    dice = statistics.mean(statistics.mean(r["dice"] for r in rows) for rows in by_patient.values())
+    per_patient = {p: statistics.mean(r["dice"] for r in rows) for p, rows in by_patient.items()}
+    dice = statistics.mean(per_patient.values())
     hd = [
         statistics.mean(h) for rows in by_patient.values() if (h := [r["hd95"] for r in rows if r["hd95"] is not None])
     ]
-    return {"dice": dice, "hd95": statistics.mean(hd) if hd else None, "patients": len(by_patient)}
+    return {"dice": dice, "hd95": statistics.mean(hd) if hd else None, "patients": len(by_patient),
+            "per_patient_dice": per_patient}  # fmt: skip
+
+
+def paired_gain(rows: list[dict], base: list[dict], seed: int = 0, draws: int = 10000) -> dict:
+    """Per-patient Dice of an arm minus the ``real`` arm's (each averaged over the seeds first): the mean,
+    a 95 % bootstrap interval over patients, and how many patients gain / lose."""
+    patients = sorted(base[0]["per_patient_dice"])
+    arm = np.array([statistics.mean(r["per_patient_dice"][p] for r in rows) for p in patients])
+    ref = np.array([statistics.mean(r["per_patient_dice"][p] for r in base) for p in patients])
+    d = arm - ref
+    boot = np.random.default_rng(seed).choice(d, (draws, len(d))).mean(1)
+    return {"mean": float(d.mean()), "ci95": [float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))],
+            "better": int((d > 1e-9).sum()), "worse": int((d < -1e-9).sum())}  # fmt: skip
 
 
 def _agg(values) -> str:
@@ -270,15 +291,29 @@ def _agg(values) -> str:
 def report(results: dict, textures: dict | None, args, meta: dict) -> str:
     lines = [f"Test: {meta['test_vois']} VOIs of {meta['test_patients']} patients; real training set: {args.real} VOIs; "
              f"segmenter budget {args.seg_epochs} x {args.seg_iterations} iterations; {len(args.seeds)} seed(s).", "",
-             "| arm | Dice (per patient) | HD95 mm (per patient) |", "|---|---:|---:|"]  # fmt: skip
+             "| arm | Dice (per patient) | HD95 mm (per patient) | Dice vs real, paired by patient (95 % CI) | patients better / worse |",
+             "|---|---:|---:|---:|---:|"]  # fmt: skip
     for arm, rows in results.items():
-        lines.append(f"| {arm} | {_agg([r['dice'] for r in rows])} | {_agg([r['hd95'] for r in rows])} |")
+        gain = "–"
+        if arm != "real" and "real" in results and all("per_patient_dice" in r for r in rows + results["real"]):
+            g = paired_gain(rows, results["real"])
+            gain = f"{g['mean']:+.4f} ({g['ci95'][0]:+.4f} … {g['ci95'][1]:+.4f}) | {g['better']} / {g['worse']}"
+        else:
+            gain += " | –"
+        lines.append(f"| {arm} | {_agg([r['dice'] for r in rows])} | {_agg([r['hd95'] for r in rows])} | {gain} |")
     if textures:
         k = len(textures["confusion"])
         lines += ["", f"Texture control ({textures['vois']} test VOIs x {k} textures; rows: asked, columns: nearest "
                   f"centre of the generated lesion's histogram): accuracy {textures['accuracy']:.2f}", "",
                   "| asked \\ nearest | " + " | ".join(map(str, range(k))) + " |", "|---|" + "---:|" * k]  # fmt: skip
         lines += [f"| {i} | " + " | ".join(map(str, row)) + " |" for i, row in enumerate(textures["confusion"])]
+        if "generated_mean_hu" in textures:
+            got = ", ".join(f"{k}: {a:.0f} (asked {m:.0f})" for k, (a, m) in enumerate(zip(textures["generated_mean_hu"], textures["mean_hu"])))
+            lines += ["", f"Mean HU of the generated lesions per asked texture: {got}; the same VOIs' real lesions: "
+                      f"{textures['real_mean_hu']:.0f}; correlation of asked and generated mean HU over all samples: "
+                      f"r = {textures['asked_vs_generated_hu_r']:.2f}. Sampling: {textures['seconds_per_roi']:.1f} s per ROI "
+                      f"(median, steps {textures['sampling']['steps']}, jumps {textures['sampling']['jump_length']} x "
+                      f"{textures['sampling']['jump_n_sample']})."]  # fmt: skip
     return "\n".join(lines)
 
 

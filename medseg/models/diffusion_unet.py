@@ -99,6 +99,28 @@ class SliceAttention(nn.Module):
         return x + o.reshape(b, d, h, w, c).permute(0, 4, 1, 2, 3)
 
 
+def biased_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """softmax(q k^T / sqrt(e) + bias) v for (N, heads, d, e) and a (heads, d, d) bias, on short rows (depth).
+
+    torch's SDPA with a float mask takes a slow math path here (bf16, 2-core AMX Xeon: 247 vs 22 ms at
+    N 4096, d 32). Up to 16 rows the softmax written out is fastest (9.5 ms against 13.6 for torch's
+    softmax kernel at N 4096, d 12); longer rows go through baddbmm + softmax in chunks of about 2^20
+    scores, which keeps them in cache (the written-out form took 580 ms at d 32, unchunked)."""
+    n, heads, d, e = q.shape
+    if d <= 16:
+        scores = (q @ k.transpose(-1, -2)) * e**-0.5 + bias
+        ex = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
+        return (ex / ex.sum(dim=-1, keepdim=True)) @ v
+    step = max(1, 2**20 // (heads * d * d))
+    out = []
+    for i in range(0, n, step):
+        qi, ki, vi = (t[i : i + step].reshape(-1, d, e) for t in (q, k, v))
+        b = bias.expand(qi.shape[0] // heads, heads, d, d).reshape(-1, d, d)
+        scores = torch.baddbmm(b, qi, ki.transpose(-1, -2), alpha=e**-0.5)
+        out.append((scores.softmax(dim=-1) @ vi).reshape(-1, heads, d, e))
+    return torch.cat(out)
+
+
 class DepthAttention(nn.Module):
     """Full attention along depth at every in-plane position, with a learned bias per head and
     relative offset (offsets beyond ``max_offset`` share the last bias)."""
@@ -117,11 +139,7 @@ class DepthAttention(nn.Module):
         q, k, v = self.qkv(y).reshape(b * h * w, d, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
         pos = torch.arange(d, device=x.device)
         rel = (pos[None] - pos[:, None]).clamp(-self.max_offset, self.max_offset) + self.max_offset
-        # short sequences (depth) with a float bias, written out: torch's masked SDPA takes a slow math path
-        # there and its softmax kernel is slow on rows this short (measured 80 / 12.6 vs 7.6 ms, AMX Xeon)
-        scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5 + self.bias[:, rel].to(q.dtype)
-        e = (scores - scores.amax(dim=-1, keepdim=True)).exp_()
-        o = (e / e.sum(dim=-1, keepdim=True)) @ v
+        o = biased_attention(q, k, v, self.bias[:, rel].to(q.dtype))
         o = self.out(o.transpose(1, 2).reshape(b * h * w, d, -1))
         return x + o.reshape(b, h, w, d, c).permute(0, 4, 3, 1, 2)
 
