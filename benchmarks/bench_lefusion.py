@@ -95,18 +95,24 @@ def train_denoiser(real: Path, out: Path, args) -> Path:
         api.preprocess(real, ws, progress=False)
     cfg = TrainingConfig(model="lefusion_unet", epochs=args.denoiser_epochs, iterations_per_epoch=args.denoiser_iterations,
                          val_iterations=0, schedule="constant", ema_decay=0.995, augmentation="none",
-                         checkpoint_every=5, seed=0)  # fmt: skip
+                         checkpoint_every=5, seed=0, model_kwargs={"hist_scale": args.hist_scale},
+                         task_options={"cond_dropout": args.cond_dropout})  # fmt: skip
     resume = (model / "fold_all" / "training_state.pt").is_file()
     api.train(real, ws, fold="all", config=cfg, output=model, resume=resume, log=log)
     return model
+
+
+def sampling(args, guidance: float | None) -> dict:
+    return {"steps": args.steps, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample,
+            "guidance": guidance}  # fmt: skip
 
 
 def synthesize(denoiser: Path, real: Path, out: Path, names: list[str], args) -> None:
     from medseg.apps.synthesis import Synthesizer, synthesize_dataset
 
     syn = Synthesizer.from_folder(denoiser, device="cpu")
-    sampling = {"steps": args.steps, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}
-    rows = synthesize_dataset(syn, denoiser, real, out / "syn_x4", samples=4, all_textures=True, log=log, **sampling)
+    rows = synthesize_dataset(syn, denoiser, real, out / "syn_x4", samples=4, all_textures=True, log=log,
+                              **sampling(args, syn.check_guidance(args.guidance)))  # fmt: skip
     seconds = [r["seconds"] for r in rows if "seconds" in r]
     if seconds:
         log(f"sampling: {statistics.median(seconds):.1f} s per ROI (median of {len(seconds)})")
@@ -146,19 +152,20 @@ def conventional_copies(real: Path, dest: Path, names: list[str], copies: int = 
 
 
 # ---------------------------------------------------------------------------- texture control
-def texture_control(denoiser: Path, data: Path, test: list[str], out: Path, args) -> dict:
+def texture_control(denoiser: Path, data: Path, test: list[str], out: Path, args, guidance=None, grid_png=None) -> dict:
     """Each test VOI regenerated with each texture: the nearest centre of each generated lesion's histogram."""
     import torch
 
     from medseg.apps.synthesis import Synthesizer, read_textures, texture_histogram
     from medseg.io.image import read_image
 
-    path = out / "texture_control.json"
+    syn = Synthesizer.from_folder(denoiser, device="cpu")
+    guidance = syn.check_guidance(guidance)
+    path = out / f"texture_control_s{args.steps}_j{args.jump_length}x{args.jump_n_sample}_g{guidance:g}.json"
     if path.is_file():
         return json.loads(path.read_text())
     tex = read_textures(denoiser)
     centres = np.asarray([t["histogram"] for t in tex["textures"]])
-    syn = Synthesizer.from_folder(denoiser, device="cpu")
     lo, hi = syn._window()
     bins = int(tex["bins"])
     confusion = np.zeros((len(centres), len(centres)), int)
@@ -172,8 +179,7 @@ def texture_control(denoiser: Path, data: Path, test: list[str], out: Path, args
         for k in range(len(centres)):
             t0 = time.perf_counter()
             asked = texture_histogram(tex, k, seed=k)
-            new = syn.synthesize(image, meta, mask, asked, steps=args.steps,
-                                 jump_length=args.jump_length, jump_n_sample=args.jump_n_sample, seed=k)  # fmt: skip
+            new = syn.synthesize(image, meta, mask, asked, seed=k, **sampling(args, guidance))
             seconds.append(time.perf_counter() - t0)
             v = (np.clip(new[mask > 0].astype(np.float64), lo, hi) - lo) / (hi - lo) * 2 - 1
             h = torch.histc(torch.from_numpy(v), bins=bins, min=-1, max=1).numpy()
@@ -188,9 +194,9 @@ def texture_control(denoiser: Path, data: Path, test: list[str], out: Path, args
               "mean_hu": [t.get("mean_hu") for t in tex["textures"]], "seconds_per_roi": statistics.median(seconds),
               "generated_mean_hu": [statistics.mean(got_hu[k :: len(centres)]) for k in range(len(centres))],
               "asked_vs_generated_hu_r": float(np.corrcoef(asked_hu, got_hu)[0, 1]), "real_mean_hu": statistics.mean(real_hu),
-              "sampling": {"steps": args.steps, "jump_length": args.jump_length, "jump_n_sample": args.jump_n_sample}}  # fmt: skip
-    plot_grid(grid, out / "lefusion_textures.png" if args.quick else REPO / "docs" / "images" / "lefusion_textures.png",
-              result["mean_hu"])  # fmt: skip
+              "sampling": sampling(args, guidance)}  # fmt: skip
+    if grid_png is not None:
+        plot_grid(grid, grid_png, result["mean_hu"])
     path.write_text(json.dumps(result, indent=1))
     return result
 
@@ -216,6 +222,33 @@ def plot_grid(grid, path: Path, mean_hu) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
+
+
+# ------------------------------------------------------------------------------------- speed
+SPEED_SETTINGS = ((30, 5, 3, 1.0), (30, 5, 3, 2.0), (20, 5, 2, 2.0))  # steps, jump length, jump n sample, guidance
+
+
+def speed(denoiser: Path, out: Path) -> str:
+    """Seconds per ROI of LeFusion's size (32 x 64 x 64, a 16 x 32 x 32 lesion box) for each sampling setting."""
+    import torch
+
+    from medseg.apps.synthesis import Synthesizer, repaint
+
+    syn = Synthesizer.from_folder(denoiser, device="cpu")
+    known = torch.rand(1, 1, 32, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    lesion = torch.zeros_like(known)
+    lesion[..., 8:24, 16:48, 16:48] = 1
+    h = torch.full((1, syn.net.cond_dim), 1 / 16)
+    lines = ["| steps | jumps | guidance | seconds per 32 x 64 x 64 ROI |", "|---:|---:|---:|---:|"]
+    for steps, jl, jn, g in SPEED_SETTINGS:
+        if g != 1.0 and syn.cond_dropout == 0:
+            continue
+        for n, a, b in ((2, 1, 1), (steps, jl, jn)):  # a warm-up, then the timed run
+            t0 = time.perf_counter()
+            repaint(syn.net, known, lesion, h, steps=n, jump_length=a, jump_n_sample=b, dtype=syn.dtype, guidance=g)
+        lines.append(f"| {steps} | {jl} x {jn} | {g:g} | {time.perf_counter() - t0:.1f} |")
+        log(lines[-1])
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------- segmenters
@@ -288,7 +321,7 @@ def _agg(values) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
-def report(results: dict, textures: dict | None, args, meta: dict) -> str:
+def report(results: dict, texture_runs: list[dict], args, meta: dict) -> str:
     lines = [f"Test: {meta['test_vois']} VOIs of {meta['test_patients']} patients; real training set: {args.real} VOIs; "
              f"segmenter budget {args.seg_epochs} x {args.seg_iterations} iterations; {len(args.seeds)} seed(s).", "",
              "| arm | Dice (per patient) | HD95 mm (per patient) | Dice vs real, paired by patient (95 % CI) | patients better / worse |",
@@ -301,14 +334,17 @@ def report(results: dict, textures: dict | None, args, meta: dict) -> str:
         else:
             gain += " | –"
         lines.append(f"| {arm} | {_agg([r['dice'] for r in rows])} | {_agg([r['hd95'] for r in rows])} | {gain} |")
-    if textures:
-        k = len(textures["confusion"])
-        lines += ["", f"Texture control ({textures['vois']} test VOIs x {k} textures; rows: asked, columns: nearest "
-                  f"centre of the generated lesion's histogram): accuracy {textures['accuracy']:.2f}", "",
+    for textures in texture_runs:
+        k, w = len(textures["confusion"]), textures["sampling"].get("guidance", 1.0)
+        lines += ["", f"Texture control, guidance {w:g} ({textures['vois']} test VOIs x {k} textures; rows: asked, "
+                  f"columns: nearest centre of the generated lesion's histogram): accuracy {textures['accuracy']:.2f}", "",
                   "| asked \\ nearest | " + " | ".join(map(str, range(k))) + " |", "|---|" + "---:|" * k]  # fmt: skip
         lines += [f"| {i} | " + " | ".join(map(str, row)) + " |" for i, row in enumerate(textures["confusion"])]
         if "generated_mean_hu" in textures:
-            got = ", ".join(f"{k}: {a:.0f} (asked {m:.0f})" for k, (a, m) in enumerate(zip(textures["generated_mean_hu"], textures["mean_hu"])))
+            got = ", ".join(
+                f"{k}: {a:.0f} (asked {m:.0f})"
+                for k, (a, m) in enumerate(zip(textures["generated_mean_hu"], textures["mean_hu"]))
+            )
             lines += ["", f"Mean HU of the generated lesions per asked texture: {got}; the same VOIs' real lesions: "
                       f"{textures['real_mean_hu']:.0f}; correlation of asked and generated mean HU over all samples: "
                       f"r = {textures['asked_vs_generated_hu_r']:.2f}. Sampling: {textures['seconds_per_roi']:.1f} s per ROI "
@@ -327,9 +363,26 @@ def main() -> None:
     ap.add_argument("--denoiser", type=Path, default=None, help="an existing lefusion model trained on the same VOIs")
     ap.add_argument("--denoiser-epochs", type=int, default=40)
     ap.add_argument("--denoiser-iterations", type=int, default=100)
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--hist-scale", type=float, default=16.0, help="the denoiser's histogram factor (1: LeFusion's)")
+    ap.add_argument(
+        "--cond-dropout", type=float, default=0.1, help="P(no histogram) in training: classifier-free guidance"
+    )
+    ap.add_argument(
+        "--guidance",
+        type=float,
+        default=None,
+        help="classifier-free guidance of the synthetic pairs (default: the model's, see medseg synthesize)",
+    )
+    ap.add_argument(
+        "--texture-guidance",
+        type=float,
+        nargs="*",
+        default=[],
+        help="further guidance weights for the texture-control table (e.g. 1 3)",
+    )
+    ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--jump-length", type=int, default=5)
-    ap.add_argument("--jump-n-sample", type=int, default=3)
+    ap.add_argument("--jump-n-sample", type=int, default=2)
     ap.add_argument("--texture-vois", type=int, default=20)
     ap.add_argument("--seg-epochs", type=int, default=30)
     ap.add_argument("--seg-iterations", type=int, default=100)
@@ -337,6 +390,7 @@ def main() -> None:
     ap.add_argument("--stop-after", choices=("denoiser", "textures", "samples"), default=None,
                     help="run the stages up to this one only (each resumes; rerun without it to go on)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="tiny budgets and sets (smoke test, not figures)")
+    ap.add_argument("--speed", action="store_true", help="only the sampling-time table of the denoiser (idle machine)")
     args = ap.parse_args()
     if args.quick:
         args.real, args.seeds, args.denoiser_epochs, args.denoiser_iterations = 6, [0], 1, 4
@@ -351,10 +405,22 @@ def main() -> None:
     real = make_dataset(args.data, names, out / "Dataset601_LIDCReal")
     log(f"split: {len(names)} real training VOIs, {len(test)} test VOIs of {len({patient[c] for c in test})} patients")
     denoiser = args.denoiser or train_denoiser(real, out, args)
+    if args.speed:
+        text = speed(denoiser, out)
+        if not args.quick:
+            (RESULTS / "lefusion_speed.md").write_text(f"{json.dumps(machine_info())}\n\n{text}\n")
+        return print(text)
     if args.stop_after == "denoiser":
         return log(f"denoiser ready: {denoiser}")
-    textures = texture_control(denoiser, args.data, test, out, args)
-    log(f"texture control: accuracy {textures['accuracy']:.2f}, {textures['seconds_per_roi']:.1f} s per ROI")
+    png = out / "lefusion_textures.png" if args.quick else REPO / "docs" / "images" / "lefusion_textures.png"
+    texture_runs = []
+    for w in dict.fromkeys([*args.texture_guidance, args.guidance]):  # the downstream weight last: its grid is kept
+        texture_runs.append(
+            texture_control(denoiser, args.data, test, out, args, w, png if w == args.guidance else None)
+        )
+        t = texture_runs[-1]
+        log(f"texture control, guidance {t['sampling']['guidance']:g}: accuracy {t['accuracy']:.2f}, "
+            f"{t['seconds_per_roi']:.1f} s per ROI")  # fmt: skip
     if args.stop_after == "textures":
         return None
     synthesize(denoiser, real, out, names, args)
@@ -366,11 +432,11 @@ def main() -> None:
         results[arm] = [score(train_segmenter(real, out, arm, s, args), args.data, test, patient) for s in args.seeds]
         log(f"{arm}: Dice {_agg([r['dice'] for r in results[arm]])}")
     meta = {"test_vois": len(test), "test_patients": len({patient[c] for c in test})}
-    text = report(results, textures, args, meta)
+    text = report(results, texture_runs, args, meta)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "lefusion.md").write_text(text + "\n")
-        (RESULTS / "lefusion.json").write_text(json.dumps({"results": results, "textures": textures, **meta,
+        (RESULTS / "lefusion.json").write_text(json.dumps({"results": results, "textures": texture_runs, **meta,
             "machine": machine_info(), "args": {k: str(v) for k, v in vars(args).items()},
             "elapsed_s": round(time.time() - t0)}, indent=1))  # fmt: skip
     print(text)

@@ -19,6 +19,7 @@ import torch
 from medseg.errors import CheckpointError, DatasetError, MedsegError
 
 INSTALL_HINT = "pip install 'medseg[synthesis]' (diffusers)"
+DEFAULT_GUIDANCE = 2.0  # classifier-free guidance weight for models trained with cond_dropout (docs/synthesis.md)
 
 
 def repaint_scheduler(timesteps: int, steps: int, jump_length: int, jump_n_sample: int):
@@ -35,9 +36,12 @@ def repaint_scheduler(timesteps: int, steps: int, jump_length: int, jump_n_sampl
 
 @torch.inference_mode()
 def repaint(net, known: torch.Tensor, lesion: torch.Tensor, histogram: torch.Tensor, *, timesteps: int = 300,
-            steps: int = 50, jump_length: int = 5, jump_n_sample: int = 5, seed: int = 0, dtype=None) -> torch.Tensor:  # fmt: skip
+            steps: int = 20, jump_length: int = 5, jump_n_sample: int = 2, seed: int = 0, dtype=None,
+            guidance: float = 1.0) -> torch.Tensor:  # fmt: skip
     """(1, K, D, H, W) real ROI in [-1, 1], (1, K, ...) lesion masks (1 = generate) and (1, K*bins)
-    histograms -> the sampled ROI (1, K, ...) in [-1, 1] (outside the masks: the real ROI at t = 0)."""
+    histograms -> the sampled ROI (1, K, ...) in [-1, 1] (outside the masks: the real ROI at t = 0).
+    ``guidance`` w != 1: classifier-free guidance, eps = eps(none) + w (eps(histogram) - eps(none)), both
+    predictions in one batch of two (a model trained with ``cond_dropout``)."""
     from medseg.utils import autocast_context
 
     sched = repaint_scheduler(timesteps, steps, jump_length, jump_n_sample)
@@ -48,12 +52,22 @@ def repaint(net, known: torch.Tensor, lesion: torch.Tensor, histogram: torch.Ten
     for t in sched.timesteps.tolist():
         if t < t_last:
             with autocast_context(known.device, dtype):
-                eps = net(x, timesteps=torch.tensor([t], device=known.device), histogram=histogram).float()
+                eps = guided_noise(net, x, t, histogram, guidance)
             x = sched.step(eps, t, x, known, keep, generator=g).prev_sample
         else:
             x = sched.undo_step(x, t_last, generator=g)
         t_last = t
     return keep * known + lesion * x.clamp(-1, 1)
+
+
+def guided_noise(net, x: torch.Tensor, t: int, histogram: torch.Tensor, guidance: float) -> torch.Tensor:
+    """The predicted noise at step ``t``: conditional (``guidance`` 1), or classifier-free guided."""
+    step = torch.tensor([t], device=x.device)
+    if guidance == 1.0:
+        return net(x, timesteps=step, histogram=histogram).float()
+    both = net(torch.cat([x, x]), timesteps=step, histogram=torch.cat([histogram, torch.zeros_like(histogram)]))
+    cond, uncond = both.float().chunk(2)
+    return uncond + guidance * (cond - uncond)
 
 
 @dataclass
@@ -109,6 +123,28 @@ class Synthesizer:
         return clean_mask(map_to_native(prob, props)[0])
 
     @property
+    def cond_dropout(self) -> float:
+        return float((self.spec.training or {}).get("task_options", {}).get("cond_dropout", 0.0))
+
+    @property
+    def default_guidance(self) -> float:
+        """DEFAULT_GUIDANCE for a model trained with condition dropout, else 1 (the condition alone)."""
+        return DEFAULT_GUIDANCE if self.cond_dropout > 0 else 1.0
+
+    def check_guidance(self, guidance: float | None) -> float:
+        if guidance is None:
+            return self.default_guidance
+        if guidance < 0:
+            raise MedsegError(None, f"--guidance {guidance}: the guidance weight is >= 0 (1: no guidance)")
+        if guidance != 1.0 and self.cond_dropout == 0:
+            raise MedsegError(
+                None,
+                f"--guidance {guidance}: the model was trained without cond_dropout, so it has no "
+                "unconditional prediction to guide from (use 1, or train with --task-options '{\"cond_dropout\": 0.1}')",
+            )
+        return float(guidance)
+
+    @property
     def classes(self) -> int:
         return max(self.spec.num_classes - 1, 1)
 
@@ -121,10 +157,12 @@ class Synthesizer:
         return float(norm.clip_low), float(norm.clip_high)
 
     def synthesize(self, image: np.ndarray, meta, mask: np.ndarray, histogram: np.ndarray | None = None, *,
-                   steps: int = 50, jump_length: int = 5, jump_n_sample: int = 5, seed: int = 0) -> np.ndarray:  # fmt: skip
+                   steps: int = 20, jump_length: int = 5, jump_n_sample: int = 2, seed: int = 0,
+                   guidance: float | None = None) -> np.ndarray:  # fmt: skip
         """(z, y, x) image in HU and its lesion label map (0 = keep, k = lesion class k) -> the image with
         new lesions: outside the mask identical to ``image``, inside in HU, same dtype. ``histogram``:
-        (K, bins) or (K * bins,) target lesion histograms (None: the input's own lesion histograms)."""
+        (K, bins) or (K * bins,) target lesion histograms (None: the input's own lesion histograms).
+        ``guidance``: classifier-free guidance weight (None: :attr:`default_guidance`)."""
         from medseg.inference.export import map_to_native
         from medseg.preprocessing.pipeline import preprocess_array
         from medseg.tasks.lesion_diffusion import decompose, lesion_histograms
@@ -145,7 +183,8 @@ class Synthesizer:
             if h.shape[1] != self.net.cond_dim:
                 raise MedsegError(None, f"histogram has {h.shape[1]} values; the model takes {self.classes} x {bins}")
         out = repaint(self.net, known, lesion, h, timesteps=self.timesteps, steps=steps, jump_length=jump_length,
-                      jump_n_sample=jump_n_sample, seed=seed, dtype=self.dtype)  # fmt: skip
+                      jump_n_sample=jump_n_sample, seed=seed, dtype=self.dtype,
+                      guidance=self.check_guidance(guidance))  # fmt: skip
         real = x * 2 - 1
         merged = real * (1 - lesion.amax(1, keepdim=True)) + (out * lesion).sum(1, keepdim=True)
         merged = merged[(slice(None), slice(None), *crop)][

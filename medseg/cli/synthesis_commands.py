@@ -31,9 +31,14 @@ def synthesize(
     list_textures: bool = typer.Option(False, "--list-textures", help="Print the model's textures, one per line."),
     samples: int = typer.Option(1, "--samples", help="With a dataset folder as -i: synthetic cases per real case."),
     all_textures: bool = typer.Option(False, "--all-textures", help="With a dataset folder: each texture in turn."),
-    steps: int = typer.Option(50, "--steps", help="Denoising steps of the respaced schedule (RePaint jumps on top)."),
+    steps: int = typer.Option(20, "--steps", help="Denoising steps of the respaced schedule (RePaint jumps on top)."),
     jump_length: int = typer.Option(5, "--jump-length", help="RePaint: steps between jumps back."),
-    jump_n_sample: int = typer.Option(5, "--jump-n-sample", help="RePaint: passes over each jumped stretch."),
+    jump_n_sample: int = typer.Option(2, "--jump-n-sample", help="RePaint: passes over each jumped stretch."),
+    guidance: float | None = typer.Option(
+        None,
+        "--guidance",
+        help="Classifier-free guidance weight (1: none; default: 2 for models trained with cond_dropout, else 1).",
+    ),
     seed: int = typer.Option(0, "--seed", help="Random seed of the sampling."),
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     overwrite: bool = typer.Option(False, "--overwrite", help="Replace outputs that exist."),
@@ -55,14 +60,14 @@ def synthesize(
         )
     if texture is not None and histogram is not None:
         raise MedsegError(None, "give --texture or --histogram, not both")
-    sampling = {"steps": steps, "jump_length": jump_length, "jump_n_sample": jump_n_sample}
+    syn = syn_app.Synthesizer.from_folder(model, device=device)
+    sampling = {"steps": steps, "jump_length": jump_length, "jump_n_sample": jump_n_sample,
+                "guidance": syn.check_guidance(guidance)}  # fmt: skip
     if image.is_dir():  # a dataset: every labelled case, --samples times, into a new nnU-Net dataset at -o
-        syn = syn_app.Synthesizer.from_folder(model, device=device)
         syn_app.synthesize_dataset(syn, resolve_model(model), image, output, samples=samples, texture=texture,
                                    all_textures=all_textures, seed=seed, **sampling)  # fmt: skip
         return
     if image.suffix.lower() == ".csv":  # a batch table: one job per row, into the folder -o
-        syn = syn_app.Synthesizer.from_folder(model, device=device)
         syn_app.synthesize_table(syn, resolve_model(model), image, output, seed=seed, **sampling)
         return
     mask_out = syn_app.mask_name(output)
@@ -70,7 +75,6 @@ def synthesize(
     h = syn_app.read_histogram(histogram) if histogram is not None else None
     if texture is not None:
         h = syn_app.texture_histogram(syn_app.read_textures(resolve_model(model)), texture, seed)
-    syn = syn_app.Synthesizer.from_folder(model, device=device)
     seconds = syn_app.synthesize_file(syn, image, mask, output, mask_out, h, seed=seed, **sampling)
     print(f"synthesised in {seconds:.1f} s -> {output}, {mask_out}")
 

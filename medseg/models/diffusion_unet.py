@@ -158,10 +158,15 @@ class Level(nn.Module):
 
 class LesionDiffusionUNet(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, *, base: int = 64, mults=(1, 2, 4, 8), cond_dim: int = 16,
-                 groups: int = 8, heads: int = 8, head_dim: int = 32, extra_channels: int = 0):  # fmt: skip
-        """``extra_channels``: inputs beside the noisy image that are not denoised (DiffMask's sphere)."""
+                 groups: int = 8, heads: int = 8, head_dim: int = 32, extra_channels: int = 0,
+                 hist_scale: float = 1.0):  # fmt: skip
+        """``extra_channels``: inputs beside the noisy image that are not denoised (DiffMask's sphere).
+        ``hist_scale``: the histogram's factor where it joins the embedding (1: LeFusion's raw histogram,
+        bins summing to 1; the number of bins makes a flat histogram all ones, as large as the time
+        embedding's entries)."""
         super().__init__()
         self.cond_dim, self.base, self.extra_channels = cond_dim, base, extra_channels
+        self.hist_scale = float(hist_scale)
         self.input_channels = in_channels  # what forward's x has (one per lesion class), whatever the image has
         widths = [base * m for m in mults]
         emb_dim = 4 * base + cond_dim
@@ -196,7 +201,7 @@ class LesionDiffusionUNet(nn.Module):
         emb = self.time_mlp(timestep_embedding(t.to(device), self.base))
         if self.cond_dim:
             h = histogram if histogram is not None else torch.zeros(batch, self.cond_dim, device=device)
-            emb = torch.cat([emb, h.reshape(batch, -1).to(emb.dtype)], dim=1)
+            emb = torch.cat([emb, h.reshape(batch, -1).to(emb.dtype) * self.hist_scale], dim=1)
         return emb
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor | None = None, histogram: torch.Tensor | None = None,
@@ -240,19 +245,21 @@ class LesionDiffusionUNet(nn.Module):
 )
 def build_lefusion_unet(in_channels: int = 1, num_classes: int = 2, *, spatial_dims: int = 3, deep_supervision=False,
                         base: int = 16, mults=(1, 2, 4), cond_dim: int = 16, groups: int = 8, heads: int = 4,
-                        head_dim: int = 16, extra_channels: int = 0,
-                        lesion_channels: int | None = None) -> LesionDiffusionUNet:  # fmt: skip
+                        head_dim: int = 16, extra_channels: int = 0, lesion_channels: int | None = None,
+                        hist_scale: float = 1.0) -> LesionDiffusionUNet:  # fmt: skip
     """The CPU-sized default (base 16, mults 1-2-4; LeFusion's own: base 64, mults 1-2-4-8, heads 8 x 32).
     Multi-channel decomposition: one noisy image and one noise channel per lesion class
     (``lesion_channels``, default ``num_classes - 1``) of a single-channel image; the histogram
-    condition has ``cond_dim`` bins per class."""
+    condition has ``cond_dim`` bins per class, multiplied by ``hist_scale`` (medseg's recipe: 16, see
+    docs/synthesis.md; 1 keeps LeFusion's raw histogram)."""
     if spatial_dims != 3:
         raise ValueError("lefusion_unet is a 3D model (depth first: D, H, W)")
     if in_channels != 1:
         raise ValueError(f"lefusion_unet synthesises single-channel images, got {in_channels} channels")
     k = lesion_channels or max(num_classes - 1, 1)
     return LesionDiffusionUNet(k, k, base=base, mults=tuple(mults), cond_dim=cond_dim * k, groups=groups,
-                               heads=heads, head_dim=head_dim, extra_channels=extra_channels)  # fmt: skip
+                               heads=heads, head_dim=head_dim, extra_channels=extra_channels,
+                               hist_scale=hist_scale)  # fmt: skip
 
 
 @register_model(

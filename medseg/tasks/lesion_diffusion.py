@@ -8,6 +8,12 @@ lesion-intensity histogram of each class (``bins`` bins over [-1, 1], normalised
 (``masked_l1``) counts only the lesion voxels of each channel. Outside the lesion the model is never
 asked anything: at sampling time that region is the real image, forward-diffused (RePaint).
 
+Classifier-free guidance (Ho & Salimans 2022; medseg's addition, LeFusion samples with the condition
+alone): with the task option ``cond_dropout`` p, each training sample's histogram is replaced by zeros
+(the "no condition" input: a real histogram sums to 1) with probability p, so one network learns both
+the conditional and the unconditional noise, and ``medseg synthesize --guidance w`` extrapolates from
+the second to the first.
+
 Augmentation: flips of the in-plane axes only, with the preset's mirror probability (LeFusion flips
 one in-plane axis), so the histogram and the intensities the model learns are the real ones.
 """
@@ -70,13 +76,16 @@ class LesionDiffusionTask(Task):
     weight_decay = 0.0
     sliding_window = False
     prompt_command = "medseg synthesize"
-    option_names = ("timesteps", "bins", "textures")
+    option_names = ("timesteps", "bins", "textures", "cond_dropout")
 
     def __init__(self, num_classes: int, **options):
         super().__init__(num_classes, **options)
         self.timesteps = int(options.get("timesteps", DEFAULT_TIMESTEPS))
         self.bins = int(options.get("bins", 16))
         self.textures = int(options.get("textures", 3))  # k-means clusters of the training lesions' histograms
+        self.cond_dropout = float(options.get("cond_dropout", 0.0))  # P(histogram -> zeros): classifier-free guidance
+        if not 0.0 <= self.cond_dropout < 1.0:
+            raise ValueError(f"--task-options: cond_dropout must be in [0, 1), got {self.cond_dropout}")
         self.classes = max(num_classes - 1, 1)
         self.alphas_cumprod = cosine_alphas_cumprod(self.timesteps).float()
 
@@ -88,7 +97,11 @@ class LesionDiffusionTask(Task):
         image, seg = flip_inplane([_center_crop(image, patch_size), _center_crop(seg, patch_size)], augment.p_mirror, g)
         x0, masks = decompose(image, seg, self.classes)
         t, noise, x_t = self.noised(x0, g)
-        cond = {"timesteps": t, "histogram": lesion_histograms(x0, masks, self.bins)}
+        hist = lesion_histograms(x0, masks, self.bins)
+        if self.cond_dropout:
+            keep = torch.rand(hist.shape[0], generator=g) >= self.cond_dropout
+            hist = hist * keep.to(hist.device, hist.dtype)[:, None]
+        cond = {"timesteps": t, "histogram": hist}
         return Batch(x_t, noise, cond, {"loss_mask": masks})
 
     def noised(self, x0: torch.Tensor, g: torch.Generator):
