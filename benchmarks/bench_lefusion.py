@@ -23,6 +23,9 @@ drawn: the small real training set. Everything below is trained on those real VO
 
     .venv/bin/python benchmarks/bench_lefusion.py            # hours on 2 CPU cores (see BENCHMARKS.md)
     .venv/bin/python benchmarks/bench_lefusion.py --quick    # smoke test: tiny budgets, not figures
+    .venv/bin/python benchmarks/bench_lefusion.py --speed --denoiser MODEL   # seconds per 32 x 64 x 64 ROI
+    # a new denoiser, the arms that do not depend on it read from an earlier run of the same split and budget:
+    .venv/bin/python benchmarks/bench_lefusion.py --arms lefusion_x2 lefusion_x4 --reuse OLD/lefusion.json
 
 Every stage resumes: rerun the same command and finished work is read back.
 """
@@ -326,6 +329,9 @@ def report(results: dict, texture_runs: list[dict], args, meta: dict) -> str:
              f"segmenter budget {args.seg_epochs} x {args.seg_iterations} iterations; {len(args.seeds)} seed(s).", "",
              "| arm | Dice (per patient) | HD95 mm (per patient) | Dice vs real, paired by patient (95 % CI) | patients better / worse |",
              "|---|---:|---:|---:|---:|"]  # fmt: skip
+    if meta.get("reused_arms"):
+        lines.insert(1, f"Arms {', '.join(meta['reused_arms'])} (independent of the denoiser): read from "
+                        f"{Path(next(iter(meta['reused_arms'].values()))).name}, the same split, seeds and budget.")  # fmt: skip
     for arm, rows in results.items():
         gain = "–"
         if arm != "real" and "real" in results and all("per_patient_dice" in r for r in rows + results["real"]):
@@ -351,6 +357,19 @@ def report(results: dict, texture_runs: list[dict], args, meta: dict) -> str:
                       f"(median, steps {textures['sampling']['steps']}, jumps {textures['sampling']['jump_length']} x "
                       f"{textures['sampling']['jump_n_sample']})."]  # fmt: skip
     return "\n".join(lines)
+
+
+def reused_arms(args) -> dict:
+    """The arms that do not depend on the denoiser (``real``, ``conventional_x4``) from an earlier run's
+    results JSON (``--reuse``), when they are not among ``--arms`` and that run had the same split and budget."""
+    if args.reuse is None:
+        return {}
+    prev = json.loads(args.reuse.read_text())
+    same = ("real", "seeds", "seg_epochs", "seg_iterations")
+    for key in same:
+        if prev["args"][key] != str(getattr(args, key)):
+            raise SystemExit(f"{args.reuse}: {key} {prev['args'][key]} differs from this run's {getattr(args, key)}")
+    return {a: rows for a, rows in prev["results"].items() if a in ("real", "conventional_x4") and a not in args.arms}
 
 
 def main() -> None:
@@ -387,6 +406,9 @@ def main() -> None:
     ap.add_argument("--seg-epochs", type=int, default=30)
     ap.add_argument("--seg-iterations", type=int, default=100)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--reuse", type=Path, default=None,
+                    help="an earlier run's results JSON: its real and conventional_x4 arms (independent of the denoiser) "
+                    "stand for those not in --arms")  # fmt: skip
     ap.add_argument("--stop-after", choices=("denoiser", "textures", "samples"), default=None,
                     help="run the stages up to this one only (each resumes; rerun without it to go on)")  # fmt: skip
     ap.add_argument("--quick", action="store_true", help="tiny budgets and sets (smoke test, not figures)")
@@ -427,11 +449,17 @@ def main() -> None:
     conventional_copies(real, out / "conventional_x4", names)
     if args.stop_after == "samples":
         return log(f"synthetic pairs ready: {out / 'syn_x4'}")
-    results = {}
-    for arm in args.arms:
-        results[arm] = [score(train_segmenter(real, out, arm, s, args), args.data, test, patient) for s in args.seeds]
-        log(f"{arm}: Dice {_agg([r['dice'] for r in results[arm]])}")
-    meta = {"test_vois": len(test), "test_patients": len({patient[c] for c in test})}
+    results, reused = {}, reused_arms(args)
+    for arm in ARMS:
+        if arm in args.arms:
+            results[arm] = [
+                score(train_segmenter(real, out, arm, s, args), args.data, test, patient) for s in args.seeds
+            ]
+            log(f"{arm}: Dice {_agg([r['dice'] for r in results[arm]])}")
+        elif arm in reused:
+            results[arm] = reused[arm]
+    meta = {"test_vois": len(test), "test_patients": len({patient[c] for c in test}),
+            "reused_arms": {a: str(args.reuse) for a in reused if a in results}}  # fmt: skip
     text = report(results, texture_runs, args, meta)
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)

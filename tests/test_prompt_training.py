@@ -250,6 +250,9 @@ def test_task_options_are_checked_by_name():
     with pytest.raises(ValueError, match="needs --task"):
         TrainingConfig(task_options={"train_points": 100}).check()
     TrainingConfig(task="prompt_segmentation", task_options={"train_points": 100}).check()
+    TrainingConfig(model="lefusion_unet", task_options={"cond_dropout": 0.1}).check()  # the model's declared task
+    with pytest.raises(ValueError, match="cond_dropt.*for task lesion_diffusion"):
+        TrainingConfig(model="lefusion_unet", task_options={"cond_dropt": 0.1}).check()
     with pytest.raises(ValueError, match="for task segmentation .known: none"):
         get_task("segmentation", 3, train_points=5)
     assert TrainingConfig(task_options={"train_points": 1}).recipe()["task_options"] == {"train_points": 1}

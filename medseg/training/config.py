@@ -88,10 +88,11 @@ class TrainingConfig:
             from medseg.tasks import TASKS
             from medseg.tasks.base import check_task_options
 
-            if self.task is None:
-                raise ValueError("--task-options needs --task (the task whose options they are)")
-            if self.task in TASKS:  # an unknown task is reported below
-                check_task_options(self.task, self.task_options)
+            task = self.task or self._model_task()
+            if task is None:
+                raise ValueError("--task-options needs --task or --arch (the task whose options they are)")
+            if task in TASKS:  # an unknown task is reported below
+                check_task_options(task, self.task_options)
         from medseg.augment.presets import AUGMENTATIONS
         from medseg.tasks import TASKS
         from medseg.training.losses import LOSSES
@@ -102,6 +103,15 @@ class TrainingConfig:
                                (AUGMENTATIONS, self.augmentation), (LOSSES, self.loss), (TASKS, self.task)):  # fmt: skip
             if name is not None:
                 registry.entry(name)
+
+    def _model_task(self) -> str | None:
+        """The task the registry entry of ``model`` declares (None: no model named, or an unknown one)."""
+        from medseg.models.registry import get_entry
+
+        try:
+            return get_entry(self.model).task if self.model else None
+        except (KeyError, ValueError):
+            return None
 
     def with_task_defaults(self, task) -> TrainingConfig:
         """A copy with the fields left None filled from the task's recipe."""
