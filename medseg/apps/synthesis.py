@@ -99,9 +99,13 @@ class Synthesizer:
         dev = resolve_device(device)
         return cls(net.to(dev).eval(), spec, dev, autocast_dtype(dev, amp))
 
+    def task_option(self, name: str, default):
+        """The model's training task option ``name`` (``--task-options``), else ``default``."""
+        return (self.spec.training or {}).get("task_options", {}).get(name, default)
+
     @property
     def timesteps(self) -> int:
-        return int((self.spec.training or {}).get("task_options", {}).get("timesteps", 300))
+        return int(self.task_option("timesteps", 300))
 
     def synthesize_mask(self, like: np.ndarray, meta, centre, radius_mm: float, *, steps: int = 50, seed: int = 0):
         """A new lesion mask on the grid of the image ``like`` (z, y, x), around voxel ``centre`` (z, y, x
@@ -124,7 +128,7 @@ class Synthesizer:
 
     @property
     def cond_dropout(self) -> float:
-        return float((self.spec.training or {}).get("task_options", {}).get("cond_dropout", 0.0))
+        return float(self.task_option("cond_dropout", 0.0))
 
     @property
     def default_guidance(self) -> float:
