@@ -122,12 +122,36 @@ def _agg(values: list) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def collect(out: Path, shots, draws) -> dict:
+def load_reused(path: Path | None) -> dict:
+    """{(method, k, draw): {"final": (dice, hd95), "fewshot": ...}} from an earlier run's samda.json.
+
+    An earlier run's rows hold its draws in order (every cell of a draw-major run has draws 0..n-1),
+    so row i is draw i. Those runs are not repeated; the sources of new draws are trained here.
+    """
+    if path is None:
+        return {}
+    try:
+        table = json.loads(path.read_text())["table"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path}: not a bench_samda results file ({e})") from None
+    reused = {}
+    for cell, rows in table.items():
+        m, k = cell.rsplit("_k", 1)
+        for d, (final, fewshot) in enumerate(zip(rows["final"], rows["fewshot"])):
+            reused[(m, int(k), d)] = {"final": tuple(final), "fewshot": tuple(fewshot)}
+    return reused
+
+
+def collect(out: Path, shots, draws, reused: dict) -> dict:
     table = {}
     for m in METHODS:
         for k in shots:
             rows = {"final": [], "fewshot": []}
             for d in range(draws):
+                if (m, k, d) in reused:
+                    for step in rows:
+                        rows[step].append(reused[(m, k, d)][step])
+                    continue
                 run = out / "adapted" / f"{m}_k{k}_d{d}" / "adaptation"
                 for step, path in (("final", run / "summary.json"), ("fewshot", run / "fewshot" / "summary.json")):
                     if path.is_file():
@@ -141,8 +165,8 @@ def _draws_done(table: dict) -> str:
     return " to ".join(map(str, counts)) + " per cell"
 
 
-def report(out: Path, args, direct_results: dict, elapsed: float) -> str:
-    table = collect(out, args.shots, args.draws)
+def report(out: Path, args, direct_results: dict, elapsed: float, reused: dict) -> str:
+    table = collect(out, args.shots, args.draws, reused)
     lines = ["| method | " + " | ".join(f"k = {k}" for k in args.shots) + " |", "|---|" + "---:|" * len(args.shots)]
     for step, what in (("final", "few-shot + joint"), ("fewshot", "few-shot step only")):
         for m in METHODS:
@@ -212,6 +236,7 @@ def main() -> None:
     ap.add_argument("--adapt-iterations", type=int, default=50)
     ap.add_argument("--quick", action="store_true", help="1 draw of k = 1, 2, tiny budgets (smoke test)")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--reuse", type=Path, help="an earlier run's samda.json: its draws are read, not rerun")
     args = ap.parse_args()
     if args.quick:
         args.shots, args.draws, args.source_epochs, args.source_iterations = [1, 2], 1, 1, 20
@@ -235,13 +260,15 @@ def main() -> None:
     sources = train_sources(args, ws, out) if not args.report_only else {
         "unet3d": Path("hippocampus"), "unet2d": out / "sources" / "unet2d", "samda": out / "sources" / "samda"}  # fmt: skip
     direct_results = direct(sources, args, out, test_dir, lm)
+    reused = load_reused(args.reuse)
     if not args.report_only:
         for draw in range(args.draws):  # draw-major: every k has as many draws as possible at any time
             for k in args.shots:
                 for m in args.methods:
-                    adapt_run(m, sources[m], k, draw, args, out, ws, test_file, lm)
-                    log(report(out, args, direct_results, time.time() - t0).splitlines()[4 + METHODS.index(m)])
-    print(report(out, args, direct_results, time.time() - t0))
+                    if (m, k, draw) not in reused:
+                        adapt_run(m, sources[m], k, draw, args, out, ws, test_file, lm)
+                        log(report(out, args, direct_results, time.time() - t0, reused).splitlines()[4 + METHODS.index(m)])
+    print(report(out, args, direct_results, time.time() - t0, reused))
 
 
 if __name__ == "__main__":
