@@ -122,7 +122,10 @@ def _agg(values: list) -> str:
     return f"{statistics.mean(values):.3f} ± {sd:.3f}"
 
 
-def load_reused(path: Path | None) -> dict:
+BUDGET = ("source_epochs", "source_iterations", "adapt_epochs", "joint_epochs", "adapt_iterations")
+
+
+def load_reused(path: Path | None, args) -> dict:
     """{(method, k, draw): {"final": (dice, hd95), "fewshot": ...}} from an earlier run's samda.json.
 
     An earlier run's rows hold its draws in order (every cell of a draw-major run has draws 0..n-1),
@@ -131,9 +134,13 @@ def load_reused(path: Path | None) -> dict:
     if path is None:
         return {}
     try:
-        table = json.loads(path.read_text())["table"]
-    except (OSError, ValueError, KeyError) as e:
+        saved = json.loads(path.read_text())
+        table, old = saved["table"], saved["args"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
         raise SystemExit(f"{path}: not a bench_samda results file ({e})") from None
+    differ = [f"--{b.replace('_', '-')} {old.get(b)} (now {getattr(args, b)})" for b in BUDGET if old.get(b) != str(getattr(args, b))]
+    if differ:
+        raise SystemExit(f"{path}: its draws were run with other budgets: " + ", ".join(differ))
     reused = {}
     for cell, rows in table.items():
         m, k = cell.rsplit("_k", 1)
@@ -257,10 +264,10 @@ def main() -> None:
         if not link.exists():
             link.symlink_to(args.target_data.resolve() / "imagesTr" / link.name)
     log(f"target split: {len(pool)} pool subjects, {len(test)} test crops")
+    reused = load_reused(args.reuse, args)  # before any training: a wrong file fails at once
     sources = train_sources(args, ws, out) if not args.report_only else {
         "unet3d": Path("hippocampus"), "unet2d": out / "sources" / "unet2d", "samda": out / "sources" / "samda"}  # fmt: skip
     direct_results = direct(sources, args, out, test_dir, lm)
-    reused = load_reused(args.reuse)
     if not args.report_only:
         for draw in range(args.draws):  # draw-major: every k has as many draws as possible at any time
             for k in args.shots:
