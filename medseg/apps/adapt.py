@@ -230,7 +230,7 @@ def adapt(source_model, target, output, cfg: AdaptConfig, *, workspace=None, log
 
 
 def _publish(model_dir: Path, output: Path, record: dict) -> None:
-    from medseg.io.atomic import temp_dir_beside
+    from medseg.io.atomic import publish_dir, temp_dir_beside
     from medseg.io.jsonio import write_json
 
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +238,7 @@ def _publish(model_dir: Path, output: Path, record: dict) -> None:
     shutil.rmtree(tmp)
     shutil.copytree(model_dir, tmp, ignore=shutil.ignore_patterns("training_state.pt", "*.part"))
     write_json(tmp / "adaptation.json", record)
-    tmp.rename(output)
+    publish_dir(tmp, output)
 
 
 def evaluate_adapted(

@@ -83,8 +83,8 @@ def segment_ct(
     from medseg.ct.class_maps import fit_class_map
     from medseg.inference.predictor import Predictor
     from medseg.io.checkpoint import resolve_model
-    from medseg.io.image import check_writable_dir, label_dtype, read_image, write_image
-    from medseg.outputs import check_new_outputs, side_output, stem
+    from medseg.io.image import check_writable_dir, read_image
+    from medseg.outputs import check_new_outputs
 
     t0 = time.perf_counter()
     input, output = Path(input), Path(output)
@@ -99,19 +99,10 @@ def segment_ct(
     subset = check_roi_subset(roi_subset, labels) if roi_subset else None
     wanted = subset or labels
 
-    def side(name: str) -> Path:
-        return side_output(output, name, into_folder=not single_file)
-
-    targets = {"statistics": side("statistics.json"), "preview": side("preview.png")}
-    targets["dicom_seg"] = output.with_name(f"{stem(output)}.dcm") if single_file else out_dir / "segmentation.dcm"
-    planned = [output] if single_file else [out_dir / "segmentation.nii.gz"] if multilabel else []
-    planned += [] if multilabel else [out_dir / f"{name}.nii.gz" for name in wanted]
-    if statistics:
-        planned += [targets["statistics"]] + (
-            [targets["statistics"].with_suffix(".csv")] if stats_format == "medseg" else []
-        )
-    planned += [targets["preview"]] if preview else []
-    planned += [targets["dicom_seg"]] if dicom_seg else []
+    targets, planned = _planned_outputs(
+        output, out_dir, list(wanted), single_file=single_file, multilabel=multilabel,
+        statistics=statistics, stats_format=stats_format, preview=preview, dicom_seg=dicom_seg,
+    )  # fmt: skip
     check_new_outputs(planned, overwrite=overwrite)  # before predicting: a refusal costs nothing
 
     ct, meta = read_image(input)
@@ -119,54 +110,20 @@ def segment_ct(
     if not is_ct:
         _warn(f"{input}: does not look like a CT in Hounsfield units (no air near -1000 HU; an MR?); "
               "a CT model will segment it poorly")  # fmt: skip
-    image = ct[None].astype(np.float32)
-    region = None
-    if subset and not fast and fast_folder is not None:
-        locator = Predictor.from_folder(fast_folder, device=device, tta=False)
-        # by name: the fast model may number its classes differently (e.g. a 117-class 3 mm model
-        # locating structures for a 24-class part model)
-        located = [locator.labels[n] for n in subset if locator.labels.get(n)]
-        if located:
-            coarse, _ = locator.predict_array(image, meta)
-            region = _roi_box(coarse, located, meta.spacing, ROI_MARGIN_MM)
-        if region is None:
-            _warn(f"{input}: the fast model found none of {', '.join(subset)}; running on the whole scan")
-    seg = np.zeros(ct.shape, dtype=label_dtype(main.spec.num_classes - 1))  # as the predictor returns
-    if region is not None:
-        crop, _ = main.predict_array(np.ascontiguousarray(image[(slice(None), *region)]), _crop_meta(meta, region))
-        seg[region] = crop
-    else:
-        seg, _ = main.predict_array(image, meta)
-    if subset:
-        seg = np.where(np.isin(seg, list(subset.values())), seg, 0).astype(seg.dtype)
-    written: list[Path] = []
-    if multilabel:
-        target = output if single_file else out_dir / "segmentation.nii.gz"
-        written.append(write_image(seg, meta, target))
-    else:
-
-        def one(item):
-            name, value = item
-            return write_image((seg == value).astype(np.uint8), meta, out_dir / f"{name}.nii.gz")
-
-        with ThreadPoolExecutor(4) as pool:  # zlib releases the GIL
-            written += list(pool.map(one, wanted.items()))
-    result = {"outputs": written, "seconds": None, "structures": {}}
+    locator = (
+        Predictor.from_folder(fast_folder, device=device, tta=False) if subset and not fast and fast_folder else None
+    )
+    seg = _predict_ct(main, locator, ct, meta, subset, input)
+    result = {"outputs": _write_masks(seg, meta, wanted, targets["labels"], multilabel=multilabel)}
     spacing_ml = float(np.prod(meta.spacing)) / 1000.0
     counts = np.bincount(seg.ravel().astype(np.int64), minlength=max(wanted.values()) + 1)
     result["structures"] = {n: counts[v] * spacing_ml for n, v in wanted.items() if counts[v]}
     if statistics:
         result["statistics"] = targets["statistics"]
         write_statistics(
-            ct,
-            seg,
-            meta.spacing,
-            wanted,
-            result["statistics"],
-            fmt=stats_format,
-            sources={"image": str(input), "model": str(folder)},
-            hounsfield=is_ct,
-        )
+            ct, seg, meta.spacing, wanted, result["statistics"], fmt=stats_format,
+            sources={"image": str(input), "model": str(folder)}, hounsfield=is_ct,
+        )  # fmt: skip
     if preview:
         result["preview"] = _preview(ct, seg, meta, wanted, targets["preview"], hounsfield=is_ct)
     if dicom_seg:
@@ -178,6 +135,74 @@ def segment_ct(
     for n, ml in top:
         echo(f"  {n:30s} {ml:10.1f} mL")
     return result
+
+
+def _planned_outputs(
+    output: Path, out_dir: Path, names: list[str], *, single_file: bool, multilabel: bool, statistics: bool,
+    stats_format: str, preview: bool, dicom_seg: bool,
+) -> tuple[dict, list[Path]]:  # fmt: skip
+    """Where each output goes (``labels``: the multilabel file or the folder of masks) and the list
+    of files this run will write (checked before predicting)."""
+    from medseg.outputs import side_output, stem
+
+    def side(name: str) -> Path:
+        return side_output(output, name, into_folder=not single_file)
+
+    targets = {
+        "labels": output if single_file else out_dir / "segmentation.nii.gz" if multilabel else out_dir,
+        "statistics": side("statistics.json"),
+        "preview": side("preview.png"),
+        "dicom_seg": output.with_name(f"{stem(output)}.dcm") if single_file else out_dir / "segmentation.dcm",
+    }
+    planned = [targets["labels"]] if multilabel else [out_dir / f"{name}.nii.gz" for name in names]
+    if statistics:
+        planned += [targets["statistics"]]
+        planned += [targets["statistics"].with_suffix(".csv")] if stats_format == "medseg" else []
+    planned += [targets["preview"]] if preview else []
+    planned += [targets["dicom_seg"]] if dicom_seg else []
+    return targets, planned
+
+
+def _predict_ct(main, locator, ct: np.ndarray, meta, subset: dict | None, input: Path) -> np.ndarray:
+    """The label map of ``ct`` by ``main``; with a ``locator`` (the fast model) only inside the box
+    around the ``subset`` structures it finds (plus a margin); labels outside ``subset`` cleared."""
+    from medseg.io.image import label_dtype
+
+    image = ct[None].astype(np.float32)
+    region = None
+    if locator is not None:
+        # by name: the fast model may number its classes differently (e.g. a 117-class 3 mm model
+        # locating structures for a 24-class part model)
+        located = [locator.labels[n] for n in subset if locator.labels.get(n)]
+        if located:
+            coarse, _ = locator.predict_array(image, meta)
+            region = _roi_box(coarse, located, meta.spacing, ROI_MARGIN_MM)
+        if region is None:
+            _warn(f"{input}: the fast model found none of {', '.join(subset)}; running on the whole scan")
+    if region is not None:
+        seg = np.zeros(ct.shape, dtype=label_dtype(main.spec.num_classes - 1))  # as the predictor returns
+        crop, _ = main.predict_array(np.ascontiguousarray(image[(slice(None), *region)]), _crop_meta(meta, region))
+        seg[region] = crop
+    else:
+        seg, _ = main.predict_array(image, meta)
+    if subset:
+        seg = np.where(np.isin(seg, list(subset.values())), seg, 0).astype(seg.dtype)
+    return seg
+
+
+def _write_masks(seg: np.ndarray, meta, wanted: dict, target: Path, *, multilabel: bool) -> list[Path]:
+    """One label-map file ``target``, or one binary mask per structure in the folder ``target``."""
+    from medseg.io.image import write_image
+
+    if multilabel:
+        return [write_image(seg, meta, target)]
+
+    def one(item):
+        name, value = item
+        return write_image((seg == value).astype(np.uint8), meta, target / f"{name}.nii.gz")
+
+    with ThreadPoolExecutor(4) as pool:  # zlib releases the GIL
+        return list(pool.map(one, wanted.items()))
 
 
 def _crop_meta(meta, region):

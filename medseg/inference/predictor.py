@@ -354,7 +354,6 @@ class Predictor:
         model's extra inputs for every case; ``case_conditions``: per case name, on top of them.
         ``warn``: receives the one-line warning for a case far outside the training data (default:
         printed to stderr); the case's result lists the reasons under ``"ood"``."""
-        from medseg.inference.postprocess import keep_largest_component
         from medseg.utils import track
 
         out_dir = Path(out_dir)  # created with the first output: a failed first case leaves no empty folder
@@ -375,50 +374,59 @@ class Predictor:
             if target.exists() and not overwrite:
                 results.append({"case": case.name, "output": str(target), "skipped": True})
                 continue
-            t0 = time.perf_counter()
-            image, meta = self.read_case(case)
-            ood = self.ood_reasons(image, meta)
-            if ood:
-                (warn or _print_warning)(ood_warning(case.images[0], ood))
             cond = {**(conditions or {}), **(case_conditions or {}).get(case.name, {})}
-            maps = self.predict_maps(image, meta, return_probabilities=save_probabilities, **cond)
-            ensure_writable_dir(out_dir)
-            record_output_folder(out_dir, provenance)
-            seg, probs = maps.pop("labels"), maps.pop("probabilities", None)
-            written = write_named_maps(maps, meta, out_dir, case.name, file_ending)  # before the label map
-            if largest_component:
-                seg = keep_largest_component(seg)
-            if save_probabilities:  # written before the label map, which marks the case as done
-                import os
-
-                from medseg.errors import OutputError
-
-                final = out_dir / f"{case.name}_probabilities.npz"
-                tmp = out_dir / f".{case.name}_probabilities.part.npz"
-                try:
-                    np.savez_compressed(
-                        tmp,
-                        probabilities=probs.astype(np.float16),
-                        labels=np.array(sorted(self.labels, key=self.labels.get)),
-                    )
-                    os.replace(tmp, final)
-                except OSError as exc:
-                    tmp.unlink(missing_ok=True)
-                    raise OutputError(final, f"cannot write ({exc.strerror or exc})") from None
-            write_image(seg, meta, target)
             results.append(
-                {
-                    "case": case.name,
-                    "output": str(target),
-                    "skipped": False,
-                    "seconds": round(time.perf_counter() - t0, 3),
-                    "spacing": list(meta.spacing),
-                    **({"maps": written} if written else {}),
-                    **({"ood": ood} if ood else {}),
-                    "voxel_counts": {int(k): int(v) for k, v in zip(*np.unique(seg, return_counts=True))},
-                }
+                self._predict_case(case, target, provenance, cond, save_probabilities, largest_component, warn)
             )
         return results
+
+    def _predict_case(self, case, target: Path, provenance, cond, save_probabilities, largest_component, warn) -> dict:
+        """Predict one case and write its maps, probabilities and (last: it marks the case as done) label map."""
+        from medseg.inference.postprocess import keep_largest_component
+
+        t0 = time.perf_counter()
+        out_dir, file_ending = target.parent, target.name[len(case.name) :]
+        image, meta = self.read_case(case)
+        ood = self.ood_reasons(image, meta)
+        if ood:
+            (warn or _print_warning)(ood_warning(case.images[0], ood))
+        maps = self.predict_maps(image, meta, return_probabilities=save_probabilities, **cond)
+        ensure_writable_dir(out_dir)
+        record_output_folder(out_dir, provenance)
+        seg, probs = maps.pop("labels"), maps.pop("probabilities", None)
+        written = write_named_maps(maps, meta, out_dir, case.name, file_ending)  # before the label map
+        if largest_component:
+            seg = keep_largest_component(seg)
+        if save_probabilities:
+            _write_probabilities(out_dir / f"{case.name}_probabilities.npz", probs, self.labels)
+        write_image(seg, meta, target)
+        return {
+            "case": case.name,
+            "output": str(target),
+            "skipped": False,
+            "seconds": round(time.perf_counter() - t0, 3),
+            "spacing": list(meta.spacing),
+            **({"maps": written} if written else {}),
+            **({"ood": ood} if ood else {}),
+            "voxel_counts": {int(k): int(v) for k, v in zip(*np.unique(seg, return_counts=True))},
+        }
+
+
+def _write_probabilities(final: Path, probs: np.ndarray, labels: dict) -> None:
+    """``CASE_probabilities.npz``: float16 class probabilities and the label names in channel order, atomically."""
+    import os
+
+    from medseg.errors import OutputError
+
+    tmp = final.with_name(f".{final.name[: -len('.npz')]}.part.npz")
+    try:
+        np.savez_compressed(
+            tmp, probabilities=probs.astype(np.float16), labels=np.array(sorted(labels, key=labels.get))
+        )
+        os.replace(tmp, final)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(final, f"cannot write ({exc.strerror or exc})") from None
 
 
 def _print_warning(line: str) -> None:

@@ -22,7 +22,6 @@ naming the refused global -- never a fallback to ``weights_only=False``.
 
 from __future__ import annotations
 
-import os
 import pickle
 import re
 import shutil
@@ -213,22 +212,49 @@ def import_nnunet(
     Everything is read and checked before anything is written; the model folder appears complete or
     not at all (written beside ``output`` and renamed into place).
     """
-    from medseg import __version__
-    from medseg.io.checkpoint import ModelSpec, save_spec, save_weights
-    from medseg.io.jsonio import write_json
-
     if checkpoint not in CHECKPOINT_FILES:
         raise CheckpointError(None, f"--checkpoint must be one of {', '.join(CHECKPOINT_FILES)}, got {checkpoint!r}")
-    src = find_results_folder(results_folder)
-    output = Path(output)
+    src, output = find_results_folder(results_folder), Path(output)
     if output.exists() and not overwrite:
         raise CheckpointError(output, "already exists (use --overwrite to replace it)")
     if output.resolve() == src.resolve() or src.resolve() in output.resolve().parents:
         raise CheckpointError(output, "must not be inside the nnU-Net results folder")
     plans = _load_json(src / "plans.json", "plans.json")
     dataset = _load_json(src / "dataset.json", "dataset.json")
-
     ck_name = CHECKPOINT_FILES[checkpoint]
+    wanted = _wanted_folds(src, ck_name, folds)
+    weights, meta = _read_fold_checkpoints(src, ck_name, wanted)
+    origin = _origin(src, plans, meta)
+    try:
+        plan, model, kwargs, labels, notes = plan_from_nnunet(
+            plans, dataset, origin["configuration"], mirror_axes=origin["mirror_axes_nnunet"], source=src / "plans.json"
+        )
+    except (KeyError, TypeError, ValueError, IndexError) as exc:  # a key missing or of the wrong type
+        detail = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
+        raise CheckpointError(src / "plans.json", f"unexpected content ({detail[:200]})") from None
+    spec = _imported_spec(src, plans, plan, model, kwargs, labels, origin["configuration"], ck_name, wanted)
+    states = {}
+    for f in wanted:
+        source = src / f"fold_{f}" / ck_name
+        states[f] = convert_state_dict(weights.pop(f), model, source, origin["trainer"])
+        _check_weights(spec, states[f], source, origin["trainer"])
+    record = {**origin, "checkpoint": ck_name, "folds": wanted, "notes": notes}
+    _write_model_folder(output, spec, states, meta, src, record)
+    return ImportResult(
+        output=output,
+        model=model,
+        configuration=origin["configuration"],
+        trainer=origin["trainer"],
+        plans_name=origin["plans_name"],
+        folds=wanted,
+        checkpoint=ck_name,
+        mirror_axes=plan.configurations[origin["configuration"]].mirror_axes,
+        notes=notes,
+    )
+
+
+def _wanted_folds(src: Path, ck_name: str, folds) -> list[str]:
+    """The folds to import (all present ones by default); one that lacks ``ck_name`` is an error."""
     present = sorted(p.name[len("fold_") :] for p in src.glob("fold_*") if (p / ck_name).is_file())
     wanted = [str(f) for f in folds] if folds else present
     if not wanted:
@@ -236,34 +262,46 @@ def import_nnunet(
     missing = [f for f in wanted if f not in present]
     if missing:
         raise CheckpointError(src / f"fold_{missing[0]}" / ck_name, "not found")
+    return wanted
 
-    # keep only the weights and a few fields of each checkpoint (not optimizer state and logs)
+
+def _read_fold_checkpoints(src: Path, ck_name: str, wanted: list[str]) -> tuple[dict, dict]:
+    """Each fold's network weights and a few fields of its checkpoint (not optimizer state and logs)."""
     weights, meta = {}, {}
     for f in wanted:
         ck = read_checkpoint(src / f"fold_{f}" / ck_name)
         weights[f] = ck.pop("network_weights")
-        meta[f] = {k: ck.get(k) for k in ("init_args", "trainer_name", "inference_allowed_mirroring_axes")}
-        meta[f]["current_epoch"] = ck.get("current_epoch")
+        keys = ("init_args", "trainer_name", "inference_allowed_mirroring_axes", "current_epoch")
+        meta[f] = {k: ck.get(k) for k in keys}
         del ck
-    first = meta[wanted[0]]
+    return weights, meta
+
+
+def _origin(src: Path, plans: dict, meta: dict) -> dict:
+    """Configuration, trainer, plans name and the mirror axes every fold allows, from the checkpoints
+    (falling back on the ``TRAINER__PLANS__CONFIG`` folder name), plus where they came from."""
+    first = next(iter(meta.values()))
     parts = src.name.split("__")
     init = first.get("init_args") if isinstance(first.get("init_args"), dict) else {}
     configuration = str(init.get("configuration") or (parts[2] if len(parts) == 3 else ""))
     if not configuration:
         raise CheckpointError(src, "cannot tell the configuration (folder is not TRAINER__PLANS__CONFIG)")
-    trainer = str(first.get("trainer_name") or (parts[0] if len(parts) == 3 else "?"))
-    plans_name = str(plans.get("plans_name") or (parts[1] if len(parts) == 3 else "?"))
     axes = [m["inference_allowed_mirroring_axes"] for m in meta.values()]
     mirror = None if any(a is None for a in axes) else sorted(set.intersection(*[{int(i) for i in a} for a in axes]))
+    return {
+        "source": str(src.resolve()),
+        "trainer": str(first.get("trainer_name") or (parts[0] if len(parts) == 3 else "?")),
+        "plans_name": str(plans.get("plans_name") or (parts[1] if len(parts) == 3 else "?")),
+        "configuration": configuration,
+        "mirror_axes_nnunet": mirror,
+        "transpose_forward": plans.get("transpose_forward", [0, 1, 2]),
+    }
 
-    try:
-        plan, model, kwargs, labels, notes = plan_from_nnunet(
-            plans, dataset, configuration, mirror_axes=mirror, source=src / "plans.json"
-        )
-    except (KeyError, TypeError, ValueError, IndexError) as exc:  # a key missing or of the wrong type
-        detail = f"missing key {exc}" if isinstance(exc, KeyError) else f"{type(exc).__name__}: {exc}"
-        raise CheckpointError(src / "plans.json", f"unexpected content ({detail[:200]})") from None
-    spec = ModelSpec(
+
+def _imported_spec(src, plans, plan, model, kwargs, labels, configuration, ck_name, wanted):
+    from medseg.io.checkpoint import ModelSpec
+
+    return ModelSpec(
         model=model,
         model_kwargs=kwargs,
         in_channels=len(plan.channel_names),
@@ -276,67 +314,34 @@ def import_nnunet(
             f"{ck_name}, folds {', '.join(wanted)}"
         ),
     )
-    states = {}
-    for f in wanted:
-        source = src / f"fold_{f}" / ck_name
-        states[f] = convert_state_dict(weights.pop(f), model, source, trainer)
-        _check_weights(spec, states[f], source, trainer)
+
+
+def _write_model_folder(output: Path, spec, states: dict, meta: dict, src: Path, record: dict) -> None:
+    """model.json, fold_K/model.safetensors and nnunet/ (the source plans, dataset and ``record``),
+    written beside ``output`` and renamed into place once complete."""
+    from medseg import __version__
+    from medseg.io.atomic import publish_dir, temp_dir_beside
+    from medseg.io.checkpoint import save_spec, save_weights
+    from medseg.io.jsonio import write_json
 
     output.parent.mkdir(parents=True, exist_ok=True)
-    from medseg.io.atomic import temp_dir_beside
-
     tmp = temp_dir_beside(output, ".importing")  # renamed into place: ordinary permissions, not 0700
     try:
         save_spec(tmp, spec)
         for f, state in states.items():
-            source = src / f"fold_{f}" / ck_name
+            source = src / f"fold_{f}" / record["checkpoint"]
             epoch = meta[f]["current_epoch"]
-            save_weights(
-                tmp / f"fold_{f}",
-                state,
-                info={
-                    "fold": f,
-                    "epoch": int(epoch) if isinstance(epoch, int) else None,
-                    "source": {"framework": "nnU-Net v2", "file": str(source), "sha256": sha256(source)},
-                },
-            )
+            info = {
+                "fold": f,
+                "epoch": int(epoch) if isinstance(epoch, int) else None,
+                "source": {"framework": "nnU-Net v2", "file": str(source), "sha256": sha256(source)},
+            }
+            save_weights(tmp / f"fold_{f}", state, info=info)
         (tmp / "nnunet").mkdir()
         shutil.copyfile(src / "plans.json", tmp / "nnunet" / "plans.json")
         shutil.copyfile(src / "dataset.json", tmp / "nnunet" / "dataset.json")
-        write_json(
-            tmp / "nnunet" / "import.json",
-            {
-                "source": str(src.resolve()),
-                "trainer": trainer,
-                "plans_name": plans_name,
-                "configuration": configuration,
-                "checkpoint": ck_name,
-                "folds": wanted,
-                "mirror_axes_nnunet": mirror,
-                "transpose_forward": plans.get("transpose_forward", [0, 1, 2]),
-                "notes": notes,
-                "medseg_version": __version__,
-            },
-        )
-        if output.exists():  # --overwrite: swap only once the new folder is complete
-            old = output.with_name(f".{output.name}.replaced")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(output, old)
-            os.replace(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, output)
+        write_json(tmp / "nnunet" / "import.json", {**record, "medseg_version": __version__})
+        publish_dir(tmp, output)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return ImportResult(
-        output=output,
-        model=model,
-        configuration=configuration,
-        trainer=trainer,
-        plans_name=plans_name,
-        folds=wanted,
-        checkpoint=ck_name,
-        mirror_axes=plan.configurations[configuration].mirror_axes,
-        notes=notes,
-    )

