@@ -154,13 +154,10 @@ def medseg_git() -> str:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "?"
+    """The CPU's model name and native bf16 units (AMX or not: the model name does not say)."""
+    from medseg.utils import cpu_description
+
+    return cpu_description()
 
 
 def usable_cores() -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import time
 from dataclasses import replace
@@ -20,17 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from medseg.utils import cpu_description
+
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _cpu_model() -> str:
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True).stdout.splitlines():
-            if line.startswith("Model name:"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def _commit() -> str:
@@ -99,7 +90,7 @@ def main() -> None:
         "summary": summary,
         "per_case": per_case,
         "seconds": round(time.perf_counter() - t0, 1),
-        "cpu": _cpu_model(),
+        "cpu": cpu_description(),
         "medseg_commit": _commit(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }

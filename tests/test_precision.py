@@ -27,6 +27,22 @@ def test_autocast_dtype_rules(monkeypatch, native):
     assert utils.autocast_dtype("mps", None) is None
 
 
+@pytest.mark.parametrize("units", [["avx512_bf16", "amx"], ["avx512_bf16"], []])
+def test_cpu_description_names_the_bf16_units(monkeypatch, units):
+    """Benchmarks record whether the CPU has AMX: its model name alone does not say."""
+    monkeypatch.setattr(utils, "cpu_bf16_units", lambda: units)
+    text = utils.cpu_description()
+    assert text.startswith(utils.cpu_name())
+    assert text.endswith(f"({', '.join(units)})" if units else "(no native bf16)")
+    assert utils.native_bf16_cpu() == bool(units)
+
+
+def test_cpu_bf16_units_are_what_torch_reports():
+    cpu = torch.cpu
+    expected = {"avx512_bf16": cpu._is_avx512_bf16_supported(), "amx": cpu._is_amx_tile_supported()}
+    assert utils.cpu_bf16_units() == [u for u, present in expected.items() if present]
+
+
 def _dice(a: np.ndarray, b: np.ndarray) -> float:
     s = a.sum() + b.sum()
     return float(2 * np.logical_and(a, b).sum() / s) if s else 1.0
