@@ -140,7 +140,7 @@ def test_samda_trains_and_predicts_real_cases_with_cached_embeddings(tmp_path, m
     ws, data = tmp_path / "ws", copy_hippo_cases(tmp_path / "Dataset004_Hippocampus", HIPPO_CASES[:5])
     for cmd in (("plan", data, "-w", ws), ("preprocess", data, "-w", ws)):
         assert run_main(monkeypatch, capsys, *cmd)[0] == 0
-    args = ("train", data, "-w", ws, "-c", "2d", "--arch", "samda", "--model-kwargs", '{"sam_input_size": 128}',
+    args = ("train", data, "-w", ws, "-c", "2d", "--arch", "samda", "--model-kwargs", '{"sam_input_size": 64}',
             "--epochs", "2", "--iterations", "4", "--val-iterations", "1", "--checkpoint-every", "1",
             "-o", tmp_path / "m", "--no-validation")  # fmt: skip
     code, out, err = run_main(monkeypatch, capsys, *args)
@@ -151,9 +151,9 @@ def test_samda_trains_and_predicts_real_cases_with_cached_embeddings(tmp_path, m
     assert len(files) == 5
     index = json.loads((cache / "derived_inputs.json").read_text())
     (entry,) = index.values()
-    assert entry["stride"] == [1, 4, 4] and entry["options"]["input_size"] == 128
+    assert entry["stride"] == [1, 4, 4] and entry["options"]["input_size"] == 64
     spec = json.loads((tmp_path / "m" / "model.json").read_text())
-    assert spec["model"] == "samda" and spec["model_kwargs"]["sam_input_size"] == 128
+    assert spec["model"] == "samda" and spec["model_kwargs"]["sam_input_size"] == 64
     # resuming to more epochs reads the cache: nothing is computed again
     code, out, err = run_main(monkeypatch, capsys, *[a if a != "2" else "3" for a in args], "--resume")
     assert code == 0 and "computing sam_embedding" not in out + err

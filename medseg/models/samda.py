@@ -79,6 +79,7 @@ class SamdaUNet(UNet):
         "spatial_dims": 2,
         "fusion_stage": 1,
         "sam_features": 8,
+        "sam_input_size": 64,  # the frozen encoder at 64 px: ~10x cheaper than 256 on a CPU
     },
     description="SAMDA: 2D U-Net with the frozen LiteMedSAM slice embedding fused into an encoder stage",
     task="segmentation",
